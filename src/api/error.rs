@@ -1,0 +1,138 @@
+//! Client-facing errors: one enum for every way a request can fail, mapped to an HTTP status,
+//! a stable snake_case code and a message for a person in exactly one place ([`ApiError::reply`]).
+//! Bodies are `{"error": {"code", "message"}}`; they never carry tokens or internals.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::Reply;
+use crate::store::StoreError;
+
+/// Everything a client request can fail with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON.
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// The JSON has missing or wrongly typed fields, or a query parameter is missing or bad.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// No such thread for this organisation.
+    #[error("thread not found")]
+    ThreadNotFound,
+    /// The thread's latest run is still in progress.
+    #[error("the thread's run {0} is still in progress")]
+    RunInProgress(String),
+    /// The body exceeds `limits.max_body_bytes`.
+    #[error("request body exceeds {0} bytes")]
+    PayloadTooLarge(usize),
+    /// The store cannot take new runs now.
+    #[error("the gateway is at capacity; retry later")]
+    StoreFull(Duration),
+    /// Known path, wrong method.
+    #[error("method not allowed; use {0}")]
+    MethodNotAllowed(&'static str),
+    /// Unknown path.
+    #[error("no such route")]
+    NotFound,
+    /// A bug or a store failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => 400,
+            ApiError::ThreadNotFound | ApiError::NotFound => 404,
+            ApiError::MethodNotAllowed(_) => 405,
+            ApiError::RunInProgress(_) => 409,
+            ApiError::PayloadTooLarge(_) => 413,
+            ApiError::Internal(_) => 500,
+            ApiError::StoreFull(_) => 503,
+        }
+    }
+
+    /// The stable code (documented in the README).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::ThreadNotFound => "thread_not_found",
+            ApiError::RunInProgress(_) => "run_in_progress",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::StoreFull(_) => "store_full",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::NotFound => "not_found",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// The full HTTP answer.
+    pub fn reply(&self) -> Reply {
+        let body = serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}});
+        let mut reply = Reply::json(self.status(), &body);
+        match self {
+            ApiError::StoreFull(after) => reply
+                .headers
+                .push(("retry-after", after.as_secs().max(1).to_string())),
+            ApiError::MethodNotAllowed(allow) => reply.headers.push(("allow", allow.to_string())),
+            ApiError::PayloadTooLarge(_) => reply.close = true,
+            _ => {}
+        }
+        reply
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::ThreadNotFound | StoreError::RunNotFound => ApiError::ThreadNotFound,
+            StoreError::RunInProgress(run) => ApiError::RunInProgress(run.0),
+            StoreError::AgentMismatch(agent) => ApiError::InvalidRequest(format!(
+                "this thread belongs to agent {agent}; start a new thread for another agent"
+            )),
+            StoreError::Full { retry_after } => ApiError::StoreFull(retry_after),
+            e @ (StoreError::RunLimit(_) | StoreError::Finished) => {
+                ApiError::Internal(e.to_string())
+            }
+        }
+    }
+}
+
+impl Reply {
+    /// A JSON answer.
+    pub fn json(status: u16, body: &serde_json::Value) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type", "application/json".into())],
+            body: Bytes::from(serde_json::to_vec(body).unwrap_or_default()),
+            close: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_status_code_and_json_body() {
+        let r = ApiError::StoreFull(Duration::from_secs(7)).reply();
+        assert_eq!(r.status, 503);
+        assert!(r.headers.contains(&("retry-after", "7".into())));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["code"], "store_full");
+        assert!(v["error"]["message"].as_str().unwrap().contains("capacity"));
+        let r = ApiError::MethodNotAllowed("POST").reply();
+        assert_eq!(r.status, 405);
+        assert!(r.headers.contains(&("allow", "POST".into())));
+        assert_eq!(ApiError::from(StoreError::ThreadNotFound).status(), 404);
+        assert_eq!(
+            ApiError::from(StoreError::RunInProgress(crate::store::RunId("r".into()))).code(),
+            "run_in_progress"
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! `POST /api/invokeAgent`: validate the request, create the run, start ingestion, and answer
+//! either `202 Accepted` (`X-Stream-Response: false`) or the run's UI-message stream.
+
+use serde_json::{json, Map, Value};
+
+use super::{stream, Api, ApiError, Exchange, Identity, Reply};
+use crate::ingest::agentflow::path_segment;
+use crate::ingest::RunJob;
+use crate::store::{NewRun, ThreadId};
+
+/// A validated invoke request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InvokeRequest {
+    /// The agent (JSON number or non-empty string).
+    pub agent_id: Value,
+    /// The user message, with an `id` (generated when the client sent none).
+    pub message: Value,
+    /// The message id.
+    pub message_id: String,
+    /// The user's text parts joined with newlines.
+    pub text: String,
+    /// Continue this thread.
+    pub thread_id: Option<String>,
+    /// IANA time zone name, passed to the backend.
+    pub timezone: Option<String>,
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::InvalidRequest(msg.into())
+}
+
+/// Parse and validate the body. Pure.
+pub fn parse_invoke(body: &[u8]) -> Result<InvokeRequest, ApiError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let Value::Object(mut obj) = value else {
+        return Err(bad("request body must be a JSON object"));
+    };
+    let agent_id = match obj.remove("agentId") {
+        None | Some(Value::Null) => return Err(bad("`agentId` is required")),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Value::Number(n),
+        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 256 => Value::String(s),
+        Some(_) => return Err(bad("`agentId` must be an integer or a non-empty string")),
+    };
+    let thread_id = match obj.remove("threadId") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => Some(s),
+        Some(_) => return Err(bad("`threadId` must be a non-empty string")),
+    };
+    let timezone = match obj.remove("timezone") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() <= 64 => Some(s),
+        Some(_) => return Err(bad("`timezone` must be a string")),
+    };
+    let mut message = match obj.remove("message") {
+        Some(Value::Object(m)) => m,
+        None | Some(Value::Null) => return Err(bad("`message` is required")),
+        Some(_) => return Err(bad("`message` must be a UIMessage object")),
+    };
+    match message.get("role") {
+        None => {
+            message.insert("role".into(), json!("user"));
+        }
+        Some(Value::String(r)) if r == "user" => {}
+        Some(_) => return Err(bad("`message.role` must be \"user\"")),
+    }
+    let message_id = match message.get("id") {
+        None | Some(Value::Null) => {
+            let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+            message.insert("id".into(), json!(id));
+            id
+        }
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.clone(),
+        Some(_) => return Err(bad("`message.id` must be a non-empty string")),
+    };
+    let text = message_text(&message)?;
+    Ok(InvokeRequest {
+        agent_id,
+        message: Value::Object(message),
+        message_id,
+        text,
+        thread_id,
+        timezone,
+    })
+}
+
+fn message_text(message: &Map<String, Value>) -> Result<String, ApiError> {
+    let Some(Value::Array(parts)) = message.get("parts") else {
+        return Err(bad("`message.parts` must be an array"));
+    };
+    let mut texts = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let Some(kind) = part.get("type").and_then(Value::as_str) else {
+            return Err(bad(format!("`message.parts[{i}].type` must be a string")));
+        };
+        if kind == "text" {
+            match part.get("text") {
+                Some(Value::String(t)) => texts.push(t.as_str()),
+                _ => return Err(bad(format!("`message.parts[{i}].text` must be a string"))),
+            }
+        }
+    }
+    let text = texts.join("\n");
+    if text.trim().is_empty() {
+        return Err(bad("`message.parts` must contain a non-empty text part"));
+    }
+    Ok(text)
+}
+
+/// Whether the client asked for the 202 + poll mode.
+pub fn wants_no_stream(header: Option<&str>) -> bool {
+    header.is_some_and(|v| {
+        let v = v.trim();
+        v.eq_ignore_ascii_case("false") || v == "0"
+    })
+}
+
+/// Handle `POST /api/invokeAgent`.
+pub async fn invoke_agent(
+    api: &Api,
+    who: &Identity,
+    ex: &mut dyn Exchange,
+) -> Result<(), ApiError> {
+    let body = ex.read_body(api.config.limits.max_body_bytes).await?;
+    let req = parse_invoke(&body)?;
+    let no_stream = wants_no_stream(ex.header("x-stream-response"));
+    let run = api
+        .store
+        .create_run(NewRun {
+            thread_id: req.thread_id.clone().map(ThreadId),
+            org_id: who.org_id.clone(),
+            user_id: who.user_id.clone(),
+            agent_id: req.agent_id.clone(),
+            user_message: req.message.clone(),
+        })
+        .await?;
+    let agent_path = match &req.agent_id {
+        Value::String(s) => path_segment(s),
+        other => other.to_string(),
+    };
+    let mut body = json!({
+        "message": req.text,
+        "conversation_id": run.thread_id.0,
+        "message_id": req.message_id,
+        "stream": true,
+    });
+    if let Some(tz) = &req.timezone {
+        body["client_timezone"] = json!(tz);
+    }
+    api.ingest.spawn(RunJob {
+        run: run.clone(),
+        agent_path,
+        body,
+    });
+    let ids = vec![
+        ("x-thread-id", run.thread_id.0.clone()),
+        ("x-run-id", run.run_id.0.clone()),
+    ];
+    if no_stream {
+        let mut reply = Reply::json(
+            202,
+            &json!({"threadId": run.thread_id.0, "runId": run.run_id.0, "status": "in_progress"}),
+        );
+        reply.headers.extend(ids);
+        let _ = ex.respond(reply).await;
+        return Ok(());
+    }
+    stream::stream_ui(api, ex, &run, 0, ids).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> InvokeRequest {
+        parse_invoke(body.as_bytes()).unwrap()
+    }
+
+    fn err(body: &str) -> ApiError {
+        parse_invoke(body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn accepts_the_documented_body() {
+        let r = ok(r#"{"agentId":123,"message":{"id":"u1","role":"user","parts":[{"type":"text","text":"Hi"},{"type":"file","url":"x","mediaType":"image/png"},{"type":"text","text":"there"}]},"threadId":"t-1","timezone":"America/New_York"}"#);
+        assert_eq!(r.agent_id, json!(123));
+        assert_eq!(r.message_id, "u1");
+        assert_eq!(r.text, "Hi\nthere");
+        assert_eq!(r.thread_id.as_deref(), Some("t-1"));
+        assert_eq!(r.timezone.as_deref(), Some("America/New_York"));
+        let r = ok(r#"{"agentId":"support-bot","message":{"parts":[{"type":"text","text":"x"}]}}"#);
+        assert_eq!(r.agent_id, json!("support-bot"));
+        assert!(r.message_id.starts_with("msg_"));
+        assert_eq!(r.message["id"], json!(r.message_id));
+        assert_eq!(r.message["role"], json!("user"));
+    }
+
+    #[test]
+    fn refuses_bad_bodies_with_the_right_code() {
+        assert_eq!(err("{nope").code(), "invalid_json");
+        assert_eq!(err("").code(), "invalid_json");
+        for body in [
+            "[]",
+            r#"{"message":{"parts":[{"type":"text","text":"x"}]}}"#,
+            r#"{"agentId":true,"message":{"parts":[{"type":"text","text":"x"}]}}"#,
+            r#"{"agentId":1.5,"message":{"parts":[{"type":"text","text":"x"}]}}"#,
+            r#"{"agentId":"","message":{"parts":[{"type":"text","text":"x"}]}}"#,
+            r#"{"agentId":1}"#,
+            r#"{"agentId":1,"message":"hi"}"#,
+            r#"{"agentId":1,"message":{"parts":"x"}}"#,
+            r#"{"agentId":1,"message":{"parts":[]}}"#,
+            r#"{"agentId":1,"message":{"parts":[{"type":"text","text":7}]}}"#,
+            r#"{"agentId":1,"message":{"parts":[{"text":"x"}]}}"#,
+            r#"{"agentId":1,"message":{"role":"assistant","parts":[{"type":"text","text":"x"}]}}"#,
+            r#"{"agentId":1,"message":{"id":5,"parts":[{"type":"text","text":"x"}]}}"#,
+            r#"{"agentId":1,"threadId":42,"message":{"parts":[{"type":"text","text":"x"}]}}"#,
+            r#"{"agentId":1,"timezone":1,"message":{"parts":[{"type":"text","text":"x"}]}}"#,
+        ] {
+            let e = err(body);
+            assert_eq!((e.code(), e.status()), ("invalid_request", 400), "{body}");
+        }
+    }
+
+    #[test]
+    fn stream_header_values() {
+        assert!(wants_no_stream(Some("false")));
+        assert!(wants_no_stream(Some(" FALSE ")));
+        assert!(wants_no_stream(Some("0")));
+        assert!(!wants_no_stream(Some("true")));
+        assert!(!wants_no_stream(None));
+    }
+}

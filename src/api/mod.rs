@@ -1,0 +1,136 @@
+//! The client API (dialect A, "Invoke an agent"): routes, request parsing, snapshots and
+//! streams, written against the small [`Exchange`] trait so that no Pingora type appears here
+//! (`crate::server::exchange` implements it over a Pingora session).
+
+pub mod conversation;
+pub mod error;
+pub mod invoke;
+pub mod route;
+pub mod stream;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use error::ApiError;
+pub use route::Route;
+
+use crate::config::Config;
+use crate::ingest::Ingestor;
+use crate::store::Store;
+
+/// A complete (non-streamed) HTTP answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// Headers besides content-length.
+    pub headers: Vec<(&'static str, String)>,
+    /// Body.
+    pub body: Bytes,
+    /// Close the connection after answering (the request body may be unread).
+    pub close: bool,
+}
+
+/// The client hung up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gone;
+
+/// One request/response exchange with a client, as the API sees it.
+#[async_trait]
+pub trait Exchange: Send {
+    /// Request method.
+    fn method(&self) -> &str;
+    /// Request path, without the query.
+    fn path(&self) -> &str;
+    /// Raw query string, if any.
+    fn query(&self) -> Option<&str>;
+    /// A request header as text (`None` when absent or not valid text).
+    fn header(&self, name: &str) -> Option<&str>;
+    /// Read the whole request body, refusing more than `limit` bytes.
+    async fn read_body(&mut self, limit: usize) -> Result<Bytes, ApiError>;
+    /// Send a complete answer.
+    async fn respond(&mut self, reply: Reply) -> Result<(), Gone>;
+    /// Start a streamed answer (chunked on HTTP/1.1).
+    async fn start_stream(
+        &mut self,
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+    ) -> Result<(), Gone>;
+    /// Send a piece of a streamed answer, flushed at once.
+    async fn send(&mut self, data: Bytes) -> Result<(), Gone>;
+    /// End a streamed answer.
+    async fn end_stream(&mut self) -> Result<(), Gone>;
+    /// Resolves when the client hangs up (never otherwise). Safe to cancel.
+    async fn closed(&mut self);
+    /// Status of the answer sent, if any.
+    fn status_sent(&self) -> Option<u16>;
+    /// Drop the connection without finishing the answer (simulates a failing server).
+    fn abort(&mut self);
+    /// Whether [`Exchange::abort`] was called.
+    fn aborted(&self) -> bool;
+}
+
+/// Who is calling: every run and thread records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The caller's organisation.
+    pub org_id: String,
+    /// The caller.
+    pub user_id: String,
+}
+
+/// The client API's shared state.
+pub struct Api {
+    /// Effective configuration.
+    pub config: Arc<Config>,
+    /// The run store.
+    pub store: Arc<dyn Store>,
+    /// Starts runs on the backend.
+    pub ingest: Ingestor,
+    /// Ends streams when the process shuts down.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Api {
+    /// Answer one request. Returns the route label for metrics.
+    pub async fn handle(&self, ex: &mut dyn Exchange) -> &'static str {
+        let route = match route::route(ex.method(), ex.path()) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = ex.respond(e.reply()).await;
+                return route::UNMATCHED;
+            }
+        };
+        let identity = self.identify(ex);
+        let result = match route {
+            Route::InvokeAgent => invoke::invoke_agent(self, &identity, ex).await,
+            Route::GetConversation => conversation::get_conversation(self, &identity, ex).await,
+        };
+        if let Err(e) = result {
+            if ex.status_sent().is_none() {
+                let _ = ex.respond(e.reply()).await;
+            } else {
+                log::warn!("{}: failed after answering: {e}", route.name());
+            }
+        }
+        route.name()
+    }
+
+    /// The caller's identity. Authentication is disabled in this version: everyone is the
+    /// configured development organisation and user.
+    fn identify(&self, _ex: &dyn Exchange) -> Identity {
+        Identity {
+            org_id: self.config.auth.dev_organization.clone(),
+            user_id: self.config.auth.dev_user.clone(),
+        }
+    }
+}
+
+/// Parse a query string into (name, value) pairs.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}

@@ -1,0 +1,62 @@
+//! Routing: method + path → [`Route`]. Pure; route names double as metric labels.
+
+use super::ApiError;
+
+/// A client API route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `POST /api/invokeAgent`
+    InvokeAgent,
+    /// `GET /api/getConversation`
+    GetConversation,
+}
+
+impl Route {
+    /// Label for metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::InvokeAgent => "invoke_agent",
+            Route::GetConversation => "get_conversation",
+        }
+    }
+}
+
+/// Label for requests that matched no route.
+pub const UNMATCHED: &str = "unmatched";
+
+/// Match a request. Known path with another method → 405 naming the allowed one; unknown → 404.
+pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
+    let path = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+    let (route, allowed) = match path {
+        "/api/invokeAgent" => (Route::InvokeAgent, "POST"),
+        "/api/getConversation" => (Route::GetConversation, "GET"),
+        _ => return Err(ApiError::NotFound),
+    };
+    if method == allowed {
+        Ok(route)
+    } else {
+        Err(ApiError::MethodNotAllowed(allowed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_method_and_path() {
+        assert_eq!(route("POST", "/api/invokeAgent"), Ok(Route::InvokeAgent));
+        assert_eq!(route("GET", "/api/getConversation"), Ok(Route::GetConversation));
+        assert_eq!(route("GET", "/api/getConversation/"), Ok(Route::GetConversation));
+        assert_eq!(
+            route("GET", "/api/invokeAgent"),
+            Err(ApiError::MethodNotAllowed("POST"))
+        );
+        assert_eq!(
+            route("DELETE", "/api/getConversation"),
+            Err(ApiError::MethodNotAllowed("GET"))
+        );
+        assert_eq!(route("GET", "/"), Err(ApiError::NotFound));
+        assert_eq!(route("POST", "/api/invokeagent"), Err(ApiError::NotFound));
+    }
+}

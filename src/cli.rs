@@ -1,0 +1,151 @@
+//! The command line: `serve`, `check`, `mock-agent` and `demo`. Each command builds its Pingora
+//! server through `crate::server` and runs it; output meant for people and test harnesses goes
+//! to stdout (one `listening` line per listener), logs to stderr.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{AuthMode, Config};
+use crate::mock::MockAgent;
+use crate::server;
+
+/// Sluice: durable, resumable agent runs in front of an LLM agent backend.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Configuration file.
+        #[arg(long, default_value = "config/sluice.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print the effective configuration.
+    Check {
+        /// Configuration file.
+        #[arg(long, default_value = "config/sluice.toml")]
+        config: PathBuf,
+    },
+    /// Run the simulated AgentFlow backend.
+    MockAgent {
+        /// Listen address (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: String,
+    },
+    /// Run the gateway and the mock agent together, and print commands to try.
+    Demo {
+        /// Gateway listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Admin listen address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: String,
+    },
+}
+
+/// Exit code for a bad configuration (EX_USAGE-like, as linkerd does).
+const EXIT_CONFIG: u8 = 64;
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("# {}: valid\n{}", config.display(), c.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sluice: {}: {e}", config.display());
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Serve { config: path } => {
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("sluice: {}: {e}", path.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            serve(config, None)
+        }
+        Command::MockAgent { listen } => {
+            let mut srv = server::new_server(&mock_config());
+            match server::add_local_app(&mut srv, "sluice mock agent", MockAgent::new(), &listen) {
+                Ok(addr) => announce(&format!("mock-agent listening on http://{addr}")),
+                Err(e) => return fail(&format!("cannot listen on {listen}: {e}")),
+            }
+            srv.run_forever()
+        }
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => {
+            let mut config = mock_config();
+            config.server.listen = listen;
+            config.server.admin_listen = admin_listen;
+            serve(config, Some(()))
+        }
+    }
+}
+
+fn mock_config() -> Config {
+    Config::parse("[auth]\nmode = \"disabled\"\n").expect("the minimal config is valid")
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("sluice: {msg}");
+    ExitCode::FAILURE
+}
+
+fn announce(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn serve(mut config: Config, demo: Option<()>) -> ExitCode {
+    if config.auth.mode == AuthMode::Disabled {
+        log::warn!(
+            "authentication is DISABLED ([auth] mode = \"disabled\"): every request acts as \
+             organisation {:?}, user {:?}",
+            config.auth.dev_organization,
+            config.auth.dev_user
+        );
+    }
+    let mut srv = server::new_server(&config);
+    let mock = if demo.is_some() {
+        match server::add_local_app(&mut srv, "sluice mock agent", MockAgent::new(), "127.0.0.1:0")
+        {
+            Ok(addr) => {
+                config.upstream.urls = vec![format!("http://{addr}")];
+                Some(addr)
+            }
+            Err(e) => return fail(&format!("cannot start the mock agent: {e}")),
+        }
+    } else {
+        None
+    };
+    let listening = match server::add_gateway(&mut srv, config) {
+        Ok(l) => l,
+        Err(e) => return fail(&format!("cannot listen: {e}")),
+    };
+    announce(&format!(
+        "sluice listening on http://{} (admin http://{})",
+        listening.api, listening.admin
+    ));
+    if let Some(mock) = mock {
+        announce(&crate::demo::instructions(listening.api, listening.admin, mock));
+    }
+    srv.run_forever()
+}

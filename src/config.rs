@@ -1,0 +1,499 @@
+//! Configuration: the TOML schema, its defaults, and validation into a typed [`Config`].
+//!
+//! Every key lives in `config/sluice.toml` with its default and a one-line comment (a unit test
+//! keeps the two in step). Unknown keys and bad values are refused with a message naming the key.
+//! Durations are humantime strings (`"30s"`, `"15m"`); sizes are plain integers whose key ends
+//! in `_bytes`. Nothing here does I/O except [`Config::load`] reading the file.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A configuration problem, naming the key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path given.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
+    #[error("{0}")]
+    Parse(String),
+    /// A key has a value that parses but is not acceptable.
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid {
+        /// Dotted key, e.g. `limits.max_body_bytes`.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// A duration written as a humantime string (`"250ms"`, `"30s"`, `"1h"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration ({e}); write e.g. \"30s\"")))
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners and process settings.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// Client authentication. Required: there is no implicit default.
+    pub auth: AuthSection,
+    /// The agent backend(s).
+    #[serde(default)]
+    pub upstream: UpstreamSection,
+    /// Size limits.
+    #[serde(default)]
+    pub limits: LimitsSection,
+    /// The run store.
+    #[serde(default)]
+    pub store: StoreSection,
+    /// Client streams.
+    #[serde(default)]
+    pub stream: StreamSection,
+}
+
+/// `[server]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Client API listener (`host:port`; port 0 picks a free port, announced on stdout).
+    pub listen: String,
+    /// Admin listener: `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: String,
+    /// Worker threads per service.
+    pub threads: usize,
+    /// On SIGTERM, how long to keep serving before stopping.
+    pub grace_period: Dur,
+    /// Then, how long running work may take to finish.
+    pub graceful_shutdown_timeout: Dur,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            threads: 2,
+            grace_period: Dur(Duration::from_secs(1)),
+            graceful_shutdown_timeout: Dur(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// How clients are authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No authentication: every request is attributed to the development organisation.
+    /// Logged as a warning at start-up.
+    Disabled,
+}
+
+/// `[auth]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// `"disabled"` (the only mode until JWT verification lands). Must be given explicitly.
+    pub mode: AuthMode,
+    /// Organisation that requests are attributed to when auth is disabled.
+    #[serde(default = "default_dev_org")]
+    pub dev_organization: String,
+    /// User that requests are attributed to when auth is disabled.
+    #[serde(default = "default_dev_user")]
+    pub dev_user: String,
+}
+
+fn default_dev_org() -> String {
+    "org_dev".into()
+}
+fn default_dev_user() -> String {
+    "user_dev".into()
+}
+
+/// `[upstream]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSection {
+    /// Base URL(s) of the AgentFlow-style backend; several are used in turn (round robin).
+    pub urls: Vec<String>,
+    /// Time allowed to open a connection to the backend.
+    pub connect_timeout: Dur,
+    /// A run whose backend stays silent this long ends with `timeout`.
+    pub idle_timeout: Dur,
+    /// A run that lasts longer than this ends with `timeout`.
+    pub run_timeout: Dur,
+    /// Largest single SSE event accepted from the backend; a larger one ends the run with `error`.
+    pub max_event_bytes: usize,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        UpstreamSection {
+            urls: vec!["http://127.0.0.1:7070".into()],
+            connect_timeout: Dur(Duration::from_secs(5)),
+            idle_timeout: Dur(Duration::from_secs(60)),
+            run_timeout: Dur(Duration::from_secs(15 * 60)),
+            max_event_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest request body accepted (413 above it).
+    pub max_body_bytes: usize,
+    /// Most events one run may hold; the run ends with `error` when it would exceed this.
+    pub max_events_per_run: u64,
+    /// Most payload bytes one run may hold; the run ends with `error` when it would exceed this.
+    pub max_bytes_per_run: u64,
+    /// Most payload bytes the store may hold in all; finished runs are evicted first, then new
+    /// runs are refused with 503.
+    pub max_total_bytes: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_body_bytes: 1024 * 1024,
+            max_events_per_run: 100_000,
+            max_bytes_per_run: 32 * 1024 * 1024,
+            max_total_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// Which store implementation holds the runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// Embedded, in this process.
+    Memory,
+}
+
+/// `[store]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// `"memory"` (the embedded store).
+    pub backend: StoreBackend,
+    /// How long a finished run is kept (it may go sooner under memory pressure).
+    pub retention: Dur,
+    /// `Retry-After` sent with 503 when the store is full.
+    pub full_retry_after: Dur,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            backend: StoreBackend::Memory,
+            retention: Dur(Duration::from_secs(3600)),
+            full_retry_after: Dur(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// `[stream]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamSection {
+    /// Interval between SSE keep-alive comments while a stream is quiet.
+    pub keepalive_interval: Dur,
+}
+
+impl Default for StreamSection {
+    fn default() -> Self {
+        StreamSection {
+            keepalive_interval: Dur(Duration::from_secs(15)),
+        }
+    }
+}
+
+/// A validated backend base URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// `https`?
+    pub tls: bool,
+    /// Host name or address, as written.
+    pub host: String,
+    /// Port (80/443 when not written).
+    pub port: u16,
+    /// Path prefix without a trailing slash (`""` for none).
+    pub base_path: String,
+}
+
+impl UpstreamUrl {
+    /// Parse `http(s)://host[:port][/prefix]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s.parse().map_err(|e| format!("`{s}` is not a URL ({e})"))?;
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(format!("`{s}` must start with http:// or https://")),
+        };
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("`{s}` has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        if uri.query().is_some() {
+            return Err(format!("`{s}` must not have a query string"));
+        }
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        Ok(UpstreamUrl {
+            tls,
+            host,
+            port,
+            base_path,
+        })
+    }
+
+    /// `host:port` for connecting.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Value for the `Host` header.
+    pub fn authority(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority(), self.base_path)
+    }
+}
+
+impl Config {
+    /// Read, parse and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parse and validate configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check the values that parse but may still be wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_addr("server.listen", &self.server.listen)?;
+        check_addr("server.admin_listen", &self.server.admin_listen)?;
+        if self.server.threads == 0 || self.server.threads > 256 {
+            return Err(invalid("server.threads", "must be between 1 and 256"));
+        }
+        if self.auth.dev_organization.trim().is_empty() {
+            return Err(invalid("auth.dev_organization", "must not be empty"));
+        }
+        if self.auth.dev_user.trim().is_empty() {
+            return Err(invalid("auth.dev_user", "must not be empty"));
+        }
+        if self.upstream.urls.is_empty() {
+            return Err(invalid("upstream.urls", "name at least one backend URL"));
+        }
+        for url in &self.upstream.urls {
+            UpstreamUrl::parse(url).map_err(|m| invalid("upstream.urls", m))?;
+        }
+        positive("upstream.connect_timeout", self.upstream.connect_timeout)?;
+        positive("upstream.idle_timeout", self.upstream.idle_timeout)?;
+        positive("upstream.run_timeout", self.upstream.run_timeout)?;
+        if self.upstream.max_event_bytes < 1024 {
+            return Err(invalid("upstream.max_event_bytes", "must be at least 1024"));
+        }
+        if self.limits.max_body_bytes < 1024 {
+            return Err(invalid("limits.max_body_bytes", "must be at least 1024"));
+        }
+        if self.limits.max_events_per_run == 0 {
+            return Err(invalid("limits.max_events_per_run", "must be at least 1"));
+        }
+        if self.limits.max_bytes_per_run < self.upstream.max_event_bytes as u64 {
+            return Err(invalid(
+                "limits.max_bytes_per_run",
+                "must be at least upstream.max_event_bytes",
+            ));
+        }
+        if self.limits.max_total_bytes < self.limits.max_bytes_per_run {
+            return Err(invalid(
+                "limits.max_total_bytes",
+                "must be at least limits.max_bytes_per_run",
+            ));
+        }
+        positive("store.retention", self.store.retention)?;
+        if self.store.full_retry_after.0 < Duration::from_secs(1) {
+            return Err(invalid("store.full_retry_after", "must be at least 1s"));
+        }
+        if self.stream.keepalive_interval.0 < Duration::from_millis(100) {
+            return Err(invalid("stream.keepalive_interval", "must be at least 100ms"));
+        }
+        Ok(())
+    }
+
+    /// The validated backend URLs.
+    pub fn upstream_urls(&self) -> Vec<UpstreamUrl> {
+        self.upstream
+            .urls
+            .iter()
+            .filter_map(|u| UpstreamUrl::parse(u).ok())
+            .collect()
+    }
+
+    /// The effective configuration as TOML, secrets redacted (there are none yet).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+fn check_addr(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    value
+        .parse::<SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| invalid(key, format!("`{value}` is not an address like 127.0.0.1:8080")))
+}
+
+fn positive(key: &'static str, d: Dur) -> Result<(), ConfigError> {
+    if d.0.is_zero() {
+        Err(invalid(key, "must be greater than zero"))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../config/sluice.toml");
+
+    #[test]
+    fn shipped_file_parses_and_equals_the_defaults() {
+        let shipped = Config::parse(SHIPPED).expect("config/sluice.toml is valid");
+        let minimal = Config::parse("[auth]\nmode = \"disabled\"\n").unwrap();
+        assert_eq!(shipped.to_toml(), minimal.to_toml());
+    }
+
+    #[test]
+    fn shipped_file_names_every_key() {
+        // Every key of the effective config appears in the shipped file with a comment above it.
+        let effective = Config::parse(SHIPPED).unwrap().to_toml();
+        for line in effective.lines() {
+            if let Some((key, _)) = line.split_once(" = ") {
+                let key = key.trim();
+                let pos = SHIPPED
+                    .lines()
+                    .position(|l| l.trim_start().starts_with(&format!("{key} =")))
+                    .unwrap_or_else(|| panic!("key `{key}` missing from config/sluice.toml"));
+                let above = SHIPPED.lines().nth(pos.saturating_sub(1)).unwrap_or("");
+                assert!(above.trim_start().starts_with('#'), "key `{key}` has no comment");
+            }
+        }
+    }
+
+    #[test]
+    fn auth_mode_is_required() {
+        let err = Config::parse("[server]\nthreads = 2\n").unwrap_err().to_string();
+        assert!(err.contains("auth"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let err = Config::parse("[auth]\nmode = \"disabled\"\n[server]\nlisten_addr = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_addr"), "{err}");
+        let err = Config::parse("[auth]\nmode = \"disabled\"\n[nope]\n").unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
+            ("[upstream]\nurls = [\"ftp://x\"]\n", "upstream.urls"),
+            ("[upstream]\nurls = []\n", "upstream.urls"),
+            ("[upstream]\nidle_timeout = \"0s\"\n", "upstream.idle_timeout"),
+            ("[limits]\nmax_total_bytes = 2048\n", "limits.max_total_bytes"),
+            ("[server]\nthreads = 0\n", "server.threads"),
+        ];
+        for (extra, key) in cases {
+            let text = format!("[auth]\nmode = \"disabled\"\n{extra}");
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra:?}: {err}");
+        }
+        let err = Config::parse("[auth]\nmode = \"disabled\"\n[upstream]\nrun_timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("run_timeout") && err.contains("soon"), "{err}");
+        let err = Config::parse("[auth]\nmode = \"open\"\n").unwrap_err().to_string();
+        assert!(err.contains("mode") || err.contains("open"), "{err}");
+    }
+
+    #[test]
+    fn upstream_urls_parse() {
+        let u = UpstreamUrl::parse("https://agents.example.com/v1/").unwrap();
+        assert_eq!((u.tls, u.port, u.base_path.as_str()), (true, 443, "/v1"));
+        assert_eq!(u.authority(), "agents.example.com");
+        let u = UpstreamUrl::parse("http://127.0.0.1:7070").unwrap();
+        assert_eq!(u.address(), "127.0.0.1:7070");
+        assert_eq!(u.authority(), "127.0.0.1:7070");
+        assert_eq!(u.base_path, "");
+    }
+}

@@ -1,0 +1,226 @@
+//! Ingestion: background tasks that own a backend connection and append its events to a run.
+//!
+//! An [`Adapter`] speaks one backend dialect and turns what it receives into AgentFlow-shaped
+//! events on the run log (see `crate::event`). The supervisor here is dialect-free: it runs the
+//! adapter under the run's total time limit, records how the run ended, and closes the run in the
+//! store, appending a synthetic closing event when the backend did not send one (dropped
+//! connection, timeout, malformed data), so that every reader sees the end of the run in the log.
+//! Clients never drive ingestion: a client that goes away does not stop a run.
+
+pub mod agentflow;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::event::NewEvent;
+use crate::metrics;
+use crate::store::{RunInfo, RunLimit, RunStatus, Store, StoreError};
+
+/// Everything an adapter needs to start one run on its backend.
+#[derive(Clone, Debug)]
+pub struct RunJob {
+    /// The run, as created in the store.
+    pub run: RunInfo,
+    /// The agent id as the backend's path segment.
+    pub agent_path: String,
+    /// The request body for the backend (AgentFlow `run` request).
+    pub body: serde_json::Value,
+}
+
+/// Why a run ended other than by the backend's own end or error event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The backend could not be reached.
+    Connect(String),
+    /// The backend answered with a non-2xx status.
+    Status(u16, String),
+    /// The backend sent something that is not an event we can keep.
+    Malformed(String),
+    /// One event was larger than `upstream.max_event_bytes`.
+    EventTooLarge(usize),
+    /// The connection ended before the run did.
+    Dropped(String),
+    /// The backend was silent longer than `upstream.idle_timeout`.
+    IdleTimeout(Duration),
+    /// The run lasted longer than `upstream.run_timeout`.
+    RunTimeout(Duration),
+    /// The run hit a per-run store limit.
+    RunLimit(RunLimit),
+    /// The store's byte budget is exhausted.
+    StoreFull,
+}
+
+impl Failure {
+    /// Closed set of kinds, for `sluice_upstream_errors_total{kind}`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Failure::Connect(_) => "connect",
+            Failure::Status(..) => "status",
+            Failure::Malformed(_) => "malformed",
+            Failure::EventTooLarge(_) => "event_too_large",
+            Failure::Dropped(_) => "dropped",
+            Failure::IdleTimeout(_) => "idle_timeout",
+            Failure::RunTimeout(_) => "run_timeout",
+            Failure::RunLimit(_) => "run_limit",
+            Failure::StoreFull => "store_full",
+        }
+    }
+
+    /// The run status this failure ends in.
+    pub fn status(&self) -> RunStatus {
+        match self {
+            Failure::IdleTimeout(_) | Failure::RunTimeout(_) => RunStatus::Timeout,
+            _ => RunStatus::Error,
+        }
+    }
+
+    /// Text for the snapshot and the closing event.
+    pub fn message(&self) -> String {
+        match self {
+            Failure::Connect(e) => format!("agent backend unreachable: {e}"),
+            Failure::Status(code, text) if text.is_empty() => {
+                format!("agent backend answered HTTP {code}")
+            }
+            Failure::Status(code, text) => format!("agent backend answered HTTP {code}: {text}"),
+            Failure::Malformed(e) => format!("agent backend sent a malformed event: {e}"),
+            Failure::EventTooLarge(limit) => {
+                format!("agent backend sent an event larger than {limit} bytes")
+            }
+            Failure::Dropped(e) => format!("agent backend connection ended before the run: {e}"),
+            Failure::IdleTimeout(d) => format!(
+                "agent backend sent nothing for {}",
+                humantime::format_duration(*d)
+            ),
+            Failure::RunTimeout(d) => format!(
+                "run exceeded its time limit of {}",
+                humantime::format_duration(*d)
+            ),
+            Failure::RunLimit(RunLimit::Events) => "run exceeded the event limit per run".into(),
+            Failure::RunLimit(RunLimit::Bytes) => "run exceeded the size limit per run".into(),
+            Failure::StoreFull => "the gateway's store is full".into(),
+        }
+    }
+}
+
+/// How a run ended, as the adapter saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The backend's root `end` event is in the log.
+    Completed,
+    /// The backend's root `error` event (with this text) is in the log.
+    AgentError(String),
+    /// Something went wrong outside the event stream.
+    Failed(Failure),
+    /// The run was already closed by someone else (a stop).
+    Closed,
+}
+
+/// Appends an adapter's events to its run, counting them.
+pub struct RunSink {
+    store: Arc<dyn Store>,
+    run: crate::store::RunId,
+}
+
+impl RunSink {
+    /// Append a batch. A store refusal becomes the [`Ending`] the adapter should return.
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<(), Ending> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let n = events.len() as u64;
+        let bytes: u64 = events.iter().map(|e| e.data.len() as u64).sum();
+        match self.store.append(&self.run, events).await {
+            Ok(_) => {
+                metrics::EVENTS_INGESTED.inc_by(n);
+                metrics::EVENT_BYTES_INGESTED.inc_by(bytes);
+                Ok(())
+            }
+            Err(StoreError::RunLimit(l)) => Err(Ending::Failed(Failure::RunLimit(l))),
+            Err(StoreError::Full { .. }) => Err(Ending::Failed(Failure::StoreFull)),
+            Err(StoreError::Finished) | Err(StoreError::RunNotFound) => Err(Ending::Closed),
+            Err(e) => Err(Ending::Failed(Failure::Dropped(e.to_string()))),
+        }
+    }
+}
+
+/// One backend dialect.
+#[async_trait]
+pub trait Adapter: Send + Sync + 'static {
+    /// Drive one run to its end: connect, send the request, append every event through `sink`.
+    /// Returning (or being dropped) closes the backend connection.
+    async fn run(&self, job: &RunJob, sink: &RunSink) -> Ending;
+}
+
+/// Starts runs on a backend and closes them in the store when they end.
+#[derive(Clone)]
+pub struct Ingestor {
+    store: Arc<dyn Store>,
+    adapter: Arc<dyn Adapter>,
+    run_timeout: Duration,
+}
+
+impl Ingestor {
+    /// An ingestor over one adapter.
+    pub fn new(store: Arc<dyn Store>, adapter: Arc<dyn Adapter>, run_timeout: Duration) -> Self {
+        Ingestor {
+            store,
+            adapter,
+            run_timeout,
+        }
+    }
+
+    /// Start consuming a run in a background task on the current runtime. The task ends with the
+    /// run (or when the runtime shuts down, which leaves the run `in_progress` until retention).
+    pub fn spawn(&self, job: RunJob) {
+        metrics::RUNS_STARTED.inc();
+        let this = self.clone();
+        tokio::spawn(async move { this.drive(job).await });
+    }
+
+    /// Run a job to its end in the current task (what [`Ingestor::spawn`] runs).
+    pub async fn drive(&self, job: RunJob) {
+        let sink = RunSink {
+            store: self.store.clone(),
+            run: job.run.run_id.clone(),
+        };
+        let ending = match tokio::time::timeout(self.run_timeout, self.adapter.run(&job, &sink))
+            .await
+        {
+            Ok(ending) => ending,
+            Err(_) => Ending::Failed(Failure::RunTimeout(self.run_timeout)),
+        };
+        let run = &job.run.run_id;
+        let closed = match &ending {
+            Ending::Completed => self.store.finish(run, RunStatus::Completed, None, None).await,
+            Ending::AgentError(text) => {
+                self.store
+                    .finish(run, RunStatus::Error, Some(text.clone()), None)
+                    .await
+            }
+            Ending::Failed(f) => {
+                metrics::UPSTREAM_ERRORS.with_label_values(&[f.kind()]).inc();
+                let status = f.status();
+                let message = f.message();
+                log::info!("run {run} ended {}: {message}", status.as_str());
+                let closing = crate::agentflow::synthetic_error(status.as_str(), &message);
+                self.store
+                    .finish(run, status, Some(message), Some(NewEvent::new(closing)))
+                    .await
+            }
+            Ending::Closed => Ok(false),
+        };
+        match closed {
+            Ok(true) => {
+                if let Ok(info) = self.store.run(run).await {
+                    metrics::RUNS_ENDED
+                        .with_label_values(&[info.status.as_str()])
+                        .inc();
+                }
+            }
+            Ok(false) => {}
+            Err(e) => log::warn!("run {run}: could not record its end: {e}"),
+        }
+    }
+}

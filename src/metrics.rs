@@ -1,0 +1,146 @@
+//! Every Prometheus metric Sluice exports, defined once, with small recording helpers.
+//!
+//! Metrics live in the default registry of the `prometheus` crate that `pingora_prometheus`
+//! re-exports (a second copy of the crate would make them vanish from `/metrics`). Names follow
+//! Prometheus conventions (`sluice_` prefix, `_total` counters, `_seconds`, `_bytes`) and labels
+//! only ever take values from closed sets (route names, status codes, run statuses, error
+//! kinds), never ids or raw paths.
+
+use std::sync::LazyLock;
+
+use pingora_prometheus::prometheus::{
+    self, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge, TextEncoder,
+};
+
+/// `sluice_http_requests_total{route,status}`: client API requests answered.
+pub static HTTP_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_http_requests_total",
+        "Client API requests answered, by route and HTTP status.",
+        &["route", "status"]
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_http_request_duration_seconds{route}`: time to answer (whole stream for SSE).
+pub static HTTP_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "sluice_http_request_duration_seconds",
+        "Time from request to the end of the response, by route (includes whole SSE streams).",
+        &["route"],
+        vec![0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0]
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_sse_streams_active`: SSE responses currently open.
+pub static SSE_STREAMS_ACTIVE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "sluice_sse_streams_active",
+        "SSE responses currently open to clients."
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_runs_started_total`: runs started.
+pub static RUNS_STARTED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!("sluice_runs_started_total", "Agent runs started.")
+        .expect("metric registers once")
+});
+
+/// `sluice_runs_ended_total{status}`: runs ended, by terminal status.
+pub static RUNS_ENDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_runs_ended_total",
+        "Agent runs ended, by terminal status.",
+        &["status"]
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_events_ingested_total`: events appended to run logs from backends.
+pub static EVENTS_INGESTED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_events_ingested_total",
+        "Events received from backends and appended to run logs."
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_events_ingested_bytes_total`: payload bytes of those events.
+pub static EVENT_BYTES_INGESTED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_events_ingested_bytes_total",
+        "Payload bytes of events appended to run logs."
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_store_bytes`: payload bytes held by the store (set at scrape time).
+pub static STORE_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("sluice_store_bytes", "Payload bytes held by the run store.")
+        .expect("metric registers once")
+});
+
+/// `sluice_store_evictions_total`: finished runs evicted (retention or memory pressure).
+pub static STORE_EVICTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_store_evictions_total",
+        "Finished runs evicted by the retention sweep."
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_upstream_errors_total{kind}`: backend failures, by kind.
+pub static UPSTREAM_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_upstream_errors_total",
+        "Backend failures that ended a run, by kind.",
+        &["kind"]
+    )
+    .expect("metric registers once")
+});
+
+/// Touch every metric so that each appears on `/metrics` from the start (with zeroes).
+pub fn init() {
+    LazyLock::force(&HTTP_REQUESTS);
+    LazyLock::force(&HTTP_DURATION);
+    LazyLock::force(&SSE_STREAMS_ACTIVE);
+    LazyLock::force(&RUNS_STARTED);
+    for s in crate::store::RunStatus::ALL {
+        if s.is_terminal() {
+            RUNS_ENDED.with_label_values(&[s.as_str()]);
+        }
+    }
+    LazyLock::force(&EVENTS_INGESTED);
+    LazyLock::force(&EVENT_BYTES_INGESTED);
+    LazyLock::force(&STORE_BYTES);
+    LazyLock::force(&STORE_EVICTIONS);
+    LazyLock::force(&UPSTREAM_ERRORS);
+}
+
+/// The registry in Prometheus text format.
+pub fn render() -> Vec<u8> {
+    let mut out = Vec::new();
+    // Encoding into a Vec cannot fail for well-formed metric families.
+    let _ = TextEncoder::new().encode(&prometheus::gather(), &mut out);
+    out
+}
+
+/// Counts an open SSE stream for as long as it lives.
+pub struct StreamGuard(());
+
+impl StreamGuard {
+    /// Count one more open stream until the guard drops.
+    pub fn open() -> Self {
+        SSE_STREAMS_ACTIVE.inc();
+        StreamGuard(())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        SSE_STREAMS_ACTIVE.dec();
+    }
+}

@@ -1,0 +1,3 @@
+//! STUB
+pub mod fold;
+pub mod ui;

@@ -1,0 +1,58 @@
+//! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process answers)
+//! and `/readyz` (ready to take runs: not shutting down and the store has room).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::metrics;
+use crate::store::Store;
+
+/// Serves the admin routes.
+pub struct AdminApp {
+    /// The store, for the bytes-held gauge and readiness.
+    pub store: Arc<dyn Store>,
+    /// Set once the process is shutting down.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// `limits.max_total_bytes`, for readiness.
+    pub max_total_bytes: u64,
+}
+
+fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("content-length", body.len())
+        .body(body)
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        if req.method != http::Method::GET {
+            return reply(405, "text/plain", b"method not allowed\n".to_vec());
+        }
+        match req.uri.path() {
+            "/metrics" => {
+                metrics::STORE_BYTES.set(self.store.bytes_held() as i64);
+                reply(200, "text/plain; version=0.0.4", metrics::render())
+            }
+            "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
+            "/readyz" => {
+                if *self.shutdown.borrow() {
+                    reply(503, "text/plain", b"shutting down\n".to_vec())
+                } else if self.store.bytes_held() >= self.max_total_bytes / 10 * 9 {
+                    reply(503, "text/plain", b"store full\n".to_vec())
+                } else {
+                    reply(200, "text/plain", b"ready\n".to_vec())
+                }
+            }
+            _ => reply(404, "text/plain", b"not found\n".to_vec()),
+        }
+    }
+}

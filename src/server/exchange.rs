@@ -1,0 +1,257 @@
+//! The one place that speaks Pingora's request/response API: [`PingoraExchange`] implements the
+//! API's [`Exchange`] over a `pingora_proxy::Session`, and [`Local`] is a `ProxyHttp` that answers
+//! every request locally (in `request_filter`) through a [`LocalApp`].
+//!
+//! Streams are sent with `transfer-encoding: chunked` on HTTP/1.1 (Pingora would otherwise fall
+//! back to a close-delimited body) and client hang-ups are noticed through
+//! `read_body_or_idle(true)` even while nothing is being written.
+
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{ProxyHttp, Session};
+
+use crate::api::{ApiError, Exchange, Gone, Reply};
+use crate::metrics;
+
+/// An [`Exchange`] over a Pingora session.
+pub struct PingoraExchange<'a> {
+    session: &'a mut Session,
+    status: Option<u16>,
+    aborted: bool,
+}
+
+impl<'a> PingoraExchange<'a> {
+    /// Wrap a session whose request header has been read.
+    pub fn new(session: &'a mut Session) -> Self {
+        PingoraExchange {
+            session,
+            status: None,
+            aborted: false,
+        }
+    }
+
+    fn header_for(
+        &self,
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+    ) -> Result<ResponseHeader, Gone> {
+        let mut resp = ResponseHeader::build(status, Some(headers.len() + 2)).map_err(|_| Gone)?;
+        for (name, value) in headers {
+            resp.insert_header(name, value).map_err(|_| Gone)?;
+        }
+        Ok(resp)
+    }
+}
+
+#[async_trait]
+impl Exchange for PingoraExchange<'_> {
+    fn method(&self) -> &str {
+        self.session.req_header().method.as_str()
+    }
+
+    fn path(&self) -> &str {
+        self.session.req_header().uri.path()
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.session.req_header().uri.query()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.session
+            .req_header()
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+    }
+
+    async fn read_body(&mut self, limit: usize) -> Result<Bytes, ApiError> {
+        let declared = self
+            .header("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        let mut body = BytesMut::new();
+        loop {
+            match self.session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > limit {
+                        return Err(ApiError::PayloadTooLarge(limit));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body.freeze()),
+                Err(e) => {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "could not read the request body: {e}"
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn respond(&mut self, reply: Reply) -> Result<(), Gone> {
+        let mut resp = self.header_for(reply.status, reply.headers)?;
+        resp.insert_header("content-length", reply.body.len().to_string())
+            .map_err(|_| Gone)?;
+        if reply.close {
+            self.session.set_keepalive(None);
+        }
+        self.status = Some(reply.status);
+        self.session
+            .write_response_header(Box::new(resp), false)
+            .await
+            .map_err(|_| Gone)?;
+        self.session
+            .write_response_body(Some(reply.body), true)
+            .await
+            .map_err(|_| Gone)
+    }
+
+    async fn start_stream(
+        &mut self,
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+    ) -> Result<(), Gone> {
+        let mut resp = self.header_for(status, headers)?;
+        if !self.session.as_downstream().is_http2() {
+            resp.insert_header("transfer-encoding", "chunked")
+                .map_err(|_| Gone)?;
+        }
+        self.status = Some(status);
+        self.session
+            .write_response_header(Box::new(resp), false)
+            .await
+            .map_err(|_| Gone)
+    }
+
+    async fn send(&mut self, data: Bytes) -> Result<(), Gone> {
+        self.session
+            .write_response_body(Some(data), false)
+            .await
+            .map_err(|_| Gone)
+    }
+
+    async fn end_stream(&mut self) -> Result<(), Gone> {
+        self.session
+            .write_response_body(None, true)
+            .await
+            .map_err(|_| Gone)
+    }
+
+    async fn closed(&mut self) {
+        match self.session.as_downstream_mut().read_body_or_idle(true).await {
+            Err(_) => {}
+            // Not a hang-up (e.g. pipelined bytes): never resolve for this request.
+            Ok(_) => std::future::pending().await,
+        }
+    }
+
+    fn status_sent(&self) -> Option<u16> {
+        self.status
+    }
+
+    fn abort(&mut self) {
+        self.aborted = true;
+        self.session.set_keepalive(None);
+    }
+
+    fn aborted(&self) -> bool {
+        self.aborted
+    }
+}
+
+/// An application that answers requests itself (the client API, the mock agent).
+#[async_trait]
+pub trait LocalApp: Send + Sync + 'static {
+    /// Answer one request; return the route label for metrics.
+    async fn handle(&self, ex: &mut dyn Exchange) -> &'static str;
+    /// Whether to record `sluice_http_*` metrics for this app.
+    fn records_metrics(&self) -> bool {
+        false
+    }
+}
+
+/// Per-request state of [`Local`].
+pub struct LocalCtx {
+    route: &'static str,
+    started: Instant,
+}
+
+/// A `ProxyHttp` that answers everything through a [`LocalApp`] and never proxies.
+pub struct Local<A>(pub std::sync::Arc<A>);
+
+#[async_trait]
+impl<A: LocalApp> ProxyHttp for Local<A> {
+    type CTX = LocalCtx;
+
+    fn new_ctx(&self) -> LocalCtx {
+        LocalCtx {
+            route: crate::api::route::UNMATCHED,
+            started: Instant::now(),
+        }
+    }
+
+    async fn upstream_peer(&self, _s: &mut Session, _c: &mut LocalCtx) -> Result<Box<HttpPeer>> {
+        Error::e_explain(ErrorType::HTTPStatus(404), "no proxied routes")
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut LocalCtx) -> Result<bool> {
+        let mut ex = PingoraExchange::new(session);
+        ctx.route = self.0.handle(&mut ex).await;
+        if ex.aborted() {
+            // An error after the header was sent makes Pingora close the connection without
+            // finishing the body: what a crashing server looks like to its client.
+            return Error::e_explain(ErrorType::ConnectionClosed, "response aborted");
+        }
+        if ex.status_sent().is_none() {
+            // Every path answers; this is a safety net against a handler that did not.
+            let _ = ex
+                .respond(ApiError::Internal("no answer".into()).reply())
+                .await;
+        }
+        Ok(true)
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut LocalCtx) {
+        if !self.0.records_metrics() {
+            return;
+        }
+        let status = session
+            .response_written()
+            .map_or(0, |h| h.status.as_u16());
+        metrics::HTTP_REQUESTS
+            .with_label_values(&[ctx.route, status_label(status)])
+            .inc();
+        metrics::HTTP_DURATION
+            .with_label_values(&[ctx.route])
+            .observe(ctx.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Status codes as static labels (a closed set).
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        202 => "202",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        410 => "410",
+        413 => "413",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        0 => "none",
+        _ => "other",
+    }
+}

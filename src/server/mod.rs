@@ -1,0 +1,175 @@
+//! Server wiring: turns a [`Config`] into Pingora services (client API, admin, housekeeping) and
+//! runs them. `main.rs` only parses the command line and calls in here.
+
+pub mod admin;
+pub mod exchange;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use tokio::sync::watch;
+
+use crate::api::{Api, Exchange};
+use crate::config::Config;
+use crate::ingest::agentflow::{AgentFlowAdapter, AgentFlowSettings};
+use crate::ingest::Ingestor;
+use crate::metrics;
+use crate::store::memory::{MemoryLimits, MemoryStore};
+use crate::store::Store;
+use exchange::{Local, LocalApp};
+
+/// Resolve `host:0` to a concrete free port so it can be announced (Pingora binds by address
+/// string and does not report the port it got).
+pub fn resolve_listen(addr: &str) -> std::io::Result<SocketAddr> {
+    let parsed: SocketAddr = addr
+        .parse()
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, addr.to_string()))?;
+    if parsed.port() != 0 {
+        return Ok(parsed);
+    }
+    let probe = TcpListener::bind(parsed)?;
+    probe.local_addr()
+}
+
+/// A Pingora server configured from ours (threads, grace periods).
+pub fn new_server(config: &Config) -> Server {
+    let conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.grace_period.0.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(
+            config.server.graceful_shutdown_timeout.0.as_secs().max(1),
+        ),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    server
+}
+
+/// Where the gateway listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Listening {
+    /// Client API.
+    pub api: SocketAddr,
+    /// Admin.
+    pub admin: SocketAddr,
+}
+
+#[async_trait]
+impl LocalApp for Api {
+    async fn handle(&self, ex: &mut dyn Exchange) -> &'static str {
+        Api::handle(self, ex).await
+    }
+    fn records_metrics(&self) -> bool {
+        true
+    }
+}
+
+/// Add the gateway's services (client API, admin, housekeeping) to `server`.
+pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Listening> {
+    metrics::init();
+    let api_addr = resolve_listen(&config.server.listen)?;
+    let admin_addr = resolve_listen(&config.server.admin_listen)?;
+    let config = Arc::new(config);
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(MemoryLimits {
+        max_events_per_run: config.limits.max_events_per_run,
+        max_bytes_per_run: config.limits.max_bytes_per_run,
+        max_total_bytes: config.limits.max_total_bytes,
+        retention: config.store.retention.0,
+        retry_after: config.store.full_retry_after.0,
+    }));
+    let adapter = Arc::new(AgentFlowAdapter::new(AgentFlowSettings {
+        upstreams: config.upstream_urls(),
+        connect_timeout: config.upstream.connect_timeout.0,
+        idle_timeout: config.upstream.idle_timeout.0,
+        max_event_bytes: config.upstream.max_event_bytes,
+    }));
+    let ingest = Ingestor::new(store.clone(), adapter, config.upstream.run_timeout.0);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let api = Arc::new(Api {
+        config: config.clone(),
+        store: store.clone(),
+        ingest,
+        shutdown: shutdown_rx.clone(),
+    });
+
+    let mut api_service = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Local(api),
+        "sluice api",
+    );
+    api_service.add_tcp(&api_addr.to_string());
+    server.add_service(api_service);
+
+    let mut admin = Service::new(
+        "sluice admin".to_string(),
+        pingora::apps::http_app::HttpServer::new_app(admin::AdminApp {
+            store: store.clone(),
+            shutdown: shutdown_rx,
+            max_total_bytes: config.limits.max_total_bytes,
+        }),
+    );
+    admin.add_tcp(&admin_addr.to_string());
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "sluice housekeeping",
+        Housekeeping {
+            store,
+            shutdown: shutdown_tx,
+            sweep_every: config.store.retention.0.clamp(Duration::from_millis(100), Duration::from_secs(5)),
+        },
+    ));
+    Ok(Listening {
+        api: api_addr,
+        admin: admin_addr,
+    })
+}
+
+/// Sweeps expired runs and tells streams when the process is shutting down.
+struct Housekeeping {
+    store: Arc<dyn Store>,
+    shutdown: watch::Sender<bool>,
+    sweep_every: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Housekeeping {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.sweep_every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let n = self.store.sweep().await;
+                    metrics::STORE_EVICTIONS.inc_by(n as u64);
+                }
+                _ = shutdown.changed() => {
+                    log::info!("shutting down: ending open streams");
+                    self.shutdown.send_replace(true);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Add a local app (e.g. the mock agent) on its own listener.
+pub fn add_local_app<A: LocalApp>(
+    server: &mut Server,
+    name: &str,
+    app: A,
+    listen: &str,
+) -> std::io::Result<SocketAddr> {
+    let addr = resolve_listen(listen)?;
+    let mut service =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, Local(Arc::new(app)), name);
+    service.add_tcp(&addr.to_string());
+    server.add_service(service);
+    Ok(addr)
+}

@@ -1,0 +1,262 @@
+//! The run store: threads, runs, and each run's append-only event log keyed by a gapless `seq`.
+//!
+//! [`Store`] is the seam between ingestion (which appends) and the API (which reads, waits and
+//! folds). It is shaped for a remote implementation from the start: async, owned values in and
+//! out, batched appends and reads, no references into the store's memory. [`memory::MemoryStore`]
+//! is the embedded implementation; its behaviour is the contract.
+//!
+//! Organisation isolation lives here too: every lookup of a thread takes the caller's
+//! organisation, and a thread of another organisation is reported exactly like a missing one.
+
+pub mod memory;
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Event, NewEvent};
+
+/// A run's id (`run_<32 hex>`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RunId(pub String);
+
+/// A thread's id (a UUID).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ThreadId(pub String);
+
+impl RunId {
+    /// A fresh random id.
+    pub fn generate() -> Self {
+        RunId(format!("run_{}", uuid::Uuid::new_v4().simple()))
+    }
+}
+
+impl ThreadId {
+    /// A fresh random id.
+    pub fn generate() -> Self {
+        ThreadId(uuid::Uuid::new_v4().to_string())
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for ThreadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A run's status. It moves once from `InProgress` to one terminal value and never again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// The backend is still producing events.
+    InProgress,
+    /// The agent finished its answer.
+    Completed,
+    /// A client stopped the run.
+    Stopped,
+    /// The backend reported an error, answered non-2xx, sent malformed data, or went away.
+    Error,
+    /// The backend was silent too long, or the run lasted too long.
+    Timeout,
+}
+
+impl RunStatus {
+    /// Every status, for metrics.
+    pub const ALL: [RunStatus; 5] = [
+        RunStatus::InProgress,
+        RunStatus::Completed,
+        RunStatus::Stopped,
+        RunStatus::Error,
+        RunStatus::Timeout,
+    ];
+
+    /// The wire name (`in_progress`, `completed`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::InProgress => "in_progress",
+            RunStatus::Completed => "completed",
+            RunStatus::Stopped => "stopped",
+            RunStatus::Error => "error",
+            RunStatus::Timeout => "timeout",
+        }
+    }
+
+    /// Whether this status is final.
+    pub fn is_terminal(self) -> bool {
+        self != RunStatus::InProgress
+    }
+}
+
+/// What the API knows when it starts a run.
+#[derive(Clone, Debug)]
+pub struct NewRun {
+    /// Continue this thread, or start a new one when `None`.
+    pub thread_id: Option<ThreadId>,
+    /// The caller's organisation.
+    pub org_id: String,
+    /// The caller.
+    pub user_id: String,
+    /// The agent, as the client named it (a JSON number or string).
+    pub agent_id: serde_json::Value,
+    /// The user's message (an AI SDK `UIMessage`), as it will appear in snapshots.
+    pub user_message: serde_json::Value,
+}
+
+/// A run's metadata (no events).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunInfo {
+    /// The run.
+    pub run_id: RunId,
+    /// Its thread.
+    pub thread_id: ThreadId,
+    /// Its organisation.
+    pub org_id: String,
+    /// The user who started it.
+    pub user_id: String,
+    /// The agent.
+    pub agent_id: serde_json::Value,
+    /// Current status.
+    pub status: RunStatus,
+    /// The error text when the run ended `error` or `timeout`.
+    pub error: Option<String>,
+    /// Seq of the last event (0 before the first).
+    pub last_seq: u64,
+    /// Payload bytes held for this run.
+    pub bytes: u64,
+    /// When the run started.
+    pub created_at: SystemTime,
+    /// When the run last changed.
+    pub updated_at: SystemTime,
+    /// The user's message that started it.
+    pub user_message: serde_json::Value,
+    /// The id of the assistant message this run produces (snapshots and `start.messageId`).
+    pub assistant_message_id: String,
+}
+
+/// A thread and its runs' metadata, oldest run first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ThreadInfo {
+    /// The thread.
+    pub thread_id: ThreadId,
+    /// Its organisation.
+    pub org_id: String,
+    /// Its agent.
+    pub agent_id: serde_json::Value,
+    /// When the thread started.
+    pub created_at: SystemTime,
+    /// Its runs that are still retained, oldest first.
+    pub runs: Vec<RunInfo>,
+}
+
+impl ThreadInfo {
+    /// The latest run.
+    pub fn latest(&self) -> Option<&RunInfo> {
+        self.runs.last()
+    }
+}
+
+/// A batch of events read from a run's log, with the run's state at the time of the read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadBatch {
+    /// Events after the cursor, in order, at most the requested number.
+    pub events: Vec<Event>,
+    /// The run's status when read.
+    pub status: RunStatus,
+    /// The run's last seq when read.
+    pub last_seq: u64,
+}
+
+/// Which per-run limit was hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunLimit {
+    /// `limits.max_events_per_run`
+    Events,
+    /// `limits.max_bytes_per_run`
+    Bytes,
+}
+
+/// What the store can refuse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// No such run (or it was evicted).
+    #[error("run not found")]
+    RunNotFound,
+    /// No such thread for this organisation.
+    #[error("thread not found")]
+    ThreadNotFound,
+    /// The thread's latest run is still in progress.
+    #[error("thread has a run in progress ({0})")]
+    RunInProgress(RunId),
+    /// The thread belongs to another agent.
+    #[error("thread belongs to agent {0}")]
+    AgentMismatch(String),
+    /// The store's byte budget is exhausted.
+    #[error("store is full")]
+    Full {
+        /// How long the client should wait before retrying.
+        retry_after: Duration,
+    },
+    /// The run would exceed a per-run limit; nothing was appended.
+    #[error("run exceeds its {} limit", match .0 { RunLimit::Events => "event count", RunLimit::Bytes => "size" })]
+    RunLimit(RunLimit),
+    /// The run has already ended; nothing was appended.
+    #[error("run already ended")]
+    Finished,
+}
+
+/// The run store.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Create a run (and its thread when `new.thread_id` is `None`). Refuses an unknown or
+    /// foreign thread ([`StoreError::ThreadNotFound`]), a thread whose latest run is in progress
+    /// ([`StoreError::RunInProgress`]), another agent's thread, and a full store.
+    async fn create_run(&self, new: NewRun) -> Result<RunInfo, StoreError>;
+
+    /// Append events to an in-progress run, numbering them from `last_seq + 1`. All or nothing.
+    /// Returns the new `last_seq`. Wakes every waiter of the run.
+    async fn append(&self, run: &RunId, events: Vec<NewEvent>) -> Result<u64, StoreError>;
+
+    /// Move a run to a terminal status, appending `final_event` first when given (atomically).
+    /// Returns `false` (and changes nothing) when the run had already ended.
+    async fn finish(
+        &self,
+        run: &RunId,
+        status: RunStatus,
+        error: Option<String>,
+        final_event: Option<NewEvent>,
+    ) -> Result<bool, StoreError>;
+
+    /// A run's metadata.
+    async fn run(&self, run: &RunId) -> Result<RunInfo, StoreError>;
+
+    /// A thread of `org_id` with its runs' metadata; another organisation's thread is
+    /// [`StoreError::ThreadNotFound`].
+    async fn thread(&self, org_id: &str, thread: &ThreadId) -> Result<ThreadInfo, StoreError>;
+
+    /// Events with `seq > after`, at most `max` of them, plus the run's current state.
+    async fn read_after(&self, run: &RunId, after: u64, max: usize)
+        -> Result<ReadBatch, StoreError>;
+
+    /// Wait until the run has an event after `after` or has ended, or `timeout` passes.
+    /// Returns the run's last seq and status at that moment. Holds no thread while waiting.
+    async fn wait(
+        &self,
+        run: &RunId,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<(u64, RunStatus), StoreError>;
+
+    /// Evict finished runs whose retention has passed. Returns how many were evicted.
+    async fn sweep(&self) -> usize;
+
+    /// Payload bytes currently held.
+    fn bytes_held(&self) -> u64;
+}
