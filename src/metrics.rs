@@ -117,7 +117,9 @@ pub fn init() {
     LazyLock::force(&EVENT_BYTES_INGESTED);
     LazyLock::force(&STORE_BYTES);
     LazyLock::force(&STORE_EVICTIONS);
-    LazyLock::force(&UPSTREAM_ERRORS);
+    for kind in crate::ingest::Failure::KINDS {
+        UPSTREAM_ERRORS.with_label_values(&[kind]);
+    }
 }
 
 /// The registry in Prometheus text format.

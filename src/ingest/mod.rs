@@ -53,6 +53,19 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Every value of [`Failure::kind`].
+    pub const KINDS: [&'static str; 9] = [
+        "connect",
+        "status",
+        "malformed",
+        "event_too_large",
+        "dropped",
+        "idle_timeout",
+        "run_timeout",
+        "run_limit",
+        "store_full",
+    ];
+
     /// Closed set of kinds, for `sluice_upstream_errors_total{kind}`.
     pub fn kind(&self) -> &'static str {
         match self {

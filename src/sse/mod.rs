@@ -1,23 +1,14 @@
-//! STUB (replaced by the real codec).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SseEvent { pub event: String, pub data: String, pub id: Option<String> }
-#[derive(Debug, PartialEq, Eq)]
-pub enum DecodeError { EventTooLarge { limit: usize } }
-pub struct Decoder { buf: Vec<u8>, max: usize }
-impl Decoder {
-    pub fn new(max: usize) -> Self { Decoder { buf: Vec::new(), max } }
-    pub fn feed(&mut self, input: &[u8], out: &mut Vec<SseEvent>) -> Result<(), DecodeError> {
-        self.buf.extend_from_slice(input);
-        while let Some(p) = self.buf.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = self.buf.drain(..p + 2).collect();
-            let text = String::from_utf8_lossy(&block);
-            let mut data = Vec::new();
-            for l in text.lines() { if let Some(d) = l.strip_prefix("data:") { data.push(d.trim_start().to_string()); } }
-            if !data.is_empty() { out.push(SseEvent { event: String::new(), data: data.join("\n"), id: None }); }
-        }
-        if self.buf.len() > self.max { return Err(DecodeError::EventTooLarge { limit: self.max }); }
-        Ok(())
-    }
-    pub fn finish(&mut self) {}
-}
-pub fn encode_comment(out: &mut Vec<u8>, text: &str) { out.extend_from_slice(format!(": {text}\n\n").as_bytes()); }
+//! Server-Sent Events (`text/event-stream`) wire format, sans-io.
+//!
+//! This module owns the SSE codec and nothing else: an incremental [`Decoder`] that turns
+//! byte chunks into [`SseEvent`]s following WHATWG HTML §9.2.5 (parsing an event stream) and
+//! §9.2.6 (interpreting an event stream), with a per-event size limit, and an encoder
+//! ([`encode_event`], [`encode_comment`], [`encode_retry`]) that appends well-formed frames
+//! to a byte buffer. It performs no I/O and knows nothing about HTTP, async runtimes or what
+//! the event payloads mean; callers feed it bytes and take bytes or events back.
+
+mod decode;
+mod encode;
+
+pub use decode::{DecodeError, Decoder, SseEvent};
+pub use encode::{encode_comment, encode_event, encode_retry};

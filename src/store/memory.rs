@@ -532,7 +532,7 @@ mod tests {
     async fn finished_runs_are_evicted_first_then_new_runs_refused() {
         let mut l = limits();
         l.max_total_bytes = 1000;
-        l.max_bytes_per_run = 1000;
+        l.max_bytes_per_run = 5000;
         let s = MemoryStore::new(l);
         let old = s.create_run(new_run(None, "o")).await.unwrap();
         s.append(&old.run_id, vec![ev(&"x".repeat(600))]).await.unwrap();
@@ -618,7 +618,8 @@ mod tests {
                     let seqs: Vec<u64> = got.events.iter().map(|e| e.seq).collect();
                     prop_assert_eq!(seqs, ((k + 1)..=n).collect::<Vec<_>>());
                     for e in &got.events {
-                        prop_assert_eq!(&e.data[..], e.seq.to_string().as_bytes());
+                        let want = e.seq.to_string();
+                        prop_assert_eq!(&e.data[..], want.as_bytes());
                     }
                 }
                 Ok(())

@@ -1,0 +1,408 @@
+//! Test harness: runs the real `sluice` binary (gateway and mock agent) on loopback ports picked
+//! at start-up, and speaks HTTP to them. Processes are killed when their handle drops.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// A running `sluice` process.
+pub struct Proc {
+    child: Child,
+    /// Every `http://…` address it announced, in order.
+    pub addrs: Vec<String>,
+    _dir: Option<TempDir>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let p = std::env::temp_dir().join(format!("sluice-test-{}", uuid_like()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        Instant::now().elapsed().as_nanos()
+    )
+}
+
+/// Start `sluice ARGS…` and wait for `want` announced addresses.
+pub fn spawn(args: &[&str], want: usize, dir: Option<TempDir>) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("sluice binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            for word in line.split_whitespace() {
+                let w = word.trim_matches(|c| c == '(' || c == ')' || c == ',');
+                if let Some(addr) = w.strip_prefix("http://") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        }
+    });
+    let mut addrs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while addrs.len() < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(a) => addrs.push(a),
+            Err(_) => panic!("sluice {args:?} did not announce its addresses"),
+        }
+    }
+    let proc = Proc {
+        child,
+        addrs,
+        _dir: dir,
+    };
+    for a in &proc.addrs {
+        wait_listening(a);
+    }
+    proc
+}
+
+fn wait_listening(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{addr} never accepted connections");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A mock agent backend.
+pub fn mock_agent() -> Proc {
+    spawn(&["mock-agent", "--listen", "127.0.0.1:0"], 1, None)
+}
+
+/// A gateway in front of `upstream` with extra TOML appended to a minimal config.
+/// `extra` may contain whole sections (`[limits]` …); keys for `[upstream]` go in `upstream_extra`.
+pub fn gateway_with(upstream: &str, upstream_extra: &str, extra: &str) -> Gateway {
+    let dir = TempDir::new();
+    let path = dir.0.join("sluice.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [auth]\nmode = \"disabled\"\n\
+         [upstream]\nurls = [\"http://{upstream}\"]\n{upstream_extra}\n{extra}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let proc = spawn(&["serve", "--config", path.to_str().unwrap()], 2, Some(dir));
+    Gateway {
+        base: format!("http://{}", proc.addrs[0]),
+        admin: format!("http://{}", proc.addrs[1]),
+        _proc: proc,
+        http: client(),
+    }
+}
+
+/// A gateway with default settings.
+pub fn gateway(upstream: &str) -> Gateway {
+    gateway_with(upstream, "", "")
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// A running gateway and how to reach it.
+pub struct Gateway {
+    pub base: String,
+    pub admin: String,
+    pub http: reqwest::Client,
+    _proc: Proc,
+}
+
+/// A dialect-A invoke body.
+pub fn invoke_body(agent: Value, text: &str, thread: Option<&str>) -> Value {
+    let mut body = json!({
+        "agentId": agent,
+        "message": {"id": format!("u-{}", uuid_like()), "role": "user", "parts": [{"type": "text", "text": text}]},
+    });
+    if let Some(t) = thread {
+        body["threadId"] = json!(t);
+    }
+    body
+}
+
+impl Gateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Invoke in 202 mode; returns (threadId, runId).
+    pub async fn start(&self, text: &str, thread: Option<&str>) -> (String, String) {
+        let resp = self
+            .http
+            .post(self.url("/api/invokeAgent"))
+            .header("x-stream-response", "false")
+            .json(&invoke_body(json!(1), text, thread))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202, "{:?}", resp.text().await);
+        let thread_h = resp.headers()["x-thread-id"].to_str().unwrap().to_string();
+        let run_h = resp.headers()["x-run-id"].to_str().unwrap().to_string();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["threadId"], json!(thread_h));
+        assert_eq!(body["status"], json!("in_progress"));
+        (thread_h, run_h)
+    }
+
+    pub async fn conversation(&self, thread: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(self.url("/api/getConversation"))
+            .query(&[("threadId", thread)])
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Poll until the thread's status is terminal; returns the snapshot.
+    pub async fn wait_terminal(&self, thread: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, snap) = self.conversation(thread).await;
+            assert_eq!(status, 200, "{snap}");
+            if snap["streamStatus"] != json!("in_progress") {
+                return snap;
+            }
+            assert!(Instant::now() < deadline, "run never ended: {snap}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// One SSE event as a client sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sse {
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// A minimal, independent SSE reader for tests (LF framing, which is what Sluice sends).
+/// Returns the events and the comment lines seen.
+pub fn parse_sse(body: &str) -> (Vec<Sse>, Vec<String>) {
+    let mut events = Vec::new();
+    let mut comments = Vec::new();
+    for block in body.split("\n\n") {
+        let mut id = None;
+        let mut data: Vec<&str> = Vec::new();
+        for line in block.lines() {
+            if let Some(c) = line.strip_prefix(':') {
+                comments.push(c.trim().to_string());
+            } else if let Some(v) = line.strip_prefix("id: ") {
+                id = Some(v.to_string());
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data.push(v);
+            }
+        }
+        if !data.is_empty() {
+            events.push(Sse {
+                id,
+                data: data.join("\n"),
+            });
+        }
+    }
+    (events, comments)
+}
+
+/// An independent re-implementation of the AI SDK v5 client reducer (processUIMessageStream),
+/// enough to rebuild the assistant message from UI-message chunks and to reject violations.
+pub fn reduce_ui(chunks: &[Value]) -> Result<Value, String> {
+    let mut id = Value::Null;
+    let mut parts: Vec<Value> = Vec::new();
+    let mut open_text: std::collections::HashMap<String, usize> = Default::default();
+    let mut open_reasoning: std::collections::HashMap<String, usize> = Default::default();
+    let mut tools: std::collections::HashMap<String, usize> = Default::default();
+    for c in chunks {
+        let t = c["type"].as_str().ok_or("chunk without type")?;
+        match t {
+            "start" => {
+                if let Some(m) = c.get("messageId") {
+                    id = m.clone();
+                }
+            }
+            "start-step" => parts.push(json!({"type": "step-start"})),
+            "finish-step" => {
+                open_text.clear();
+                open_reasoning.clear();
+            }
+            "text-start" | "reasoning-start" => {
+                let kind = if t == "text-start" { "text" } else { "reasoning" };
+                parts.push(json!({"type": kind, "text": "", "state": "streaming"}));
+                let map = if kind == "text" { &mut open_text } else { &mut open_reasoning };
+                map.insert(c["id"].as_str().ok_or("no id")?.into(), parts.len() - 1);
+            }
+            "text-delta" | "reasoning-delta" => {
+                let map = if t == "text-delta" { &open_text } else { &open_reasoning };
+                let i = *map.get(c["id"].as_str().ok_or("no id")?).ok_or(format!("{t} without start"))?;
+                let cur = parts[i]["text"].as_str().unwrap().to_string();
+                parts[i]["text"] = json!(cur + c["delta"].as_str().ok_or("no delta")?);
+            }
+            "text-end" | "reasoning-end" => {
+                let map = if t == "text-end" { &mut open_text } else { &mut open_reasoning };
+                let i = map.remove(c["id"].as_str().ok_or("no id")?).ok_or(format!("{t} without start"))?;
+                parts[i]["state"] = json!("done");
+            }
+            "tool-input-start" => {
+                let call = c["toolCallId"].as_str().ok_or("no toolCallId")?.to_string();
+                let name = c["toolName"].as_str().ok_or("no toolName")?;
+                parts.push(json!({"type": format!("tool-{name}"), "toolCallId": call, "state": "input-streaming"}));
+                tools.insert(call, parts.len() - 1);
+            }
+            "tool-input-available" => {
+                let call = c["toolCallId"].as_str().ok_or("no toolCallId")?.to_string();
+                let i = match tools.get(&call) {
+                    Some(i) => *i,
+                    None => {
+                        let name = c["toolName"].as_str().ok_or("no toolName")?;
+                        parts.push(json!({"type": format!("tool-{name}"), "toolCallId": call}));
+                        tools.insert(call, parts.len() - 1);
+                        parts.len() - 1
+                    }
+                };
+                parts[i]["state"] = json!("input-available");
+                parts[i]["input"] = c["input"].clone();
+            }
+            "tool-output-available" | "tool-output-error" => {
+                let call = c["toolCallId"].as_str().ok_or("no toolCallId")?;
+                let i = *tools.get(call).ok_or(format!("{t} before tool input"))?;
+                if t == "tool-output-available" {
+                    parts[i]["state"] = json!("output-available");
+                    parts[i]["output"] = c["output"].clone();
+                } else {
+                    parts[i]["state"] = json!("output-error");
+                    parts[i]["errorText"] = c["errorText"].clone();
+                }
+            }
+            "error" | "finish" | "abort" | "message-metadata" => {}
+            other if other.starts_with("data-") => {
+                if c.get("transient") == Some(&json!(true)) {
+                    continue;
+                }
+                let mut part = json!({"type": other, "data": c["data"].clone()});
+                if let Some(pid) = c.get("id") {
+                    part["id"] = pid.clone();
+                    if let Some(existing) = parts.iter_mut().find(|p| p["type"] == json!(other) && p.get("id") == Some(pid)) {
+                        existing["data"] = c["data"].clone();
+                        continue;
+                    }
+                }
+                parts.push(part);
+            }
+            other => return Err(format!("unknown chunk type {other}")),
+        }
+    }
+    Ok(json!({"id": id, "role": "assistant", "parts": parts}))
+}
+
+/// Stream an invoke to its end; returns (threadId, runId, events, comments, headers).
+pub async fn stream_invoke(gw: &Gateway, text: &str, thread: Option<&str>) -> Streamed {
+    let resp = gw
+        .http
+        .post(gw.url("/api/invokeAgent"))
+        .json(&invoke_body(json!(1), text, thread))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let headers = resp.headers().clone();
+    let body = resp.text().await.unwrap();
+    let (events, comments) = parse_sse(&body);
+    Streamed {
+        thread: headers["x-thread-id"].to_str().unwrap().to_string(),
+        run: headers["x-run-id"].to_str().unwrap().to_string(),
+        events,
+        comments,
+        headers,
+    }
+}
+
+pub struct Streamed {
+    pub thread: String,
+    pub run: String,
+    pub events: Vec<Sse>,
+    pub comments: Vec<String>,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Streamed {
+    /// The JSON chunks, with `[DONE]` checked to be last and removed.
+    pub fn chunks(&self) -> Vec<Value> {
+        let last = self.events.last().expect("stream has events");
+        assert_eq!(last.data, "[DONE]", "stream must end with [DONE]");
+        self.events[..self.events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(&e.data).expect("chunk is JSON"))
+            .collect()
+    }
+}
+
+/// Concatenated text of a message's text parts.
+pub fn text_of(message: &Value) -> String {
+    message["parts"]
+        .as_array()
+        .map(|parts| {
+            parts
+                .iter()
+                .filter(|p| p["type"] == "text")
+                .filter_map(|p| p["text"].as_str())
+                .collect::<String>()
+        })
+        .unwrap_or_default()
+}
+
+/// The mock agent's answer in the `text` scenario (mirrors `sluice::mock::scenario::text_answer`).
+pub fn expected_answer(message: &str, turn: u64) -> String {
+    sluice::mock::scenario::text_answer(message, turn)
+}
