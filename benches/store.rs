@@ -37,7 +37,9 @@ async fn run(s: &MemoryStore) -> RunInfo {
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let mut g = c.benchmark_group("store");
     g.throughput(Throughput::Elements(1000));
     g.bench_function("append_1000_single", |b| {

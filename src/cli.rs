@@ -125,8 +125,12 @@ fn serve(mut config: Config, demo: Option<()>) -> ExitCode {
     }
     let mut srv = server::new_server(&config);
     let mock = if demo.is_some() {
-        match server::add_local_app(&mut srv, "sluice mock agent", MockAgent::new(), "127.0.0.1:0")
-        {
+        match server::add_local_app(
+            &mut srv,
+            "sluice mock agent",
+            MockAgent::new(),
+            "127.0.0.1:0",
+        ) {
             Ok(addr) => {
                 config.upstream.urls = vec![format!("http://{addr}")];
                 Some(addr)
@@ -145,7 +149,11 @@ fn serve(mut config: Config, demo: Option<()>) -> ExitCode {
         listening.api, listening.admin
     ));
     if let Some(mock) = mock {
-        announce(&crate::demo::instructions(listening.api, listening.admin, mock));
+        announce(&crate::demo::instructions(
+            listening.api,
+            listening.admin,
+            mock,
+        ));
     }
     srv.run_forever()
 }

@@ -50,9 +50,9 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(Dur)
-            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration ({e}); write e.g. \"30s\"")))
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!("`{s}` is not a duration ({e}); write e.g. \"30s\""))
+        })
     }
 }
 
@@ -382,7 +382,10 @@ impl Config {
             return Err(invalid("store.full_retry_after", "must be at least 1s"));
         }
         if self.stream.keepalive_interval.0 < Duration::from_millis(100) {
-            return Err(invalid("stream.keepalive_interval", "must be at least 100ms"));
+            return Err(invalid(
+                "stream.keepalive_interval",
+                "must be at least 100ms",
+            ));
         }
         Ok(())
     }
@@ -403,10 +406,12 @@ impl Config {
 }
 
 fn check_addr(key: &'static str, value: &str) -> Result<(), ConfigError> {
-    value
-        .parse::<SocketAddr>()
-        .map(|_| ())
-        .map_err(|_| invalid(key, format!("`{value}` is not an address like 127.0.0.1:8080")))
+    value.parse::<SocketAddr>().map(|_| ()).map_err(|_| {
+        invalid(
+            key,
+            format!("`{value}` is not an address like 127.0.0.1:8080"),
+        )
+    })
 }
 
 fn positive(key: &'static str, d: Dur) -> Result<(), ConfigError> {
@@ -442,14 +447,19 @@ mod tests {
                     .position(|l| l.trim_start().starts_with(&format!("{key} =")))
                     .unwrap_or_else(|| panic!("key `{key}` missing from config/sluice.toml"));
                 let above = SHIPPED.lines().nth(pos.saturating_sub(1)).unwrap_or("");
-                assert!(above.trim_start().starts_with('#'), "key `{key}` has no comment");
+                assert!(
+                    above.trim_start().starts_with('#'),
+                    "key `{key}` has no comment"
+                );
             }
         }
     }
 
     #[test]
     fn auth_mode_is_required() {
-        let err = Config::parse("[server]\nthreads = 2\n").unwrap_err().to_string();
+        let err = Config::parse("[server]\nthreads = 2\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("auth"), "{err}");
     }
 
@@ -459,7 +469,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("listen_addr"), "{err}");
-        let err = Config::parse("[auth]\nmode = \"disabled\"\n[nope]\n").unwrap_err().to_string();
+        let err = Config::parse("[auth]\nmode = \"disabled\"\n[nope]\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nope"), "{err}");
     }
 
@@ -469,8 +481,14 @@ mod tests {
             ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
             ("[upstream]\nurls = [\"ftp://x\"]\n", "upstream.urls"),
             ("[upstream]\nurls = []\n", "upstream.urls"),
-            ("[upstream]\nidle_timeout = \"0s\"\n", "upstream.idle_timeout"),
-            ("[limits]\nmax_total_bytes = 2048\n", "limits.max_total_bytes"),
+            (
+                "[upstream]\nidle_timeout = \"0s\"\n",
+                "upstream.idle_timeout",
+            ),
+            (
+                "[limits]\nmax_total_bytes = 2048\n",
+                "limits.max_total_bytes",
+            ),
             ("[server]\nthreads = 0\n", "server.threads"),
         ];
         for (extra, key) in cases {
@@ -478,11 +496,14 @@ mod tests {
             let err = Config::parse(&text).unwrap_err().to_string();
             assert!(err.contains(key), "{extra:?}: {err}");
         }
-        let err = Config::parse("[auth]\nmode = \"disabled\"\n[upstream]\nrun_timeout = \"soon\"\n")
+        let err =
+            Config::parse("[auth]\nmode = \"disabled\"\n[upstream]\nrun_timeout = \"soon\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("run_timeout") && err.contains("soon"), "{err}");
+        let err = Config::parse("[auth]\nmode = \"open\"\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("run_timeout") && err.contains("soon"), "{err}");
-        let err = Config::parse("[auth]\nmode = \"open\"\n").unwrap_err().to_string();
         assert!(err.contains("mode") || err.contains("open"), "{err}");
     }
 

@@ -26,48 +26,93 @@ async fn each_failure_ends_with_its_status_and_spares_other_runs() {
 
     let snap = ends(&gw, "scenario:error").await;
     assert_eq!(snap["streamStatus"], "error", "{snap}");
-    assert!(snap["errorText"].as_str().unwrap().contains("simulated agent failure"));
+    assert!(snap["errorText"]
+        .as_str()
+        .unwrap()
+        .contains("simulated agent failure"));
     assert_eq!(text_of(&snap["messages"][1]), "I will try. ");
 
     let snap = ends(&gw, "scenario:drop").await;
     assert_eq!(snap["streamStatus"], "error", "{snap}");
-    assert!(snap["errorText"].as_str().unwrap().contains("connection ended"), "{snap}");
+    assert!(
+        snap["errorText"]
+            .as_str()
+            .unwrap()
+            .contains("connection ended"),
+        "{snap}"
+    );
     assert_eq!(text_of(&snap["messages"][1]), "This answer will be cut");
 
     let snap = ends(&gw, "scenario:malformed").await;
     assert_eq!(snap["streamStatus"], "error", "{snap}");
-    assert!(snap["errorText"].as_str().unwrap().contains("malformed"), "{snap}");
+    assert!(
+        snap["errorText"].as_str().unwrap().contains("malformed"),
+        "{snap}"
+    );
     assert_eq!(text_of(&snap["messages"][1]), "Fine so far. ");
 
     let snap = ends(&gw, "scenario:hang").await;
     assert_eq!(snap["streamStatus"], "timeout", "{snap}");
-    assert!(snap["errorText"].as_str().unwrap().contains("sent nothing"), "{snap}");
+    assert!(
+        snap["errorText"].as_str().unwrap().contains("sent nothing"),
+        "{snap}"
+    );
     assert_eq!(text_of(&snap["messages"][1]), "Thinking");
 
     let snap = ends(&gw, "scenario:status code=503").await;
     assert_eq!(snap["streamStatus"], "error", "{snap}");
     let err = snap["errorText"].as_str().unwrap();
-    assert!(err.contains("503") && err.contains("mock agent refused"), "{err}");
-    assert_eq!(snap["messages"].as_array().unwrap().len(), 2, "the closing event folds into an assistant message");
+    assert!(
+        err.contains("503") && err.contains("mock agent refused"),
+        "{err}"
+    );
+    assert_eq!(
+        snap["messages"].as_array().unwrap().len(),
+        2,
+        "the closing event folds into an assistant message"
+    );
 
     let snap = ends(&gw, "scenario:oversize bytes=10000").await;
     assert_eq!(snap["streamStatus"], "error", "{snap}");
-    assert!(snap["errorText"].as_str().unwrap().contains("larger than 4096"), "{snap}");
+    assert!(
+        snap["errorText"]
+            .as_str()
+            .unwrap()
+            .contains("larger than 4096"),
+        "{snap}"
+    );
 
     let snap = gw.wait_terminal(&healthy).await;
     assert_eq!(snap["streamStatus"], "completed", "{snap}");
     let text = text_of(&snap["messages"][1]);
-    assert!(text.starts_with("token0 ") && text.ends_with("token39 "), "{text}");
+    assert!(
+        text.starts_with("token0 ") && text.ends_with("token39 "),
+        "{text}"
+    );
 
     let m = gw.metrics().await;
-    for kind in ["dropped", "malformed", "idle_timeout", "status", "event_too_large"] {
+    for kind in [
+        "dropped",
+        "malformed",
+        "idle_timeout",
+        "status",
+        "event_too_large",
+    ] {
         assert!(
-            m.contains(&format!("sluice_upstream_errors_total{{kind=\"{kind}\"}} 1")),
+            m.contains(&format!(
+                "sluice_upstream_errors_total{{kind=\"{kind}\"}} 1"
+            )),
             "{kind} missing:\n{m}"
         );
     }
-    assert!(m.contains("sluice_runs_ended_total{status=\"timeout\"} 1"), "{m}");
-    assert!(m.contains("sluice_runs_ended_total{status=\"completed\"} 1"), "{m}");
+    assert!(
+        m.contains("sluice_runs_ended_total{status=\"timeout\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("sluice_runs_ended_total{status=\"completed\"} 1"),
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -76,18 +121,27 @@ async fn a_run_longer_than_its_limit_times_out() {
     let gw = gateway_with(&mock.addrs[0], "run_timeout = \"700ms\"\n", "");
     let snap = ends(&gw, "scenario:slow tokens=100 delay_ms=50").await;
     assert_eq!(snap["streamStatus"], "timeout", "{snap}");
-    assert!(snap["errorText"].as_str().unwrap().contains("time limit"), "{snap}");
+    assert!(
+        snap["errorText"].as_str().unwrap().contains("time limit"),
+        "{snap}"
+    );
     assert!(text_of(&snap["messages"][1]).starts_with("token0 "));
 }
 
 #[tokio::test]
 async fn an_unreachable_backend_ends_the_run_with_error() {
     // Reserve a port and leave it closed.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let gw = gateway_with(&dead.to_string(), "connect_timeout = \"1s\"\n", "");
     let snap = ends(&gw, "hello").await;
     assert_eq!(snap["streamStatus"], "error", "{snap}");
-    assert!(snap["errorText"].as_str().unwrap().contains("unreachable"), "{snap}");
+    assert!(
+        snap["errorText"].as_str().unwrap().contains("unreachable"),
+        "{snap}"
+    );
 }
 
 #[tokio::test]
@@ -96,8 +150,14 @@ async fn a_failed_run_streams_an_error_chunk_then_done() {
     let gw = gateway(&mock.addrs[0]);
     let s = stream_invoke(&gw, "scenario:drop", None).await;
     let chunks = s.chunks();
-    let err = chunks.iter().find(|c| c["type"] == "error").expect("an error chunk");
-    assert!(err["errorText"].as_str().unwrap().contains("connection ended"));
+    let err = chunks
+        .iter()
+        .find(|c| c["type"] == "error")
+        .expect("an error chunk");
+    assert!(err["errorText"]
+        .as_str()
+        .unwrap()
+        .contains("connection ended"));
     let streamed = reduce_ui(&chunks).unwrap();
     let snap = gw.wait_terminal(&s.thread).await;
     assert_eq!(snap["messages"][1], streamed);
@@ -106,16 +166,19 @@ async fn a_failed_run_streams_an_error_chunk_then_done() {
 #[tokio::test]
 async fn run_size_limits_end_the_run_and_keep_what_fit() {
     let mock = mock_agent();
-    let gw = gateway_with(
-        &mock.addrs[0],
-        "",
-        "[limits]\nmax_events_per_run = 100\n",
-    );
+    let gw = gateway_with(&mock.addrs[0], "", "[limits]\nmax_events_per_run = 100\n");
     let snap = ends(&gw, "scenario:long events=500").await;
     assert_eq!(snap["streamStatus"], "error", "{snap}");
-    assert!(snap["errorText"].as_str().unwrap().contains("event limit"), "{snap}");
+    assert!(
+        snap["errorText"].as_str().unwrap().contains("event limit"),
+        "{snap}"
+    );
     // The closing event is kept beyond the limit so readers see the end.
-    assert!(snap["lastSeq"].as_u64().unwrap() <= 101, "{}", snap["lastSeq"]);
+    assert!(
+        snap["lastSeq"].as_u64().unwrap() <= 101,
+        "{}",
+        snap["lastSeq"]
+    );
     assert!(text_of(&snap["messages"][1]).starts_with("w0 w1 "));
 }
 
@@ -125,11 +188,12 @@ async fn a_full_store_refuses_new_runs_with_503_and_retry_after() {
     let gw = gateway_with(
         &mock.addrs[0],
         "max_event_bytes = 1024\n",
-        "[limits]\nmax_bytes_per_run = 2048\nmax_total_bytes = 2048\n[store]\nfull_retry_after = \"7s\"\n",
+        "[limits]\nmax_bytes_per_run = 2048\nmax_total_bytes = 8192\n[store]\nfull_retry_after = \"7s\"\n",
     );
-    // Hanging runs hold their first events and never finish, so nothing can be evicted.
+    // Hanging runs hold their first two events (~450 bytes) and never finish, so nothing can be
+    // evicted: new runs are admitted until 90% of the budget is held, then refused.
     let mut refused = None;
-    for _ in 0..20 {
+    for _ in 0..40 {
         let resp = gw
             .http
             .post(gw.url("/api/invokeAgent"))
@@ -157,6 +221,11 @@ async fn a_full_store_refuses_new_runs_with_503_and_retry_after() {
     assert_eq!(resp.headers()["retry-after"], "7");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "store_full");
-    let ready = gw.http.get(format!("{}/readyz", gw.admin)).send().await.unwrap();
+    let ready = gw
+        .http
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 503);
 }

@@ -60,7 +60,10 @@ async fn stream_mode_delivers_the_message_the_snapshot_shows() {
         let streamed = reduce_ui(&chunks).expect("a valid UI-message stream");
         let snap = gw.wait_terminal(&s.thread).await;
         assert_eq!(snap["streamStatus"], "completed");
-        assert_eq!(snap["messages"][1], streamed, "{text}: stream and snapshot differ");
+        assert_eq!(
+            snap["messages"][1], streamed,
+            "{text}: stream and snapshot differ"
+        );
         assert_eq!(streamed["id"], chunks[0]["messageId"]);
         // The final id of the stream is the run's last seq.
         assert_eq!(last.0, snap["lastSeq"].as_u64().unwrap());
@@ -74,24 +77,35 @@ async fn tools_and_reasoning_become_parts() {
     let s = stream_invoke(&gw, "scenario:tools", None).await;
     let snap = gw.wait_terminal(&s.thread).await;
     let parts = snap["messages"][1]["parts"].as_array().unwrap().clone();
-    let tool = parts.iter().find(|p| p["type"] == "tool-search").expect("a tool part");
+    let tool = parts
+        .iter()
+        .find(|p| p["type"] == "tool-search")
+        .expect("a tool part");
     assert_eq!(tool["state"], "output-available");
     assert_eq!(tool["input"], json!({"query": "weather in Paris"}));
     assert_eq!(tool["output"], json!({"forecast": "sunny", "celsius": 21}));
-    let artifacts: Vec<_> = parts.iter().filter(|p| p["type"] == "data-artifact").collect();
+    let artifacts: Vec<_> = parts
+        .iter()
+        .filter(|p| p["type"] == "data-artifact")
+        .collect();
     assert_eq!(artifacts.len(), 1, "artifact updated in place: {parts:?}");
     assert_eq!(artifacts[0]["data"]["status"], "completed");
     assert!(parts.iter().any(|p| p["type"] == "step-start"));
     // Progress is transient: in the stream, not in the snapshot.
     let chunks = s.chunks();
-    assert!(chunks.iter().any(|c| c["type"] == "data-tool-progress" && c["transient"] == true));
+    assert!(chunks
+        .iter()
+        .any(|c| c["type"] == "data-tool-progress" && c["transient"] == true));
     assert!(!parts.iter().any(|p| p["type"] == "data-tool-progress"));
     assert!(text_of(&snap["messages"][1]).contains("It is sunny in Paris."));
 
     let s = stream_invoke(&gw, "scenario:reasoning", None).await;
     let snap = gw.wait_terminal(&s.thread).await;
     let parts = snap["messages"][1]["parts"].as_array().unwrap().clone();
-    let reasoning = parts.iter().find(|p| p["type"] == "reasoning").expect("reasoning part");
+    let reasoning = parts
+        .iter()
+        .find(|p| p["type"] == "reasoning")
+        .expect("reasoning part");
     assert_eq!(reasoning["text"], "Let me think about this step by step.");
     assert_eq!(reasoning["state"], "done");
 }
@@ -147,7 +161,11 @@ async fn a_client_that_hangs_up_does_not_stop_the_run() {
     let mut resp = gw
         .http
         .post(gw.url("/api/invokeAgent"))
-        .json(&invoke_body(json!(1), "scenario:slow tokens=30 delay_ms=30", None))
+        .json(&invoke_body(
+            json!(1),
+            "scenario:slow tokens=30 delay_ms=30",
+            None,
+        ))
         .send()
         .await
         .unwrap();
@@ -162,7 +180,10 @@ async fn a_client_that_hangs_up_does_not_stop_the_run() {
     let snap = gw.wait_terminal(&thread).await;
     assert_eq!(snap["streamStatus"], "completed");
     let text = text_of(&snap["messages"][1]);
-    assert!(text.starts_with("token0 ") && text.ends_with("token29 "), "{text}");
+    assert!(
+        text.starts_with("token0 ") && text.ends_with("token29 "),
+        "{text}"
+    );
     // The stream's hang-up was noticed: no stream is left open.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -170,7 +191,10 @@ async fn a_client_that_hangs_up_does_not_stop_the_run() {
         if m.lines().any(|l| l == "sluice_sse_streams_active 0") {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "stream still counted open:\n{m}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stream still counted open:\n{m}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -178,7 +202,11 @@ async fn a_client_that_hangs_up_does_not_stop_the_run() {
 #[tokio::test]
 async fn quiet_streams_get_keepalive_comments() {
     let mock = mock_agent();
-    let gw = gateway_with(&mock.addrs[0], "", "[stream]\nkeepalive_interval = \"150ms\"\n");
+    let gw = gateway_with(
+        &mock.addrs[0],
+        "",
+        "[stream]\nkeepalive_interval = \"150ms\"\n",
+    );
     let s = stream_invoke(&gw, "scenario:slow tokens=3 delay_ms=500", None).await;
     assert!(
         s.comments.iter().any(|c| c == "keep-alive"),
@@ -196,7 +224,13 @@ async fn odd_sse_framing_from_the_backend_is_read_correctly() {
         let (t, _) = gw.start("frame test", None).await;
         text_of(&gw.wait_terminal(&t).await["messages"][1])
     };
-    for opts in ["framing=crlf", "framing=cr", "bom=1", "upper=1", "event_lines=1 framing=crlf bom=1"] {
+    for opts in [
+        "framing=crlf",
+        "framing=cr",
+        "bom=1",
+        "upper=1",
+        "event_lines=1 framing=crlf bom=1",
+    ] {
         let (t, _) = gw.start(&format!("frame test {opts}"), None).await;
         let snap = gw.wait_terminal(&t).await;
         assert_eq!(snap["streamStatus"], "completed", "{opts}: {snap}");

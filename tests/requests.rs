@@ -37,29 +37,63 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
     ];
     for (body, status, code) in cases {
         let (got_status, got_code) = error_of(post(body.clone()).await.unwrap()).await;
-        assert_eq!((got_status, got_code), (status, json!(code)), "{}", &body[..body.len().min(80)]);
+        assert_eq!(
+            (got_status, got_code),
+            (status, json!(code)),
+            "{}",
+            &body[..body.len().min(80)]
+        );
     }
     // Wrong method, unknown route, missing or unknown thread on the poll route.
-    let resp = gw.http.get(gw.url("/api/invokeAgent")).send().await.unwrap();
+    let resp = gw
+        .http
+        .get(gw.url("/api/invokeAgent"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.headers()["allow"], "POST");
     assert_eq!(error_of(resp).await, (405, json!("method_not_allowed")));
-    let resp = gw.http.post(gw.url("/api/getConversation")).send().await.unwrap();
+    let resp = gw
+        .http
+        .post(gw.url("/api/getConversation"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(resp).await, (405, json!("method_not_allowed")));
     let resp = gw.http.get(gw.url("/nope")).send().await.unwrap();
     assert_eq!(error_of(resp).await, (404, json!("not_found")));
-    let resp = gw.http.get(gw.url("/api/getConversation")).send().await.unwrap();
+    let resp = gw
+        .http
+        .get(gw.url("/api/getConversation"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(resp).await, (400, json!("invalid_request")));
-    let (status, body) = gw.conversation("00000000-0000-0000-0000-000000000000").await;
-    assert_eq!((status, &body["error"]["code"]), (404, &json!("thread_not_found")));
+    let (status, body) = gw
+        .conversation("00000000-0000-0000-0000-000000000000")
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (404, &json!("thread_not_found"))
+    );
 
     // After all that, the gateway still serves runs.
     let (thread, _) = gw.start("still alive", None).await;
     assert_eq!(gw.wait_terminal(&thread).await["streamStatus"], "completed");
 
     let m = gw.metrics().await;
-    assert!(m.contains("sluice_http_requests_total{route=\"invoke_agent\",status=\"400\"} 6"), "{m}");
-    assert!(m.contains("sluice_http_requests_total{route=\"invoke_agent\",status=\"413\"} 1"), "{m}");
-    assert!(m.contains("sluice_http_requests_total{route=\"unmatched\",status=\"405\"} 2"), "{m}");
+    assert!(
+        m.contains("sluice_http_requests_total{route=\"invoke_agent\",status=\"400\"} 6"),
+        "{m}"
+    );
+    assert!(
+        m.contains("sluice_http_requests_total{route=\"invoke_agent\",status=\"413\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("sluice_http_requests_total{route=\"unmatched\",status=\"405\"} 2"),
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -68,9 +102,19 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
     let gw = gateway(&mock.addrs[0]);
     let s = stream_invoke(&gw, "metrics please", None).await;
     gw.wait_terminal(&s.thread).await;
-    let health = gw.http.get(format!("{}/healthz", gw.admin)).send().await.unwrap();
+    let health = gw
+        .http
+        .get(format!("{}/healthz", gw.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
-    let ready = gw.http.get(format!("{}/readyz", gw.admin)).send().await.unwrap();
+    let ready = gw
+        .http
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200);
     let m = gw.metrics().await;
     for needle in [
@@ -112,7 +156,11 @@ fn check_validates_and_prints_the_effective_config() {
 
     let dir = TempDir::new();
     let bad = dir.0.join("bad.toml");
-    std::fs::write(&bad, "[auth]\nmode = \"disabled\"\n[upstream]\nidle_timout = \"5s\"\n").unwrap();
+    std::fs::write(
+        &bad,
+        "[auth]\nmode = \"disabled\"\n[upstream]\nidle_timout = \"5s\"\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(bin)
         .args(["check", "--config", bad.to_str().unwrap()])
         .output()
@@ -120,7 +168,11 @@ fn check_validates_and_prints_the_effective_config() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("idle_timout"));
 
-    std::fs::write(&bad, "[auth]\nmode = \"disabled\"\n[limits]\nmax_body_bytes = 10\n").unwrap();
+    std::fs::write(
+        &bad,
+        "[auth]\nmode = \"disabled\"\n[limits]\nmax_body_bytes = 10\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(bin)
         .args(["serve", "--config", bad.to_str().unwrap()])
         .output()

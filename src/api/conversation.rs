@@ -28,7 +28,11 @@ pub async fn get_conversation(
 }
 
 /// Read events `1..=last` of a run.
-pub async fn read_events(store: &dyn Store, run: &RunId, last: u64) -> Result<Vec<Event>, ApiError> {
+pub async fn read_events(
+    store: &dyn Store,
+    run: &RunId,
+    last: u64,
+) -> Result<Vec<Event>, ApiError> {
     let mut events = Vec::with_capacity(last.min(65_536) as usize);
     let mut cursor = 0;
     while cursor < last {

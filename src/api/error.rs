@@ -21,6 +21,9 @@ pub enum ApiError {
     /// No such thread for this organisation.
     #[error("thread not found")]
     ThreadNotFound,
+    /// No such run in this thread.
+    #[error("run not found in this thread")]
+    RunNotFound,
     /// The thread's latest run is still in progress.
     #[error("the thread's run {0} is still in progress")]
     RunInProgress(String),
@@ -46,7 +49,7 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
             ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => 400,
-            ApiError::ThreadNotFound | ApiError::NotFound => 404,
+            ApiError::ThreadNotFound | ApiError::RunNotFound | ApiError::NotFound => 404,
             ApiError::MethodNotAllowed(_) => 405,
             ApiError::RunInProgress(_) => 409,
             ApiError::PayloadTooLarge(_) => 413,
@@ -61,6 +64,7 @@ impl ApiError {
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::InvalidRequest(_) => "invalid_request",
             ApiError::ThreadNotFound => "thread_not_found",
+            ApiError::RunNotFound => "run_not_found",
             ApiError::RunInProgress(_) => "run_in_progress",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::StoreFull(_) => "store_full",
@@ -103,6 +107,16 @@ impl From<StoreError> for ApiError {
 }
 
 impl Reply {
+    /// An answer with no body (e.g. 204).
+    pub fn empty(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: Bytes::new(),
+            close: false,
+        }
+    }
+
     /// A JSON answer.
     pub fn json(status: u16, body: &serde_json::Value) -> Reply {
         Reply {

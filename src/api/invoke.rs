@@ -165,7 +165,11 @@ pub async fn invoke_agent(
         let _ = ex.respond(reply).await;
         return Ok(());
     }
-    stream::stream_ui(api, ex, &run, 0, ids).await
+    let from_start = crate::render::ui::Cursor {
+        seq: 0,
+        chunk: None,
+    };
+    stream::stream_ui(api, ex, &run, from_start, ids).await
 }
 
 #[cfg(test)]
@@ -182,7 +186,9 @@ mod tests {
 
     #[test]
     fn accepts_the_documented_body() {
-        let r = ok(r#"{"agentId":123,"message":{"id":"u1","role":"user","parts":[{"type":"text","text":"Hi"},{"type":"file","url":"x","mediaType":"image/png"},{"type":"text","text":"there"}]},"threadId":"t-1","timezone":"America/New_York"}"#);
+        let r = ok(
+            r#"{"agentId":123,"message":{"id":"u1","role":"user","parts":[{"type":"text","text":"Hi"},{"type":"file","url":"x","mediaType":"image/png"},{"type":"text","text":"there"}]},"threadId":"t-1","timezone":"America/New_York"}"#,
+        );
         assert_eq!(r.agent_id, json!(123));
         assert_eq!(r.message_id, "u1");
         assert_eq!(r.text, "Hi\nthere");

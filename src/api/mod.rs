@@ -107,6 +107,7 @@ impl Api {
         let result = match route {
             Route::InvokeAgent => invoke::invoke_agent(self, &identity, ex).await,
             Route::GetConversation => conversation::get_conversation(self, &identity, ex).await,
+            Route::ResumeStream => stream::resume(self, &identity, ex).await,
         };
         if let Err(e) = result {
             if ex.status_sent().is_none() {

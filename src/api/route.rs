@@ -9,6 +9,8 @@ pub enum Route {
     InvokeAgent,
     /// `GET /api/getConversation`
     GetConversation,
+    /// `GET /api/threads/{threadId}/stream`: resume (or replay) a run's UI-message stream.
+    ResumeStream,
 }
 
 impl Route {
@@ -17,6 +19,7 @@ impl Route {
         match self {
             Route::InvokeAgent => "invoke_agent",
             Route::GetConversation => "get_conversation",
+            Route::ResumeStream => "resume_stream",
         }
     }
 }
@@ -26,10 +29,14 @@ pub const UNMATCHED: &str = "unmatched";
 
 /// Match a request. Known path with another method → 405 naming the allowed one; unknown → 404.
 pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
-    let path = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+    let path = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
     let (route, allowed) = match path {
         "/api/invokeAgent" => (Route::InvokeAgent, "POST"),
         "/api/getConversation" => (Route::GetConversation, "GET"),
+        _ if thread_of(path).is_some() => (Route::ResumeStream, "GET"),
         _ => return Err(ApiError::NotFound),
     };
     if method == allowed {
@@ -39,6 +46,20 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
     }
 }
 
+/// The `{threadId}` of `/api/threads/{threadId}/stream` (percent-decoded), if `path` is one.
+pub fn thread_of(path: &str) -> Option<String> {
+    let rest = path
+        .strip_prefix("/api/threads/")?
+        .strip_suffix("/stream")?;
+    if rest.is_empty() || rest.contains('/') {
+        return None;
+    }
+    let decoded: String = form_urlencoded::parse(format!("t={rest}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())?;
+    Some(decoded)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,8 +67,14 @@ mod tests {
     #[test]
     fn routes_match_method_and_path() {
         assert_eq!(route("POST", "/api/invokeAgent"), Ok(Route::InvokeAgent));
-        assert_eq!(route("GET", "/api/getConversation"), Ok(Route::GetConversation));
-        assert_eq!(route("GET", "/api/getConversation/"), Ok(Route::GetConversation));
+        assert_eq!(
+            route("GET", "/api/getConversation"),
+            Ok(Route::GetConversation)
+        );
+        assert_eq!(
+            route("GET", "/api/getConversation/"),
+            Ok(Route::GetConversation)
+        );
         assert_eq!(
             route("GET", "/api/invokeAgent"),
             Err(ApiError::MethodNotAllowed("POST"))
@@ -57,6 +84,26 @@ mod tests {
             Err(ApiError::MethodNotAllowed("GET"))
         );
         assert_eq!(route("GET", "/"), Err(ApiError::NotFound));
+        assert_eq!(
+            route("GET", "/api/threads/abc/stream"),
+            Ok(Route::ResumeStream)
+        );
+        assert_eq!(
+            route("POST", "/api/threads/abc/stream"),
+            Err(ApiError::MethodNotAllowed("GET"))
+        );
+        assert_eq!(
+            route("GET", "/api/threads//stream"),
+            Err(ApiError::NotFound)
+        );
+        assert_eq!(
+            route("GET", "/api/threads/a/b/stream"),
+            Err(ApiError::NotFound)
+        );
+        assert_eq!(
+            thread_of("/api/threads/a%20b/stream").as_deref(),
+            Some("a b")
+        );
         assert_eq!(route("POST", "/api/invokeagent"), Err(ApiError::NotFound));
     }
 }

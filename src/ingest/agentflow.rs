@@ -65,7 +65,7 @@ impl AgentFlowAdapter {
         let mut peer = HttpPeer::new(up.address(), up.tls, up.host.clone());
         peer.options.connection_timeout = Some(self.settings.connect_timeout);
         peer.options.total_connection_timeout = Some(self.settings.connect_timeout);
-        let connect = |e: Box<pingora::Error>| Failure::Connect(e.to_string());
+        let connect = |e: Box<pingora::Error>| Failure::Connect(e.to_string().trim().to_string());
         let (mut http, _reused) = self
             .connector
             .get_http_session(&peer)
@@ -88,8 +88,10 @@ impl AgentFlowAdapter {
         for (name, value) in headers {
             req.insert_header(name, value).map_err(connect)?;
         }
-        let send = |e: Box<pingora::Error>| Failure::Dropped(e.to_string());
-        http.write_request_header(Box::new(req)).await.map_err(send)?;
+        let send = |e: Box<pingora::Error>| Failure::Dropped(e.to_string().trim().to_string());
+        http.write_request_header(Box::new(req))
+            .await
+            .map_err(send)?;
         http.write_request_body(body, true).await.map_err(send)?;
         http.finish_request_body().await.map_err(send)?;
         Ok(http)
@@ -100,7 +102,7 @@ impl AgentFlowAdapter {
         let mut http = self.open(job).await?;
         match tokio::time::timeout(idle, http.read_response_header()).await {
             Err(_) => return Err(Failure::IdleTimeout(idle)),
-            Ok(Err(e)) => return Err(Failure::Dropped(e.to_string())),
+            Ok(Err(e)) => return Err(Failure::Dropped(e.to_string().trim().to_string())),
             Ok(Ok(())) => {}
         }
         let status = http.response_header().map_or(0, |h| h.status.as_u16());
@@ -113,7 +115,7 @@ impl AgentFlowAdapter {
         loop {
             let chunk = match tokio::time::timeout(idle, http.read_response_body()).await {
                 Err(_) => return Err(Failure::IdleTimeout(idle)),
-                Ok(Err(e)) => return Err(Failure::Dropped(e.to_string())),
+                Ok(Err(e)) => return Err(Failure::Dropped(e.to_string().trim().to_string())),
                 Ok(Ok(None)) => {
                     decoder.finish();
                     return Err(Failure::Dropped(

@@ -198,22 +198,27 @@ impl Ingestor {
             store: self.store.clone(),
             run: job.run.run_id.clone(),
         };
-        let ending = match tokio::time::timeout(self.run_timeout, self.adapter.run(&job, &sink))
-            .await
-        {
-            Ok(ending) => ending,
-            Err(_) => Ending::Failed(Failure::RunTimeout(self.run_timeout)),
-        };
+        let ending =
+            match tokio::time::timeout(self.run_timeout, self.adapter.run(&job, &sink)).await {
+                Ok(ending) => ending,
+                Err(_) => Ending::Failed(Failure::RunTimeout(self.run_timeout)),
+            };
         let run = &job.run.run_id;
         let closed = match &ending {
-            Ending::Completed => self.store.finish(run, RunStatus::Completed, None, None).await,
+            Ending::Completed => {
+                self.store
+                    .finish(run, RunStatus::Completed, None, None)
+                    .await
+            }
             Ending::AgentError(text) => {
                 self.store
                     .finish(run, RunStatus::Error, Some(text.clone()), None)
                     .await
             }
             Ending::Failed(f) => {
-                metrics::UPSTREAM_ERRORS.with_label_values(&[f.kind()]).inc();
+                metrics::UPSTREAM_ERRORS
+                    .with_label_values(&[f.kind()])
+                    .inc();
                 let status = f.status();
                 let message = f.message();
                 log::info!("run {run} ended {}: {message}", status.as_str());

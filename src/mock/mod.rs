@@ -70,7 +70,10 @@ impl MockAgent {
             Ok(v) => v,
             Err(e) => {
                 let _ = ex
-                    .respond(Reply::json(400, &json!({"error": {"message": e.to_string()}})))
+                    .respond(Reply::json(
+                        400,
+                        &json!({"error": {"message": e.to_string()}}),
+                    ))
                     .await;
                 return;
             }
@@ -168,7 +171,10 @@ impl LocalApp for MockAgent {
             }
             _ => {
                 let _ = ex
-                    .respond(Reply::json(404, &json!({"error": {"message": "not found"}})))
+                    .respond(Reply::json(
+                        404,
+                        &json!({"error": {"message": "not found"}}),
+                    ))
                     .await;
             }
         }

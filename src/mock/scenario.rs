@@ -118,7 +118,8 @@ impl Writer {
     }
 
     fn raw(&mut self, s: &str) {
-        self.steps.push(Step::Send(s.replace('\n', self.eol).into_bytes()));
+        self.steps
+            .push(Step::Send(s.replace('\n', self.eol).into_bytes()));
     }
 
     fn event(&mut self, kind: &str, call: Option<&str>, content: Value, metadata: Value) {
@@ -358,7 +359,9 @@ mod tests {
             panic!("stream expected");
         };
         assert_eq!(steps[0], Step::Send(vec![0xEF, 0xBB, 0xBF]));
-        let Step::Send(first) = &steps[1] else { panic!() };
+        let Step::Send(first) = &steps[1] else {
+            panic!()
+        };
         assert!(String::from_utf8_lossy(first).contains("\r\n\r\n"));
         assert!(matches!(
             script("scenario:status code=503", 1, "r"),

@@ -1,5 +1,717 @@
-//! STUB
+//! Folding a run's log into its assistant `UIMessage`, for snapshots (`getConversation`).
+//!
+//! [`MessageBuilder`] applies UI-message chunks the way the AI SDK v5 client does
+//! (`processUIMessageStream` in ai 5.0.x; research/protocols.md §1.3, §1.5), so a snapshot equals
+//! what a `useChat` client holds after reading the same stream. [`fold`] and [`Fold`] run the
+//! log through [`UiRenderer`] and that builder: the snapshot at `lastSeq = n` is the fold of
+//! events `1..n` (DESIGN §3 invariant 2), whether computed at once or as events arrive.
+//!
+//! Where a real client would throw (a delta for an unknown part, output for an unknown tool
+//! call), the builder ignores the chunk instead; the renderer never emits such sequences.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use super::chunk::Chunk;
+use super::ui::UiRenderer;
 use crate::event::Event;
-pub fn fold<'a>(id: &str, events: impl IntoIterator<Item = &'a Event>) -> serde_json::Value {
-    serde_json::json!({"id": id, "role": "assistant", "parts": events.into_iter().map(|e| serde_json::from_slice::<serde_json::Value>(&e.data).unwrap_or_default()).collect::<Vec<_>>()})
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ToolState {
+    InputStreaming,
+    InputAvailable,
+    OutputAvailable,
+    OutputError,
+}
+
+impl ToolState {
+    fn as_str(self) -> &'static str {
+        match self {
+            ToolState::InputStreaming => "input-streaming",
+            ToolState::InputAvailable => "input-available",
+            ToolState::OutputAvailable => "output-available",
+            ToolState::OutputError => "output-error",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Part {
+    StepStart,
+    Text {
+        text: String,
+        done: bool,
+    },
+    Reasoning {
+        id: String,
+        text: String,
+        done: bool,
+    },
+    Tool {
+        /// `tool-<name>`, fixed when the part is created.
+        ty: String,
+        call_id: String,
+        state: ToolState,
+        input: Option<Value>,
+        output: Option<Value>,
+        error_text: Option<String>,
+    },
+    Data {
+        /// `data-<name>`.
+        ty: String,
+        id: Option<String>,
+        data: Value,
+    },
+}
+
+fn streaming_state(done: bool) -> Value {
+    Value::from(if done { "done" } else { "streaming" })
+}
+
+impl Part {
+    fn to_value(&self) -> Value {
+        let mut m = Map::new();
+        match self {
+            Part::StepStart => {
+                m.insert("type".into(), "step-start".into());
+            }
+            Part::Text { text, done } => {
+                m.insert("type".into(), "text".into());
+                m.insert("text".into(), text.as_str().into());
+                m.insert("state".into(), streaming_state(*done));
+            }
+            Part::Reasoning { id, text, done } => {
+                m.insert("type".into(), "reasoning".into());
+                m.insert("id".into(), id.as_str().into());
+                m.insert("text".into(), text.as_str().into());
+                m.insert("state".into(), streaming_state(*done));
+            }
+            Part::Tool {
+                ty,
+                call_id,
+                state,
+                input,
+                output,
+                error_text,
+            } => {
+                m.insert("type".into(), ty.as_str().into());
+                m.insert("toolCallId".into(), call_id.as_str().into());
+                m.insert("state".into(), state.as_str().into());
+                if let Some(input) = input {
+                    m.insert("input".into(), input.clone());
+                }
+                if let Some(output) = output {
+                    m.insert("output".into(), output.clone());
+                }
+                if let Some(e) = error_text {
+                    m.insert("errorText".into(), e.as_str().into());
+                }
+            }
+            Part::Data { ty, id, data } => {
+                m.insert("type".into(), ty.as_str().into());
+                if let Some(id) = id {
+                    m.insert("id".into(), id.as_str().into());
+                }
+                m.insert("data".into(), data.clone());
+            }
+        }
+        Value::Object(m)
+    }
+}
+
+/// Builds an assistant `UIMessage` from UI-message chunks with the AI SDK v5 client's rules:
+///
+/// - `start` sets the id; `start-step` pushes `{type:"step-start"}`; `finish-step` forgets the
+///   open text and reasoning parts; `finish`, `error`, `abort` and transient data add nothing;
+/// - `text-start` pushes `{type:"text", text:"", state:"streaming"}`, deltas append, `text-end`
+///   sets `state:"done"`; reasoning alike, with the part's `id` (as ai 5.0.277 keeps it);
+/// - `tool-input-start` / `-available` create or update `{type:"tool-<name>", toolCallId,
+///   state, input?}` in the current step; `tool-output-available` / `-error` update the call's
+///   part (`output` / `errorText`);
+/// - non-transient `data-<name>` replaces the `data` of the part with the same type and id, or
+///   is pushed as `{type, id?, data}`.
+#[derive(Clone, Debug)]
+pub struct MessageBuilder {
+    id: String,
+    parts: Vec<Part>,
+    active_text: HashMap<String, usize>,
+    active_reasoning: HashMap<String, usize>,
+}
+
+impl MessageBuilder {
+    /// An empty assistant message with this id (a `start` chunk may change it).
+    pub fn new(message_id: &str) -> MessageBuilder {
+        MessageBuilder {
+            id: message_id.to_owned(),
+            parts: Vec::new(),
+            active_text: HashMap::new(),
+            active_reasoning: HashMap::new(),
+        }
+    }
+
+    /// The message id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Number of parts so far.
+    pub fn part_count(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Index of the first tool part for `call_id` in the current step (after the last
+    /// `step-start`).
+    fn tool_in_step(&self, call_id: &str) -> Option<usize> {
+        let step = self
+            .parts
+            .iter()
+            .rposition(|p| matches!(p, Part::StepStart))
+            .map_or(0, |i| i + 1);
+        (step..self.parts.len()).find(|&i| is_tool(&self.parts[i], call_id))
+    }
+
+    /// The client's `getToolInvocation`: the current step first, then the whole message from
+    /// the end.
+    fn tool_anywhere(&self, call_id: &str) -> Option<usize> {
+        self.tool_in_step(call_id)
+            .or_else(|| self.parts.iter().rposition(|p| is_tool(p, call_id)))
+    }
+
+    /// Create or update (in the current step) the tool part of `call_id`, as the client's
+    /// `updateToolPart` does for `tool-input-*` chunks.
+    fn tool_input(&mut self, call_id: &str, name: &str, state: ToolState, input: Option<&Value>) {
+        match self.tool_in_step(call_id) {
+            Some(i) => {
+                if let Part::Tool {
+                    state: s,
+                    input: inp,
+                    output,
+                    error_text,
+                    ..
+                } = &mut self.parts[i]
+                {
+                    *s = state;
+                    *inp = input.cloned();
+                    *output = None;
+                    *error_text = None;
+                }
+            }
+            None => self.parts.push(Part::Tool {
+                ty: format!("tool-{name}"),
+                call_id: call_id.to_owned(),
+                state,
+                input: input.cloned(),
+                output: None,
+                error_text: None,
+            }),
+        }
+    }
+
+    /// Apply one chunk.
+    pub fn apply(&mut self, chunk: &Chunk) {
+        match chunk {
+            Chunk::Start { message_id } => self.id.clone_from(message_id),
+            Chunk::StartStep => self.parts.push(Part::StepStart),
+            Chunk::FinishStep => {
+                self.active_text.clear();
+                self.active_reasoning.clear();
+            }
+            Chunk::Finish | Chunk::Error { .. } | Chunk::Abort => {}
+            Chunk::TextStart { id } => {
+                self.active_text.insert(id.clone(), self.parts.len());
+                self.parts.push(Part::Text {
+                    text: String::new(),
+                    done: false,
+                });
+            }
+            Chunk::TextDelta { id, delta } => {
+                if let Some(&i) = self.active_text.get(id) {
+                    if let Some(Part::Text { text, .. }) = self.parts.get_mut(i) {
+                        text.push_str(delta);
+                    }
+                }
+            }
+            Chunk::TextEnd { id } => {
+                if let Some(i) = self.active_text.remove(id) {
+                    if let Some(Part::Text { done, .. }) = self.parts.get_mut(i) {
+                        *done = true;
+                    }
+                }
+            }
+            Chunk::ReasoningStart { id } => {
+                self.active_reasoning.insert(id.clone(), self.parts.len());
+                self.parts.push(Part::Reasoning {
+                    id: id.clone(),
+                    text: String::new(),
+                    done: false,
+                });
+            }
+            Chunk::ReasoningDelta { id, delta } => {
+                if let Some(&i) = self.active_reasoning.get(id) {
+                    if let Some(Part::Reasoning { text, .. }) = self.parts.get_mut(i) {
+                        text.push_str(delta);
+                    }
+                }
+            }
+            Chunk::ReasoningEnd { id } => {
+                if let Some(i) = self.active_reasoning.remove(id) {
+                    if let Some(Part::Reasoning { done, .. }) = self.parts.get_mut(i) {
+                        *done = true;
+                    }
+                }
+            }
+            Chunk::ToolInputStart {
+                tool_call_id,
+                tool_name,
+            } => self.tool_input(tool_call_id, tool_name, ToolState::InputStreaming, None),
+            Chunk::ToolInputAvailable {
+                tool_call_id,
+                tool_name,
+                input,
+            } => self.tool_input(
+                tool_call_id,
+                tool_name,
+                ToolState::InputAvailable,
+                Some(input),
+            ),
+            Chunk::ToolOutputAvailable {
+                tool_call_id,
+                output: out,
+            } => {
+                if let Some(i) = self.tool_anywhere(tool_call_id) {
+                    if let Part::Tool {
+                        state,
+                        output,
+                        error_text,
+                        ..
+                    } = &mut self.parts[i]
+                    {
+                        *state = ToolState::OutputAvailable;
+                        *output = Some(out.clone());
+                        *error_text = None;
+                    }
+                }
+            }
+            Chunk::ToolOutputError {
+                tool_call_id,
+                error_text: err,
+            } => {
+                if let Some(i) = self.tool_anywhere(tool_call_id) {
+                    if let Part::Tool {
+                        state,
+                        output,
+                        error_text,
+                        ..
+                    } = &mut self.parts[i]
+                    {
+                        *state = ToolState::OutputError;
+                        *output = None;
+                        *error_text = Some(err.clone());
+                    }
+                }
+            }
+            Chunk::Data {
+                name,
+                id,
+                data,
+                transient,
+            } => {
+                if *transient {
+                    return;
+                }
+                let existing = id.as_deref().and_then(|id| {
+                    self.parts.iter_mut().find(|p| {
+                        matches!(p, Part::Data { ty, id: Some(pid), .. }
+                            if pid == id && ty.strip_prefix("data-") == Some(name.as_str()))
+                    })
+                });
+                match existing {
+                    Some(Part::Data { data: d, .. }) => *d = data.clone(),
+                    _ => self.parts.push(Part::Data {
+                        ty: format!("data-{name}"),
+                        id: id.clone(),
+                        data: data.clone(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// The message so far: `{"id", "role":"assistant", "parts":[…]}`.
+    pub fn message(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("id".into(), self.id.as_str().into());
+        m.insert("role".into(), "assistant".into());
+        m.insert(
+            "parts".into(),
+            Value::Array(self.parts.iter().map(Part::to_value).collect()),
+        );
+        Value::Object(m)
+    }
+}
+
+fn is_tool(p: &Part, call_id: &str) -> bool {
+    matches!(p, Part::Tool { call_id: c, .. } if c == call_id)
+}
+
+/// A fold that grows as events arrive: after pushing events `1..n`, [`Fold::message`] equals
+/// [`fold`] of those events.
+#[derive(Debug)]
+pub struct Fold {
+    renderer: UiRenderer,
+    builder: MessageBuilder,
+    scratch: Vec<Chunk>,
+    last_seq: u64,
+}
+
+impl Fold {
+    /// An empty fold for the assistant message `message_id`.
+    pub fn new(message_id: &str) -> Fold {
+        Fold {
+            renderer: UiRenderer::new(message_id.to_owned()),
+            builder: MessageBuilder::new(message_id),
+            scratch: Vec::new(),
+            last_seq: 0,
+        }
+    }
+
+    /// Apply the run's next event.
+    pub fn push(&mut self, ev: &Event) {
+        self.renderer.render(ev, &mut self.scratch);
+        for chunk in self.scratch.drain(..) {
+            self.builder.apply(&chunk);
+        }
+        self.last_seq = ev.seq;
+    }
+
+    /// The seq of the last event pushed (0 if none).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// The message so far.
+    pub fn message(&self) -> Value {
+        self.builder.message()
+    }
+
+    /// The builder (for callers that want more than the message).
+    pub fn builder(&self) -> &MessageBuilder {
+        &self.builder
+    }
+}
+
+/// The assistant `UIMessage` for a run's events (in order, from seq 1).
+pub fn fold<'a>(message_id: &str, events: impl IntoIterator<Item = &'a Event>) -> Value {
+    let mut f = Fold::new(message_id);
+    for ev in events {
+        f.push(ev);
+    }
+    f.message()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn s(x: &str) -> String {
+        x.to_owned()
+    }
+
+    fn build(chunks: &[Chunk]) -> Value {
+        let mut b = MessageBuilder::new("init");
+        for c in chunks {
+            b.apply(c);
+        }
+        b.message()
+    }
+
+    fn parts(chunks: &[Chunk]) -> Value {
+        build(chunks)["parts"].clone()
+    }
+
+    #[test]
+    fn start_sets_id_and_step_start_pushes() {
+        let m = build(&[
+            Chunk::Start {
+                message_id: s("m1"),
+            },
+            Chunk::StartStep,
+        ]);
+        assert_eq!(
+            m,
+            json!({"id":"m1","role":"assistant","parts":[{"type":"step-start"}]})
+        );
+        assert_eq!(
+            build(&[]),
+            json!({"id":"init","role":"assistant","parts":[]})
+        );
+    }
+
+    #[test]
+    fn text_parts() {
+        let t = |x: &str| Chunk::TextDelta {
+            id: s("t"),
+            delta: s(x),
+        };
+        let streaming = parts(&[Chunk::TextStart { id: s("t") }, t("a"), t("b")]);
+        assert_eq!(
+            streaming,
+            json!([{"type":"text","text":"ab","state":"streaming"}])
+        );
+        let done = parts(&[
+            Chunk::TextStart { id: s("t") },
+            t("a"),
+            Chunk::TextEnd { id: s("t") },
+            t("ignored after end"),
+        ]);
+        assert_eq!(done, json!([{"type":"text","text":"a","state":"done"}]));
+        // A delta for an unknown id is ignored (a client would throw).
+        assert_eq!(parts(&[t("x")]), json!([]));
+    }
+
+    #[test]
+    fn reasoning_parts_keep_their_id() {
+        let p = parts(&[
+            Chunk::ReasoningStart { id: s("r") },
+            Chunk::ReasoningDelta {
+                id: s("r"),
+                delta: s("hm"),
+            },
+            Chunk::ReasoningEnd { id: s("r") },
+        ]);
+        assert_eq!(
+            p,
+            json!([{"type":"reasoning","id":"r","text":"hm","state":"done"}])
+        );
+    }
+
+    #[test]
+    fn finish_step_forgets_open_parts() {
+        let p = parts(&[
+            Chunk::TextStart { id: s("t") },
+            Chunk::FinishStep,
+            Chunk::TextDelta {
+                id: s("t"),
+                delta: s("lost"),
+            },
+            Chunk::TextEnd { id: s("t") },
+        ]);
+        assert_eq!(p, json!([{"type":"text","text":"","state":"streaming"}]));
+    }
+
+    #[test]
+    fn tool_lifecycle() {
+        let start = Chunk::ToolInputStart {
+            tool_call_id: s("c"),
+            tool_name: s("search"),
+        };
+        let avail = Chunk::ToolInputAvailable {
+            tool_call_id: s("c"),
+            tool_name: s("search"),
+            input: json!({"q":1}),
+        };
+        assert_eq!(
+            parts(std::slice::from_ref(&start)),
+            json!([{"type":"tool-search","toolCallId":"c","state":"input-streaming"}])
+        );
+        assert_eq!(
+            parts(&[start.clone(), avail.clone()]),
+            json!([{"type":"tool-search","toolCallId":"c","state":"input-available","input":{"q":1}}])
+        );
+        let ok = Chunk::ToolOutputAvailable {
+            tool_call_id: s("c"),
+            output: json!("sunny"),
+        };
+        assert_eq!(
+            parts(&[start.clone(), avail.clone(), ok]),
+            json!([{"type":"tool-search","toolCallId":"c","state":"output-available",
+                    "input":{"q":1},"output":"sunny"}])
+        );
+        let err = Chunk::ToolOutputError {
+            tool_call_id: s("c"),
+            error_text: s("boom"),
+        };
+        assert_eq!(
+            parts(&[start, avail, err]),
+            json!([{"type":"tool-search","toolCallId":"c","state":"output-error",
+                    "input":{"q":1},"errorText":"boom"}])
+        );
+    }
+
+    #[test]
+    fn tool_input_null_is_kept_and_output_needs_a_part() {
+        let p = parts(&[
+            Chunk::ToolOutputAvailable {
+                tool_call_id: s("ghost"),
+                output: json!(1),
+            },
+            Chunk::ToolInputAvailable {
+                tool_call_id: s("c"),
+                tool_name: s("x"),
+                input: Value::Null,
+            },
+        ]);
+        assert_eq!(
+            p,
+            json!([{"type":"tool-x","toolCallId":"c","state":"input-available","input":null}])
+        );
+    }
+
+    #[test]
+    fn tool_input_updates_within_the_step_only() {
+        let start = |name: &str| Chunk::ToolInputStart {
+            tool_call_id: s("c"),
+            tool_name: s(name),
+        };
+        // Same step: updated in place (its type stays).
+        assert_eq!(
+            parts(&[start("a"), start("b")]),
+            json!([{"type":"tool-a","toolCallId":"c","state":"input-streaming"}])
+        );
+        // New step: a second part; output then goes to the one in the current step.
+        let p = parts(&[
+            start("a"),
+            Chunk::StartStep,
+            start("b"),
+            Chunk::ToolOutputError {
+                tool_call_id: s("c"),
+                error_text: s("e"),
+            },
+        ]);
+        assert_eq!(
+            p,
+            json!([{"type":"tool-a","toolCallId":"c","state":"input-streaming"},
+                   {"type":"step-start"},
+                   {"type":"tool-b","toolCallId":"c","state":"output-error","errorText":"e"}])
+        );
+        // Output for a call in an earlier step finds it from the end.
+        let p = parts(&[
+            start("a"),
+            Chunk::StartStep,
+            Chunk::ToolOutputAvailable {
+                tool_call_id: s("c"),
+                output: json!(2),
+            },
+        ]);
+        assert_eq!(
+            p[0],
+            json!({"type":"tool-a","toolCallId":"c","state":"output-available","output":2})
+        );
+    }
+
+    #[test]
+    fn data_parts() {
+        let d = |name: &str, id: Option<&str>, v: Value, transient: bool| Chunk::Data {
+            name: s(name),
+            id: id.map(s),
+            data: v,
+            transient,
+        };
+        let p = parts(&[
+            d("artifact", Some("a"), json!(1), false),
+            d("progress", None, json!("t"), true),
+            d("artifact", Some("b"), json!(2), false),
+            d("other", Some("a"), json!(3), false),
+            d("artifact", Some("a"), json!(4), false),
+            d("note", None, json!(5), false),
+            d("note", None, json!(6), false),
+        ]);
+        assert_eq!(
+            p,
+            json!([
+                {"type":"data-artifact","id":"a","data":4},
+                {"type":"data-artifact","id":"b","data":2},
+                {"type":"data-other","id":"a","data":3},
+                {"type":"data-note","data":5},
+                {"type":"data-note","data":6}
+            ])
+        );
+    }
+
+    #[test]
+    fn terminal_chunks_add_no_parts() {
+        let p = parts(&[
+            Chunk::Finish,
+            Chunk::Abort,
+            Chunk::Error { error_text: s("x") },
+            Chunk::FinishStep,
+        ]);
+        assert_eq!(p, json!([]));
+    }
+
+    fn evs(vs: &[Value]) -> Vec<Event> {
+        vs.iter()
+            .enumerate()
+            .map(|(i, v)| Event {
+                seq: i as u64 + 1,
+                data: v.to_string().into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fold_of_a_whole_run() {
+        let events = evs(&[
+            json!({"type":"start","call_id":"r"}),
+            json!({"type":"delta","content":"plan","metadata":{"reasoning":true}}),
+            json!({"type":"delta","content":"Looking"}),
+            json!({"type":"start","call_id":"t","parent_call_id":"r","content":{"name":"web","arguments":{"q":"x"}}}),
+            json!({"type":"tool_progress","call_id":"t","content":{"pct":50}}),
+            json!({"type":"end","call_id":"t","parent_call_id":"r","content":{"result":[1]}}),
+            json!({"type":"artifact_started","content":{"artifact_id":"a"}}),
+            json!({"type":"delta","content":" done"}),
+            json!({"type":"artifact_completed","content":{"artifact_id":"a","v":2}}),
+            json!({"type":"end","content":"Looking done"}),
+        ]);
+        let m = fold("msg", &events);
+        assert_eq!(
+            m,
+            json!({"id":"msg","role":"assistant","parts":[
+                {"type":"step-start"},
+                {"type":"reasoning","id":"reasoning-2","text":"plan","state":"done"},
+                {"type":"text","text":"Looking","state":"done"},
+                {"type":"tool-web","toolCallId":"t","state":"output-available","input":{"q":"x"},"output":[1]},
+                {"type":"data-artifact","id":"a","data":{"artifactId":"a","status":"completed","callId":null,"content":{"artifact_id":"a","v":2}}},
+                {"type":"text","text":" done","state":"done"}
+            ]})
+        );
+        let mut f = Fold::new("msg");
+        for (n, ev) in events.iter().enumerate() {
+            f.push(ev);
+            assert_eq!(f.message(), fold("msg", &events[..=n]));
+            assert_eq!(f.last_seq(), ev.seq);
+        }
+    }
+
+    #[test]
+    fn fold_with_final_text_only_and_errors() {
+        let m = fold(
+            "m",
+            &evs(&[
+                json!({"type":"start"}),
+                json!({"type":"end","content":{"output":"Hi"}}),
+            ]),
+        );
+        assert_eq!(
+            m["parts"],
+            json!([{"type":"step-start"},{"type":"text","text":"Hi","state":"done"}])
+        );
+        let stopped = crate::agentflow::synthetic_error("stopped", "stopped by user");
+        let mut events = evs(&[json!({"type":"delta","content":"part"})]);
+        events.push(Event {
+            seq: 2,
+            data: stopped,
+        });
+        let m = fold("m", &events);
+        assert_eq!(
+            m["parts"],
+            json!([{"type":"step-start"},{"type":"text","text":"part","state":"done"}])
+        );
+        assert_eq!(
+            fold("m", &[]),
+            json!({"id":"m","role":"assistant","parts":[]})
+        );
+    }
 }

@@ -1,3 +1,15 @@
-//! STUB
+//! Renderers: pure functions from a run's event log to what clients read.
+//!
+//! - [`chunk`]: the AI SDK v5 UI-message chunks and their exact JSON;
+//! - [`ui`]: the AgentFlow → UI-message state machine and its resumable SSE framing;
+//! - [`fold`]: the log folded into the assistant `UIMessage` for snapshots.
+
+pub mod chunk;
 pub mod fold;
 pub mod ui;
+
+#[cfg(test)]
+mod proptests;
+
+/// The frame that ends a UI-message stream (optional for clients; sent once the run is over).
+pub const DONE_FRAME: &[u8] = b"data: [DONE]\n\n";

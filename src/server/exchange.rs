@@ -97,8 +97,10 @@ impl Exchange for PingoraExchange<'_> {
 
     async fn respond(&mut self, reply: Reply) -> Result<(), Gone> {
         let mut resp = self.header_for(reply.status, reply.headers)?;
-        resp.insert_header("content-length", reply.body.len().to_string())
-            .map_err(|_| Gone)?;
+        if reply.status != 204 && reply.status != 304 {
+            resp.insert_header("content-length", reply.body.len().to_string())
+                .map_err(|_| Gone)?;
+        }
         if reply.close {
             self.session.set_keepalive(None);
         }
@@ -145,7 +147,12 @@ impl Exchange for PingoraExchange<'_> {
     }
 
     async fn closed(&mut self) {
-        match self.session.as_downstream_mut().read_body_or_idle(true).await {
+        match self
+            .session
+            .as_downstream_mut()
+            .read_body_or_idle(true)
+            .await
+        {
             Err(_) => {}
             // Not a hang-up (e.g. pipelined bytes): never resolve for this request.
             Ok(_) => std::future::pending().await,
@@ -222,9 +229,7 @@ impl<A: LocalApp> ProxyHttp for Local<A> {
         if !self.0.records_metrics() {
             return;
         }
-        let status = session
-            .response_written()
-            .map_or(0, |h| h.status.as_u16());
+        let status = session.response_written().map_or(0, |h| h.status.as_u16());
         metrics::HTTP_REQUESTS
             .with_label_values(&[ctx.route, status_label(status)])
             .inc();

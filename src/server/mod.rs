@@ -123,7 +123,11 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
         Housekeeping {
             store,
             shutdown: shutdown_tx,
-            sweep_every: config.store.retention.0.clamp(Duration::from_millis(100), Duration::from_secs(5)),
+            sweep_every: config
+                .store
+                .retention
+                .0
+                .clamp(Duration::from_millis(100), Duration::from_secs(5)),
         },
     ));
     Ok(Listening {
@@ -167,8 +171,11 @@ pub fn add_local_app<A: LocalApp>(
     listen: &str,
 ) -> std::io::Result<SocketAddr> {
     let addr = resolve_listen(listen)?;
-    let mut service =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, Local(Arc::new(app)), name);
+    let mut service = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Local(Arc::new(app)),
+        name,
+    );
     service.add_tcp(&addr.to_string());
     server.add_service(service);
     Ok(addr)

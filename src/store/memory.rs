@@ -19,8 +19,7 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 
 use super::{
-    NewRun, ReadBatch, RunId, RunInfo, RunLimit, RunStatus, Store, StoreError, ThreadId,
-    ThreadInfo,
+    NewRun, ReadBatch, RunId, RunInfo, RunLimit, RunStatus, Store, StoreError, ThreadId, ThreadInfo,
 };
 use crate::event::{Event, NewEvent};
 
@@ -425,15 +424,31 @@ mod tests {
     async fn seq_is_gapless_from_one_and_reads_after_cursor() {
         let s = MemoryStore::new(limits());
         let r = s.create_run(new_run(None, "o")).await.unwrap();
-        assert_eq!(s.append(&r.run_id, vec![ev("a"), ev("b")]).await.unwrap(), 2);
+        assert_eq!(
+            s.append(&r.run_id, vec![ev("a"), ev("b")]).await.unwrap(),
+            2
+        );
         assert_eq!(s.append(&r.run_id, vec![ev("c")]).await.unwrap(), 3);
         let b = s.read_after(&r.run_id, 0, 100).await.unwrap();
-        assert_eq!(b.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            b.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
         let b = s.read_after(&r.run_id, 1, 1).await.unwrap();
         assert_eq!(b.events.len(), 1);
         assert_eq!((b.events[0].seq, &b.events[0].data[..]), (2, &b"b"[..]));
-        assert!(s.read_after(&r.run_id, 3, 10).await.unwrap().events.is_empty());
-        assert!(s.read_after(&r.run_id, 99, 10).await.unwrap().events.is_empty());
+        assert!(s
+            .read_after(&r.run_id, 3, 10)
+            .await
+            .unwrap()
+            .events
+            .is_empty());
+        assert!(s
+            .read_after(&r.run_id, 99, 10)
+            .await
+            .unwrap()
+            .events
+            .is_empty());
     }
 
     #[tokio::test]
@@ -449,8 +464,14 @@ mod tests {
             .await
             .unwrap());
         let info = s.run(&r.run_id).await.unwrap();
-        assert_eq!((info.status, info.error, info.last_seq), (RunStatus::Completed, None, 0));
-        assert_eq!(s.append(&r.run_id, vec![ev("late")]).await, Err(StoreError::Finished));
+        assert_eq!(
+            (info.status, info.error, info.last_seq),
+            (RunStatus::Completed, None, 0)
+        );
+        assert_eq!(
+            s.append(&r.run_id, vec![ev("late")]).await,
+            Err(StoreError::Finished)
+        );
     }
 
     #[tokio::test]
@@ -458,13 +479,21 @@ mod tests {
         let s = MemoryStore::new(limits());
         let r = s.create_run(new_run(None, "o")).await.unwrap();
         s.append(&r.run_id, vec![ev("a")]).await.unwrap();
-        s.finish(&r.run_id, RunStatus::Timeout, Some("slow".into()), Some(ev("t")))
-            .await
-            .unwrap();
+        s.finish(
+            &r.run_id,
+            RunStatus::Timeout,
+            Some("slow".into()),
+            Some(ev("t")),
+        )
+        .await
+        .unwrap();
         let b = s.read_after(&r.run_id, 0, 10).await.unwrap();
         assert_eq!((b.last_seq, b.status), (2, RunStatus::Timeout));
         assert_eq!(&b.events[1].data[..], b"t");
-        assert_eq!(s.run(&r.run_id).await.unwrap().error.as_deref(), Some("slow"));
+        assert_eq!(
+            s.run(&r.run_id).await.unwrap().error.as_deref(),
+            Some("slow")
+        );
     }
 
     #[tokio::test]
@@ -476,7 +505,9 @@ mod tests {
             s.create_run(new_run(Some(t.clone()), "o")).await,
             Err(StoreError::RunInProgress(r1.run_id.clone()))
         );
-        s.finish(&r1.run_id, RunStatus::Completed, None, None).await.unwrap();
+        s.finish(&r1.run_id, RunStatus::Completed, None, None)
+            .await
+            .unwrap();
         let r2 = s.create_run(new_run(Some(t.clone()), "o")).await.unwrap();
         assert_eq!(r2.thread_id, t);
         let th = s.thread("o", &t).await.unwrap();
@@ -496,7 +527,10 @@ mod tests {
     async fn another_organisation_sees_nothing() {
         let s = MemoryStore::new(limits());
         let r = s.create_run(new_run(None, "a")).await.unwrap();
-        assert_eq!(s.thread("b", &r.thread_id).await, Err(StoreError::ThreadNotFound));
+        assert_eq!(
+            s.thread("b", &r.thread_id).await,
+            Err(StoreError::ThreadNotFound)
+        );
         assert_eq!(
             s.create_run(new_run(Some(r.thread_id.clone()), "b")).await,
             Err(StoreError::ThreadNotFound)
@@ -514,7 +548,9 @@ mod tests {
         l.max_bytes_per_run = 10;
         let s = MemoryStore::new(l);
         let r = s.create_run(new_run(None, "o")).await.unwrap();
-        s.append(&r.run_id, vec![ev("12345"), ev("1234")]).await.unwrap();
+        s.append(&r.run_id, vec![ev("12345"), ev("1234")])
+            .await
+            .unwrap();
         assert_eq!(
             s.append(&r.run_id, vec![ev("12")]).await,
             Err(StoreError::RunLimit(RunLimit::Bytes))
@@ -535,15 +571,26 @@ mod tests {
         l.max_bytes_per_run = 5000;
         let s = MemoryStore::new(l);
         let old = s.create_run(new_run(None, "o")).await.unwrap();
-        s.append(&old.run_id, vec![ev(&"x".repeat(600))]).await.unwrap();
-        s.finish(&old.run_id, RunStatus::Completed, None, None).await.unwrap();
+        s.append(&old.run_id, vec![ev(&"x".repeat(600))])
+            .await
+            .unwrap();
+        s.finish(&old.run_id, RunStatus::Completed, None, None)
+            .await
+            .unwrap();
         let live = s.create_run(new_run(None, "o")).await.unwrap();
         // Appending 500 more would overflow: the finished run goes, the live one stays.
-        s.append(&live.run_id, vec![ev(&"y".repeat(500))]).await.unwrap();
+        s.append(&live.run_id, vec![ev(&"y".repeat(500))])
+            .await
+            .unwrap();
         assert_eq!(s.run(&old.run_id).await, Err(StoreError::RunNotFound));
-        assert_eq!(s.thread("o", &old.thread_id).await, Err(StoreError::ThreadNotFound));
+        assert_eq!(
+            s.thread("o", &old.thread_id).await,
+            Err(StoreError::ThreadNotFound)
+        );
         assert_eq!(s.bytes_held(), 500);
-        s.append(&live.run_id, vec![ev(&"z".repeat(450))]).await.unwrap();
+        s.append(&live.run_id, vec![ev(&"z".repeat(450))])
+            .await
+            .unwrap();
         // 950 of 1000 held by a live run: no new runs, and no overflow for the live run.
         assert!(matches!(
             s.create_run(new_run(None, "o")).await,
@@ -553,7 +600,9 @@ mod tests {
             s.append(&live.run_id, vec![ev(&"w".repeat(100))]).await,
             Err(StoreError::Full { .. })
         ));
-        s.finish(&live.run_id, RunStatus::Completed, None, None).await.unwrap();
+        s.finish(&live.run_id, RunStatus::Completed, None, None)
+            .await
+            .unwrap();
         // Once it has finished it can be evicted to admit new work.
         s.create_run(new_run(None, "o")).await.unwrap();
         assert_eq!(s.bytes_held(), 0);
@@ -566,7 +615,9 @@ mod tests {
         let s = MemoryStore::new(l);
         let done = s.create_run(new_run(None, "o")).await.unwrap();
         s.append(&done.run_id, vec![ev("a")]).await.unwrap();
-        s.finish(&done.run_id, RunStatus::Completed, None, None).await.unwrap();
+        s.finish(&done.run_id, RunStatus::Completed, None, None)
+            .await
+            .unwrap();
         let live = s.create_run(new_run(None, "o")).await.unwrap();
         assert_eq!(s.sweep().await, 0);
         tokio::time::sleep(Duration::from_millis(80)).await;
@@ -589,12 +640,17 @@ mod tests {
         let (s2, id) = (s.clone(), r.run_id.clone());
         let waiter = tokio::spawn(async move { s2.wait(&id, 1, Duration::from_secs(10)).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        s.finish(&r.run_id, RunStatus::Stopped, None, None).await.unwrap();
+        s.finish(&r.run_id, RunStatus::Stopped, None, None)
+            .await
+            .unwrap();
         assert_eq!(waiter.await.unwrap().unwrap(), (1, RunStatus::Stopped));
 
         let r2 = s.create_run(new_run(None, "o")).await.unwrap();
         let t0 = Instant::now();
-        let got = s.wait(&r2.run_id, 0, Duration::from_millis(30)).await.unwrap();
+        let got = s
+            .wait(&r2.run_id, 0, Duration::from_millis(30))
+            .await
+            .unwrap();
         assert_eq!(got, (0, RunStatus::InProgress));
         assert!(t0.elapsed() >= Duration::from_millis(25));
     }

@@ -242,8 +242,12 @@ pub trait Store: Send + Sync + 'static {
     async fn thread(&self, org_id: &str, thread: &ThreadId) -> Result<ThreadInfo, StoreError>;
 
     /// Events with `seq > after`, at most `max` of them, plus the run's current state.
-    async fn read_after(&self, run: &RunId, after: u64, max: usize)
-        -> Result<ReadBatch, StoreError>;
+    async fn read_after(
+        &self,
+        run: &RunId,
+        after: u64,
+        max: usize,
+    ) -> Result<ReadBatch, StoreError>;
 
     /// Wait until the run has an event after `after` or has ended, or `timeout` passes.
     /// Returns the run's last seq and status at that moment. Holds no thread while waiting.

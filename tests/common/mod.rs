@@ -58,7 +58,10 @@ fn uuid_like() -> String {
 pub fn spawn(args: &[&str], want: usize, dir: Option<TempDir>) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -98,7 +101,10 @@ pub fn spawn(args: &[&str], want: usize, dir: Option<TempDir>) -> Proc {
 fn wait_listening(addr: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{addr} never accepted connections");
+        assert!(
+            Instant::now() < deadline,
+            "{addr} never accepted connections"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -278,20 +284,45 @@ pub fn reduce_ui(chunks: &[Value]) -> Result<Value, String> {
                 open_reasoning.clear();
             }
             "text-start" | "reasoning-start" => {
-                let kind = if t == "text-start" { "text" } else { "reasoning" };
-                parts.push(json!({"type": kind, "text": "", "state": "streaming"}));
-                let map = if kind == "text" { &mut open_text } else { &mut open_reasoning };
+                let kind = if t == "text-start" {
+                    "text"
+                } else {
+                    "reasoning"
+                };
+                let mut part = json!({"type": kind, "text": "", "state": "streaming"});
+                if kind == "reasoning" {
+                    // Current v5 clients keep the reasoning part's id (text parts have none).
+                    part["id"] = c["id"].clone();
+                }
+                parts.push(part);
+                let map = if kind == "text" {
+                    &mut open_text
+                } else {
+                    &mut open_reasoning
+                };
                 map.insert(c["id"].as_str().ok_or("no id")?.into(), parts.len() - 1);
             }
             "text-delta" | "reasoning-delta" => {
-                let map = if t == "text-delta" { &open_text } else { &open_reasoning };
-                let i = *map.get(c["id"].as_str().ok_or("no id")?).ok_or(format!("{t} without start"))?;
+                let map = if t == "text-delta" {
+                    &open_text
+                } else {
+                    &open_reasoning
+                };
+                let i = *map
+                    .get(c["id"].as_str().ok_or("no id")?)
+                    .ok_or(format!("{t} without start"))?;
                 let cur = parts[i]["text"].as_str().unwrap().to_string();
                 parts[i]["text"] = json!(cur + c["delta"].as_str().ok_or("no delta")?);
             }
             "text-end" | "reasoning-end" => {
-                let map = if t == "text-end" { &mut open_text } else { &mut open_reasoning };
-                let i = map.remove(c["id"].as_str().ok_or("no id")?).ok_or(format!("{t} without start"))?;
+                let map = if t == "text-end" {
+                    &mut open_text
+                } else {
+                    &mut open_reasoning
+                };
+                let i = map
+                    .remove(c["id"].as_str().ok_or("no id")?)
+                    .ok_or(format!("{t} without start"))?;
                 parts[i]["state"] = json!("done");
             }
             "tool-input-start" => {
@@ -333,7 +364,10 @@ pub fn reduce_ui(chunks: &[Value]) -> Result<Value, String> {
                 let mut part = json!({"type": other, "data": c["data"].clone()});
                 if let Some(pid) = c.get("id") {
                     part["id"] = pid.clone();
-                    if let Some(existing) = parts.iter_mut().find(|p| p["type"] == json!(other) && p.get("id") == Some(pid)) {
+                    if let Some(existing) = parts
+                        .iter_mut()
+                        .find(|p| p["type"] == json!(other) && p.get("id") == Some(pid))
+                    {
                         existing["data"] = c["data"].clone();
                         continue;
                     }

@@ -1,0 +1,159 @@
+//! Resuming a run's UI-message stream with `Last-Event-ID`: exactly the missed chunks, in
+//! order, then live ones, then the end; 204 when there is nothing to resume.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+async fn get_stream(
+    gw: &Gateway,
+    thread: &str,
+    last_event_id: Option<&str>,
+    query: &str,
+) -> (u16, String) {
+    let mut req = gw
+        .http
+        .get(gw.url(&format!("/api/threads/{thread}/stream{query}")));
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn every_cursor_resumes_with_exactly_the_rest_of_the_stream() {
+    let mock = mock_agent();
+    let gw = gateway(&mock.addrs[0]);
+    for text in ["scenario:tools", "scenario:reasoning", "scenario:error"] {
+        let (thread, _) = gw.start(text, None).await;
+        let snap = gw.wait_terminal(&thread).await;
+        // afterSeq=0: the whole run, even when finished.
+        let (status, body) = get_stream(&gw, &thread, None, "?afterSeq=0").await;
+        assert_eq!(status, 200);
+        let (full, _) = parse_sse(&body);
+        assert_eq!(full.last().unwrap().data, "[DONE]");
+        let chunks: Vec<Value> = full[..full.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(&e.data).unwrap())
+            .collect();
+        assert_eq!(reduce_ui(&chunks).unwrap(), snap["messages"][1], "{text}");
+        for (i, ev) in full[..full.len() - 1].iter().enumerate() {
+            let id = ev.id.clone().unwrap();
+            let (status, body) = get_stream(&gw, &thread, Some(&id), "").await;
+            let rest = &full[i + 1..];
+            if rest.len() == 1 {
+                // Only [DONE] is left: nothing to resume.
+                assert_eq!(status, 204, "{text} cursor {id}");
+                assert!(body.is_empty());
+                continue;
+            }
+            assert_eq!(status, 200, "{text} cursor {id}: {body}");
+            let (got, _) = parse_sse(&body);
+            assert_eq!(got, rest, "{text}: resuming after {id}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cut_stream_resumes_live_without_gaps_or_duplicates() {
+    let mock = mock_agent();
+    let gw = gateway(&mock.addrs[0]);
+    let mut resp = gw
+        .http
+        .post(gw.url("/api/invokeAgent"))
+        .json(&invoke_body(
+            serde_json::json!(1),
+            "scenario:slow tokens=40 delay_ms=25",
+            None,
+        ))
+        .send()
+        .await
+        .unwrap();
+    let thread = resp.headers()["x-thread-id"].to_str().unwrap().to_string();
+    // Read until a few events arrived, then hang up.
+    let mut body = String::new();
+    while parse_sse(&body).0.len() < 8 {
+        body.push_str(&String::from_utf8_lossy(
+            &resp.chunk().await.unwrap().unwrap(),
+        ));
+    }
+    drop(resp);
+    // Only complete events count as seen.
+    let cut = body.rfind("\n\n").unwrap();
+    let (first, _) = parse_sse(&body[..cut + 2]);
+    let last_id = first.last().unwrap().id.clone().unwrap();
+    let (status, rest) = get_stream(&gw, &thread, Some(&last_id), "").await;
+    assert_eq!(status, 200);
+    let (second, _) = parse_sse(&rest);
+    assert_eq!(second.last().unwrap().data, "[DONE]");
+    let mut all = first.clone();
+    all.extend(second[..second.len() - 1].iter().cloned());
+    let chunks: Vec<Value> = all
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect();
+    let message = reduce_ui(&chunks).expect("the joined stream is valid");
+    let snap = gw.wait_terminal(&thread).await;
+    assert_eq!(message, snap["messages"][1]);
+    let text = text_of(&message);
+    assert!(
+        text.starts_with("token0 ") && text.ends_with("token39 "),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn no_cursor_replays_an_active_run_and_answers_204_once_it_ended() {
+    let mock = mock_agent();
+    let gw = gateway(&mock.addrs[0]);
+    let (thread, _) = gw.start("scenario:slow tokens=10 delay_ms=40", None).await;
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let (status, body) = get_stream(&gw, &thread, None, "").await;
+    assert_eq!(status, 200);
+    let (events, _) = parse_sse(&body);
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect();
+    assert_eq!(
+        chunks[0]["type"], "start",
+        "a replay starts from the beginning"
+    );
+    let snap = gw.wait_terminal(&thread).await;
+    assert_eq!(reduce_ui(&chunks).unwrap(), snap["messages"][1]);
+    let (status, _) = get_stream(&gw, &thread, None, "").await;
+    assert_eq!(status, 204);
+}
+
+#[tokio::test]
+async fn bad_resume_requests_are_refused() {
+    let mock = mock_agent();
+    let gw = gateway(&mock.addrs[0]);
+    let (thread, _) = gw.start("hello", None).await;
+    let snap = gw.wait_terminal(&thread).await;
+    let last = snap["lastSeq"].as_u64().unwrap();
+    let cases = [
+        ("no-such-thread".to_string(), Some("1".to_string()), "", 404),
+        (thread.clone(), Some("abc".to_string()), "", 400),
+        (thread.clone(), Some("1.0".to_string()), "", 400),
+        (thread.clone(), Some((last + 1).to_string()), "", 400),
+        (thread.clone(), None, "?afterSeq=x", 400),
+        (thread.clone(), None, "?runId=run_nope", 404),
+    ];
+    for (t, id, q, want) in cases {
+        let (status, body) = get_stream(&gw, &t, id.as_deref(), q).await;
+        assert_eq!(status, want, "{id:?} {q}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert!(v["error"]["code"].is_string());
+    }
+    let resp = gw
+        .http
+        .post(gw.url(&format!("/api/threads/{thread}/stream")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+}
