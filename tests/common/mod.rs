@@ -19,6 +19,27 @@ pub struct Proc {
     _dir: Option<TempDir>,
 }
 
+impl Proc {
+    /// Send SIGTERM (graceful shutdown).
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Wait for the process to exit, up to `limit`; returns whether it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -129,7 +150,7 @@ pub fn gateway_with(upstream: &str, upstream_extra: &str, extra: &str) -> Gatewa
     Gateway {
         base: format!("http://{}", proc.addrs[0]),
         admin: format!("http://{}", proc.addrs[1]),
-        _proc: proc,
+        proc,
         http: client(),
     }
 }
@@ -151,7 +172,7 @@ pub struct Gateway {
     pub base: String,
     pub admin: String,
     pub http: reqwest::Client,
-    _proc: Proc,
+    pub proc: Proc,
 }
 
 /// A dialect-A invoke body.

@@ -1,0 +1,61 @@
+//! Process lifecycle: graceful shutdown ends open streams cleanly; finished runs leave the
+//! store after their retention.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn sigterm_ends_open_streams_cleanly_and_the_process_exits() {
+    let mock = mock_agent();
+    let mut gw = gateway(&mock.addrs[0]);
+    let resp = gw
+        .http
+        .post(gw.url("/api/invokeAgent"))
+        .json(&invoke_body(json!(1), "scenario:hang", None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let reader = tokio::spawn(async move { resp.text().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = Instant::now();
+    gw.proc.terminate();
+    // The stream ends with a complete chunked body (a clean end the client can resume from),
+    // not a reset.
+    let body = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("stream ended")
+        .unwrap()
+        .expect("the body ended cleanly");
+    let (events, _) = parse_sse(&body);
+    assert!(events[0].data.contains("\"start\""), "{body}");
+    let exited = tokio::task::spawn_blocking(move || gw.proc.wait_exit(Duration::from_secs(15)))
+        .await
+        .unwrap();
+    assert!(exited, "gateway did not exit after SIGTERM");
+    assert!(t0.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test]
+async fn finished_runs_are_evicted_after_their_retention() {
+    let mock = mock_agent();
+    let gw = gateway_with(&mock.addrs[0], "", "[store]\nretention = \"300ms\"\n");
+    let (thread, _) = gw.start("short lived", None).await;
+    assert_eq!(gw.wait_terminal(&thread).await["streamStatus"], "completed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = gw.conversation(&thread).await;
+        if status == 404 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "run never evicted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = gw.metrics().await;
+    assert!(m.contains("sluice_store_evictions_total 1"), "{m}");
+    assert!(m.contains("sluice_store_bytes 0"), "{m}");
+}
