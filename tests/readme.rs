@@ -1,0 +1,121 @@
+//! The README's curl examples, and the commands `sluice demo` prints, work against a running
+//! `sluice demo`. Needs `curl` (installed by `.ci/run`; skipped with a message when missing).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// `curl` commands of the ```sh blocks in `text` (continuation lines joined, comments dropped).
+fn curl_commands(text: &str, fenced: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut inside = !fenced;
+    let mut current = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if fenced && t.starts_with("```") {
+            inside = t == "```sh";
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let t = match t.find("  #") {
+            Some(i) => t[..i].trim_end(),
+            None => t,
+        };
+        if current.is_empty() && !t.starts_with("curl ") {
+            continue;
+        }
+        if let Some(head) = t.strip_suffix('\\') {
+            current.push_str(head);
+            current.push(' ');
+        } else {
+            current.push_str(t);
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    out
+}
+
+/// Run one curl command with the gateway's address and a real thread id; return the status.
+fn run(cmd: &str, api: &str, admin: &str, thread: &str) -> String {
+    let cmd = cmd
+        .replace("http://127.0.0.1:8080", &format!("http://{api}"))
+        .replace("localhost:8080", api)
+        .replace("http://127.0.0.1:9090", &format!("http://{admin}"))
+        .replace("THREAD_ID", thread)
+        .replacen(
+            "curl ",
+            "curl -sS -o /dev/null -w '%{http_code}' --max-time 30 ",
+            1,
+        );
+    let cmd = match cmd.find(" | ") {
+        Some(i) => cmd[..i].to_string(),
+        None => cmd,
+    };
+    let out = Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test]
+async fn readme_and_demo_commands_work_against_the_demo() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: curl is not installed");
+        return;
+    }
+    let demo = spawn(
+        &[
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        2,
+        None,
+    );
+    let (api, admin) = (demo.addrs[0].clone(), demo.addrs[1].clone());
+    let gw = Gateway {
+        base: format!("http://{api}"),
+        admin: format!("http://{admin}"),
+        http: client(),
+        proc: demo,
+    };
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut commands = curl_commands(&readme, true);
+    let printed = sluice::demo::instructions(
+        api.parse().unwrap(),
+        admin.parse().unwrap(),
+        "127.0.0.1:1".parse().unwrap(),
+    );
+    commands.extend(curl_commands(&printed, false));
+    assert!(commands.len() >= 10, "{commands:#?}");
+    for cmd in &commands {
+        // A finished thread, so that examples continuing or resuming a thread have one.
+        let (thread, _) = gw.start("readme thread", None).await;
+        gw.wait_terminal(&thread).await;
+        let (api, admin, cmd) = (api.clone(), admin.clone(), cmd.clone());
+        let status = tokio::task::spawn_blocking(move || {
+            let status = run(&cmd, &api, &admin, &thread);
+            (cmd, status)
+        })
+        .await
+        .unwrap();
+        assert!(
+            status.1.starts_with('2'),
+            "`{}` answered {}",
+            status.0,
+            status.1
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
