@@ -1,6 +1,6 @@
 //! Throughput of the UI-message renderers over a typical text run: 1000 events (a root
 //! `start`, 998 text deltas, the root `end`) rendered to SSE bytes, and folded into a
-//! `UIMessage`. Reported as events per second.
+//! `UIMessage` (plus payload parsing alone, for scale). Reported as events per second.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::json;
@@ -53,6 +53,14 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("fold_1000_events", |b| {
         b.iter(|| black_box(fold("msg-1", &events)))
+    });
+    g.bench_function("parse_only_1000_events", |b| {
+        b.iter(|| {
+            events
+                .iter()
+                .filter(|ev| sluice::agentflow::parse(&ev.data).is_ok())
+                .count()
+        })
     });
     g.finish();
 }

@@ -6,21 +6,23 @@
 //! renders as chunks `c1…cm`, chunk `cj` (j < m) carries `id: k.j` and `cm` carries `id: k`.
 //! [`Cursor`] is such an id read back from `Last-Event-ID`. Pure: no I/O, no clocks.
 //!
+//! Chunks in parentheses are emitted only when needed (a part is open, nothing was streamed…).
+//!
 //! | AgentFlow event | chunks |
 //! |---|---|
-//! | first event of the run, whatever it is | `start{messageId}`, `start-step` first |
+//! | first event of the run, whatever it is | `start{messageId}`, `start-step` before its own chunks |
 //! | root `start` | nothing more |
-//! | root `delta` (text) | [`reasoning-end`], [`text-start{id:"text-<seq>"}`], `text-delta` |
-//! | root `delta` (reasoning) | [`text-end`], [`reasoning-start{id:"reasoning-<seq>"}`], `reasoning-delta` |
-//! | nested `start` | [close open parts], `tool-input-start`, `tool-input-available` |
-//! | nested `end` | [close + synthesised input chunks], `tool-output-available` |
-//! | nested `error` | [close + synthesised input chunks], `tool-output-error` |
+//! | root `delta` (text) | (`reasoning-end`, `text-start{id:"text-<seq>"}`), `text-delta` |
+//! | root `delta` (reasoning) | (`text-end`, `reasoning-start{id:"reasoning-<seq>"}`), `reasoning-delta` |
+//! | nested `start` | (close open parts), `tool-input-start`, `tool-input-available` |
+//! | nested `end` | (close open parts, `tool-input-start`, `tool-input-available{input:null}` if no start was seen), `tool-output-available` |
+//! | nested `error` | (as for `end`), `tool-output-error` |
 //! | nested `delta` | transient `data-call-delta` `{callId, delta}` |
-//! | `tool_progress`, `tool_result_delta`, `artifact_progress`, `artifact_result_delta` | transient `data-<type with - for _>`, data = payload |
-//! | `artifact_started`, `artifact_completed`, `artifact_error` | `data-artifact`, `id` = artifact id, replaced in place |
-//! | any other type, a root delta without text, an unparsable payload | transient `data-agentflow` |
-//! | root `end` | [final text as a whole text part], [close open parts], `finish-step`, `finish` |
-//! | root `error` | [close open parts], `error{errorText}` (`abort` when `sluice_status` = stopped) |
+//! | `tool_progress`, `tool_result_delta`, `artifact_progress`, `artifact_result_delta` | transient `data-tool-progress` etc. (`_` → `-`), data = the payload |
+//! | `artifact_started`, `artifact_completed`, `artifact_error` | `data-artifact`, `id` = artifact id, `{artifactId, status, callId, content}` |
+//! | other types, a root delta without text, an unparsable payload | transient `data-agentflow` |
+//! | root `end` | (`text-start`, `text-delta`, `text-end` with the final text), (close open parts), `finish-step`, `finish` |
+//! | root `error` | (close open parts), `error{errorText}`, or `abort` when `sluice_status` is `stopped` |
 //! | anything after a root `end`/`error` | nothing |
 
 use std::collections::HashMap;
