@@ -5,6 +5,10 @@
 //! documented camelCase fields, leaves every optional field out unless Sluice has a value for it,
 //! and never adds extras such as `finishReason`, `dynamic` or `providerMetadata`
 //! (research/protocols.md §1.3). Ordering and resume ids live in SSE `id:` lines, not here.
+//!
+//! Tool chunks carry the documented `providerExecuted: true`: every tool an agent calls has
+//! already run on the backend, so a `useChat` client must not run it again (`onToolCall`) nor
+//! resubmit when it completes (`lastAssistantMessageIsCompleteWithToolCalls`).
 
 use std::borrow::Cow;
 
@@ -194,6 +198,8 @@ impl Chunk {
             } => {
                 key(out, "toolCallId");
                 put(out, tool_call_id.as_str());
+                key(out, "providerExecuted");
+                out.extend_from_slice(b"true");
                 key(out, "toolName");
                 put(out, tool_name.as_str());
             }
@@ -204,6 +210,8 @@ impl Chunk {
             } => {
                 key(out, "toolCallId");
                 put(out, tool_call_id.as_str());
+                key(out, "providerExecuted");
+                out.extend_from_slice(b"true");
                 key(out, "toolName");
                 put(out, tool_name.as_str());
                 key(out, "input");
@@ -215,6 +223,8 @@ impl Chunk {
             } => {
                 key(out, "toolCallId");
                 put(out, tool_call_id.as_str());
+                key(out, "providerExecuted");
+                out.extend_from_slice(b"true");
                 key(out, "output");
                 put(out, output);
             }
@@ -224,6 +234,8 @@ impl Chunk {
             } => {
                 key(out, "toolCallId");
                 put(out, tool_call_id.as_str());
+                key(out, "providerExecuted");
+                out.extend_from_slice(b"true");
                 key(out, "errorText");
                 put(out, error_text.as_str());
             }
@@ -318,7 +330,7 @@ mod tests {
                     tool_call_id: s("c"),
                     tool_name: s("search"),
                 },
-                r#"{"type":"tool-input-start","toolCallId":"c","toolName":"search"}"#,
+                r#"{"type":"tool-input-start","toolCallId":"c","providerExecuted":true,"toolName":"search"}"#,
             ),
             (
                 Chunk::ToolInputAvailable {
@@ -326,7 +338,7 @@ mod tests {
                     tool_name: s("search"),
                     input: json!({"q":"x"}),
                 },
-                r#"{"type":"tool-input-available","toolCallId":"c","toolName":"search","input":{"q":"x"}}"#,
+                r#"{"type":"tool-input-available","toolCallId":"c","providerExecuted":true,"toolName":"search","input":{"q":"x"}}"#,
             ),
             (
                 Chunk::ToolInputAvailable {
@@ -334,21 +346,21 @@ mod tests {
                     tool_name: s("search"),
                     input: Value::Null,
                 },
-                r#"{"type":"tool-input-available","toolCallId":"c","toolName":"search","input":null}"#,
+                r#"{"type":"tool-input-available","toolCallId":"c","providerExecuted":true,"toolName":"search","input":null}"#,
             ),
             (
                 Chunk::ToolOutputAvailable {
                     tool_call_id: s("c"),
                     output: json!([1, "two"]),
                 },
-                r#"{"type":"tool-output-available","toolCallId":"c","output":[1,"two"]}"#,
+                r#"{"type":"tool-output-available","toolCallId":"c","providerExecuted":true,"output":[1,"two"]}"#,
             ),
             (
                 Chunk::ToolOutputError {
                     tool_call_id: s("c"),
                     error_text: s("nope"),
                 },
-                r#"{"type":"tool-output-error","toolCallId":"c","errorText":"nope"}"#,
+                r#"{"type":"tool-output-error","toolCallId":"c","providerExecuted":true,"errorText":"nope"}"#,
             ),
             (
                 Chunk::Data {

@@ -98,6 +98,8 @@ impl Part {
                 m.insert("type".into(), ty.as_str().into());
                 m.insert("toolCallId".into(), call_id.as_str().into());
                 m.insert("state".into(), state.as_str().into());
+                // Every tool runs on the backend (see render::chunk).
+                m.insert("providerExecuted".into(), true.into());
                 if let Some(input) = input {
                     m.insert("input".into(), input.clone());
                 }
@@ -514,11 +516,11 @@ mod tests {
         };
         assert_eq!(
             parts(std::slice::from_ref(&start)),
-            json!([{"type":"tool-search","toolCallId":"c","state":"input-streaming"}])
+            json!([{"type":"tool-search","toolCallId":"c","providerExecuted":true,"state":"input-streaming"}])
         );
         assert_eq!(
             parts(&[start.clone(), avail.clone()]),
-            json!([{"type":"tool-search","toolCallId":"c","state":"input-available","input":{"q":1}}])
+            json!([{"type":"tool-search","toolCallId":"c","providerExecuted":true,"state":"input-available","input":{"q":1}}])
         );
         let ok = Chunk::ToolOutputAvailable {
             tool_call_id: s("c"),
@@ -526,7 +528,7 @@ mod tests {
         };
         assert_eq!(
             parts(&[start.clone(), avail.clone(), ok]),
-            json!([{"type":"tool-search","toolCallId":"c","state":"output-available",
+            json!([{"type":"tool-search","toolCallId":"c","providerExecuted":true,"state":"output-available",
                     "input":{"q":1},"output":"sunny"}])
         );
         let err = Chunk::ToolOutputError {
@@ -535,7 +537,7 @@ mod tests {
         };
         assert_eq!(
             parts(&[start, avail, err]),
-            json!([{"type":"tool-search","toolCallId":"c","state":"output-error",
+            json!([{"type":"tool-search","toolCallId":"c","providerExecuted":true,"state":"output-error",
                     "input":{"q":1},"errorText":"boom"}])
         );
     }
@@ -555,7 +557,7 @@ mod tests {
         ]);
         assert_eq!(
             p,
-            json!([{"type":"tool-x","toolCallId":"c","state":"input-available","input":null}])
+            json!([{"type":"tool-x","toolCallId":"c","providerExecuted":true,"state":"input-available","input":null}])
         );
     }
 
@@ -568,7 +570,7 @@ mod tests {
         // Same step: updated in place (its type stays).
         assert_eq!(
             parts(&[start("a"), start("b")]),
-            json!([{"type":"tool-a","toolCallId":"c","state":"input-streaming"}])
+            json!([{"type":"tool-a","toolCallId":"c","providerExecuted":true,"state":"input-streaming"}])
         );
         // New step: a second part; output then goes to the one in the current step.
         let p = parts(&[
@@ -582,9 +584,9 @@ mod tests {
         ]);
         assert_eq!(
             p,
-            json!([{"type":"tool-a","toolCallId":"c","state":"input-streaming"},
+            json!([{"type":"tool-a","toolCallId":"c","providerExecuted":true,"state":"input-streaming"},
                    {"type":"step-start"},
-                   {"type":"tool-b","toolCallId":"c","state":"output-error","errorText":"e"}])
+                   {"type":"tool-b","toolCallId":"c","providerExecuted":true,"state":"output-error","errorText":"e"}])
         );
         // Output for a call in an earlier step finds it from the end.
         let p = parts(&[
@@ -597,7 +599,7 @@ mod tests {
         ]);
         assert_eq!(
             p[0],
-            json!({"type":"tool-a","toolCallId":"c","state":"output-available","output":2})
+            json!({"type":"tool-a","toolCallId":"c","providerExecuted":true,"state":"output-available","output":2})
         );
     }
 
@@ -672,7 +674,7 @@ mod tests {
                 {"type":"step-start"},
                 {"type":"reasoning","id":"reasoning-2","text":"plan","state":"done"},
                 {"type":"text","text":"Looking","state":"done"},
-                {"type":"tool-web","toolCallId":"t","state":"output-available","input":{"q":"x"},"output":[1]},
+                {"type":"tool-web","toolCallId":"t","providerExecuted":true,"state":"output-available","input":{"q":"x"},"output":[1]},
                 {"type":"data-artifact","id":"a","data":{"artifactId":"a","status":"completed","callId":null,"content":{"artifact_id":"a","v":2}}},
                 {"type":"text","text":" done","state":"done"}
             ]})

@@ -613,13 +613,15 @@ mod tests {
             got[2],
             vec![
                 json!({"type":"text-end","id":"text-2"}),
-                json!({"type":"tool-input-start","toolCallId":"t1","toolName":"search"}),
-                json!({"type":"tool-input-available","toolCallId":"t1","toolName":"search","input":{"q":"w"}})
+                json!({"type":"tool-input-start","toolCallId":"t1","providerExecuted":true,"toolName":"search"}),
+                json!({"type":"tool-input-available","toolCallId":"t1","providerExecuted":true,"toolName":"search","input":{"q":"w"}})
             ]
         );
         assert_eq!(
             got[3],
-            vec![json!({"type":"tool-output-available","toolCallId":"t1","output":{"ok":true}})]
+            vec![
+                json!({"type":"tool-output-available","toolCallId":"t1","providerExecuted":true,"output":{"ok":true}})
+            ]
         );
         assert_eq!(
             got[4],
@@ -642,23 +644,25 @@ mod tests {
         assert_eq!(
             got[1],
             vec![
-                json!({"type":"tool-input-start","toolCallId":"t9","toolName":"Calc"}),
-                json!({"type":"tool-input-available","toolCallId":"t9","toolName":"Calc","input":null}),
-                json!({"type":"tool-output-available","toolCallId":"t9","output":5})
+                json!({"type":"tool-input-start","toolCallId":"t9","providerExecuted":true,"toolName":"Calc"}),
+                json!({"type":"tool-input-available","toolCallId":"t9","providerExecuted":true,"toolName":"Calc","input":null}),
+                json!({"type":"tool-output-available","toolCallId":"t9","providerExecuted":true,"output":5})
             ]
         );
         assert_eq!(
             got[2],
             vec![
-                json!({"type":"tool-input-start","toolCallId":"t8","toolName":"tool"}),
-                json!({"type":"tool-input-available","toolCallId":"t8","toolName":"tool","input":null}),
-                json!({"type":"tool-output-error","toolCallId":"t8","errorText":"nope"})
+                json!({"type":"tool-input-start","toolCallId":"t8","providerExecuted":true,"toolName":"tool"}),
+                json!({"type":"tool-input-available","toolCallId":"t8","providerExecuted":true,"toolName":"tool","input":null}),
+                json!({"type":"tool-output-error","toolCallId":"t8","providerExecuted":true,"errorText":"nope"})
             ]
         );
         // t9 is known by now: no second input.
         assert_eq!(
             got[3],
-            vec![json!({"type":"tool-output-error","toolCallId":"t9","errorText":"late"})]
+            vec![
+                json!({"type":"tool-output-error","toolCallId":"t9","providerExecuted":true,"errorText":"late"})
+            ]
         );
     }
 

@@ -349,7 +349,7 @@ pub fn reduce_ui(chunks: &[Value]) -> Result<Value, String> {
             "tool-input-start" => {
                 let call = c["toolCallId"].as_str().ok_or("no toolCallId")?.to_string();
                 let name = c["toolName"].as_str().ok_or("no toolName")?;
-                parts.push(json!({"type": format!("tool-{name}"), "toolCallId": call, "state": "input-streaming"}));
+                parts.push(json!({"type": format!("tool-{name}"), "toolCallId": call, "state": "input-streaming", "providerExecuted": c["providerExecuted"].clone()}));
                 tools.insert(call, parts.len() - 1);
             }
             "tool-input-available" => {
@@ -358,7 +358,7 @@ pub fn reduce_ui(chunks: &[Value]) -> Result<Value, String> {
                     Some(i) => *i,
                     None => {
                         let name = c["toolName"].as_str().ok_or("no toolName")?;
-                        parts.push(json!({"type": format!("tool-{name}"), "toolCallId": call}));
+                        parts.push(json!({"type": format!("tool-{name}"), "toolCallId": call, "providerExecuted": c["providerExecuted"].clone()}));
                         tools.insert(call, parts.len() - 1);
                         parts.len() - 1
                     }
