@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 async fn ends(gw: &Gateway, text: &str) -> Value {
     let (thread, _) = gw.start(text, None).await;
@@ -18,7 +18,7 @@ async fn each_failure_ends_with_its_status_and_spares_other_runs() {
     let mock = mock_agent();
     let gw = gateway_with(
         &mock.addrs[0],
-        "idle_timeout = \"600ms\"\nmax_event_bytes = 4096\n",
+        "idle_timeout = \"1s\"\nmax_event_bytes = 4096\n",
         "",
     );
     // A healthy slow run spans all the failures below.
@@ -194,14 +194,7 @@ async fn a_full_store_refuses_new_runs_with_503_and_retry_after() {
     // evicted: new runs are admitted until 90% of the budget is held, then refused.
     let mut refused = None;
     for _ in 0..40 {
-        let resp = gw
-            .http
-            .post(gw.url("/api/invokeAgent"))
-            .header("x-stream-response", "false")
-            .json(&invoke_body(json!(1), "scenario:hang", None))
-            .send()
-            .await
-            .unwrap();
+        let resp = gw.invoke("scenario:hang", None, true).await;
         if resp.status() == 503 {
             refused = Some(resp);
             break;

@@ -130,14 +130,7 @@ async fn a_known_thread_continues_and_a_busy_thread_answers_409() {
 
     // While a run is in progress, another invoke on the thread is refused.
     let (thread, _) = gw.start("scenario:slow tokens=50 delay_ms=20", None).await;
-    let resp = gw
-        .http
-        .post(gw.url("/api/invokeAgent"))
-        .header("x-stream-response", "false")
-        .json(&invoke_body(json!(1), "again", Some(&thread)))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.invoke("again", Some(&thread), true).await;
     assert_eq!(resp.status(), 409);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "run_in_progress");
@@ -159,16 +152,8 @@ async fn a_client_that_hangs_up_does_not_stop_the_run() {
     let mock = mock_agent();
     let gw = gateway(&mock.addrs[0]);
     let mut resp = gw
-        .http
-        .post(gw.url("/api/invokeAgent"))
-        .json(&invoke_body(
-            json!(1),
-            "scenario:slow tokens=30 delay_ms=30",
-            None,
-        ))
-        .send()
-        .await
-        .unwrap();
+        .invoke("scenario:slow tokens=30 delay_ms=30", None, false)
+        .await;
     assert_eq!(resp.status(), 200);
     let thread = resp.headers()["x-thread-id"].to_str().unwrap().to_string();
     // Read a little, then hang up mid-stream.

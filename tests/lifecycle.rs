@@ -6,19 +6,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 
 #[tokio::test]
 async fn sigterm_ends_open_streams_cleanly_and_the_process_exits() {
     let mock = mock_agent();
     let mut gw = gateway(&mock.addrs[0]);
-    let resp = gw
-        .http
-        .post(gw.url("/api/invokeAgent"))
-        .json(&invoke_body(json!(1), "scenario:hang", None))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.invoke("scenario:hang", None, false).await;
     assert_eq!(resp.status(), 200);
     let reader = tokio::spawn(async move { resp.text().await });
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -62,16 +62,8 @@ async fn a_cut_stream_resumes_live_without_gaps_or_duplicates() {
     let mock = mock_agent();
     let gw = gateway(&mock.addrs[0]);
     let mut resp = gw
-        .http
-        .post(gw.url("/api/invokeAgent"))
-        .json(&invoke_body(
-            serde_json::json!(1),
-            "scenario:slow tokens=40 delay_ms=25",
-            None,
-        ))
-        .send()
-        .await
-        .unwrap();
+        .invoke("scenario:slow tokens=40 delay_ms=25", None, false)
+        .await;
     let thread = resp.headers()["x-thread-id"].to_str().unwrap().to_string();
     // Read until a few events arrived, then hang up.
     let mut body = String::new();

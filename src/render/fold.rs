@@ -180,6 +180,29 @@ impl MessageBuilder {
             .or_else(|| self.parts.iter().rposition(|p| is_tool(p, call_id)))
     }
 
+    /// Record a tool's outcome on its part (anywhere in the message); without a part, nothing.
+    fn tool_outcome(
+        &mut self,
+        call_id: &str,
+        new_state: ToolState,
+        new_output: Option<Value>,
+        new_error: Option<String>,
+    ) {
+        if let Some(i) = self.tool_anywhere(call_id) {
+            if let Part::Tool {
+                state,
+                output,
+                error_text,
+                ..
+            } = &mut self.parts[i]
+            {
+                *state = new_state;
+                *output = new_output;
+                *error_text = new_error;
+            }
+        }
+    }
+
     /// Create or update (in the current step) the tool part of `call_id`, as the client's
     /// `updateToolPart` does for `tool-input-*` chunks.
     fn tool_input(&mut self, call_id: &str, name: &str, state: ToolState, input: Option<&Value>) {
@@ -279,40 +302,22 @@ impl MessageBuilder {
             ),
             Chunk::ToolOutputAvailable {
                 tool_call_id,
-                output: out,
-            } => {
-                if let Some(i) = self.tool_anywhere(tool_call_id) {
-                    if let Part::Tool {
-                        state,
-                        output,
-                        error_text,
-                        ..
-                    } = &mut self.parts[i]
-                    {
-                        *state = ToolState::OutputAvailable;
-                        *output = Some(out.clone());
-                        *error_text = None;
-                    }
-                }
-            }
+                output,
+            } => self.tool_outcome(
+                tool_call_id,
+                ToolState::OutputAvailable,
+                Some(output.clone()),
+                None,
+            ),
             Chunk::ToolOutputError {
                 tool_call_id,
-                error_text: err,
-            } => {
-                if let Some(i) = self.tool_anywhere(tool_call_id) {
-                    if let Part::Tool {
-                        state,
-                        output,
-                        error_text,
-                        ..
-                    } = &mut self.parts[i]
-                    {
-                        *state = ToolState::OutputError;
-                        *output = None;
-                        *error_text = Some(err.clone());
-                    }
-                }
-            }
+                error_text,
+            } => self.tool_outcome(
+                tool_call_id,
+                ToolState::OutputError,
+                None,
+                Some(error_text.clone()),
+            ),
             Chunk::Data {
                 name,
                 id,

@@ -192,16 +192,21 @@ impl Gateway {
         format!("{}{}", self.base, path)
     }
 
-    /// Invoke in 202 mode; returns (threadId, runId).
-    pub async fn start(&self, text: &str, thread: Option<&str>) -> (String, String) {
-        let resp = self
-            .http
-            .post(self.url("/api/invokeAgent"))
-            .header("x-stream-response", "false")
-            .json(&invoke_body(json!(1), text, thread))
+    /// POST an invoke for agent 1 with `text`, in stream mode or (`poll`) 202 mode.
+    pub async fn invoke(&self, text: &str, thread: Option<&str>, poll: bool) -> reqwest::Response {
+        let mut req = self.http.post(self.url("/api/invokeAgent"));
+        if poll {
+            req = req.header("x-stream-response", "false");
+        }
+        req.json(&invoke_body(json!(1), text, thread))
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Invoke in 202 mode; returns (threadId, runId).
+    pub async fn start(&self, text: &str, thread: Option<&str>) -> (String, String) {
+        let resp = self.invoke(text, thread, true).await;
         assert_eq!(resp.status(), 202, "{:?}", resp.text().await);
         let thread_h = resp.headers()["x-thread-id"].to_str().unwrap().to_string();
         let run_h = resp.headers()["x-run-id"].to_str().unwrap().to_string();
