@@ -77,7 +77,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            serve(config, None)
+            serve(config, false)
         }
         Command::MockAgent { listen } => {
             let mut srv = server::new_server(&mock_config());
@@ -94,7 +94,7 @@ pub fn run(cli: Cli) -> ExitCode {
             let mut config = mock_config();
             config.server.listen = listen;
             config.server.admin_listen = admin_listen;
-            serve(config, Some(()))
+            serve(config, true)
         }
     }
 }
@@ -114,7 +114,25 @@ fn announce(line: &str) {
     let _ = out.flush();
 }
 
-fn serve(mut config: Config, demo: Option<()>) -> ExitCode {
+fn serve(mut config: Config, demo: bool) -> ExitCode {
+    let mut srv = server::new_server(&config);
+    let demo = if demo {
+        let identity = match crate::demo::Identity::generate() {
+            Ok(i) => i,
+            Err(e) => return fail(&format!("cannot generate the demo keys: {e}")),
+        };
+        let mock = MockAgent::new().with_jwks(identity.jwks.clone());
+        match server::add_local_app(&mut srv, "sluice mock agent", mock, "127.0.0.1:0") {
+            Ok(addr) => {
+                config.upstream.urls = vec![format!("http://{addr}")];
+                identity.configure(&mut config, addr);
+                Some((addr, identity))
+            }
+            Err(e) => return fail(&format!("cannot start the mock agent: {e}")),
+        }
+    } else {
+        None
+    };
     if config.auth.mode == AuthMode::Disabled {
         log::warn!(
             "authentication is DISABLED ([auth] mode = \"disabled\"): every request acts as \
@@ -123,23 +141,6 @@ fn serve(mut config: Config, demo: Option<()>) -> ExitCode {
             config.auth.dev_user
         );
     }
-    let mut srv = server::new_server(&config);
-    let mock = if demo.is_some() {
-        match server::add_local_app(
-            &mut srv,
-            "sluice mock agent",
-            MockAgent::new(),
-            "127.0.0.1:0",
-        ) {
-            Ok(addr) => {
-                config.upstream.urls = vec![format!("http://{addr}")];
-                Some(addr)
-            }
-            Err(e) => return fail(&format!("cannot start the mock agent: {e}")),
-        }
-    } else {
-        None
-    };
     let listening = match server::add_gateway(&mut srv, config) {
         Ok(l) => l,
         Err(e) => return fail(&format!("cannot listen: {e}")),
@@ -148,11 +149,12 @@ fn serve(mut config: Config, demo: Option<()>) -> ExitCode {
         "sluice listening on http://{} (admin http://{})",
         listening.api, listening.admin
     ));
-    if let Some(mock) = mock {
+    if let Some((mock, identity)) = demo {
         announce(&crate::demo::instructions(
             listening.api,
             listening.admin,
             mock,
+            &identity,
         ));
     }
     srv.run_forever()

@@ -117,23 +117,115 @@ impl Default for ServerSection {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
+    /// Clerk-style JWTs (`Authorization: Bearer …`), verified on every request.
+    Jwt,
     /// No authentication: every request is attributed to the development organisation.
     /// Logged as a warning at start-up.
     Disabled,
+}
+
+/// A secret that never shows in `sluice check`, logs or debug output.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    /// Whether a value was given.
+    pub fn is_set(&self) -> bool {
+        !self.0.is_empty()
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.is_set() { "<redacted>" } else { "" })
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.is_set() {
+            "Secret(<redacted>)"
+        } else {
+            "Secret(<empty>)"
+        })
+    }
 }
 
 /// `[auth]`
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSection {
-    /// `"disabled"` (the only mode until JWT verification lands). Must be given explicitly.
+    /// `"jwt"` or `"disabled"`. Must be given explicitly: there is no default.
     pub mode: AuthMode,
+    /// Required `iss` (Clerk: the Frontend API URL, e.g. `https://x.clerk.accounts.dev`).
+    #[serde(default)]
+    pub issuer: String,
+    /// JWKS URL (http or https) to fetch the verification keys from.
+    #[serde(default)]
+    pub jwks_url: String,
+    /// Or a JWKS file to read them from.
+    #[serde(default)]
+    pub jwks_file: String,
+    /// Or, for development only, an HS256 shared secret.
+    #[serde(default)]
+    pub hs256_secret: Secret,
+    /// Accepted `aud` values; empty means `aud` is not checked.
+    #[serde(default)]
+    pub audience: Vec<String>,
+    /// Accepted `azp` values (the browser origins); empty means `azp` is not checked.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Organisation role a caller must have.
+    #[serde(default = "default_role")]
+    pub required_role: String,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
+    #[serde(default = "default_leeway")]
+    pub leeway: Dur,
+    /// How long fetched keys are used before they are fetched again.
+    #[serde(default = "default_jwks_ttl")]
+    pub jwks_ttl: Dur,
+    /// A token with an unknown `kid` triggers at most one refetch per this period.
+    #[serde(default = "default_refetch_cooldown")]
+    pub jwks_refetch_cooldown: Dur,
+    /// Time allowed to fetch the JWKS.
+    #[serde(default = "default_fetch_timeout")]
+    pub jwks_fetch_timeout: Dur,
+    /// Verified tokens remembered (by hash, until they expire) so polls skip signature checks.
+    #[serde(default = "default_token_cache")]
+    pub token_cache_size: usize,
+    /// Forward the caller's bearer token to the backend (besides the X-Sluice-* headers).
+    #[serde(default)]
+    pub forward_token: bool,
+    /// Optional map organisation id → agent ids it may use; other agents answer 404.
+    /// Organisations not listed may use any agent (the backend decides).
+    #[serde(default)]
+    pub org_agents: std::collections::BTreeMap<String, Vec<String>>,
     /// Organisation that requests are attributed to when auth is disabled.
     #[serde(default = "default_dev_org")]
     pub dev_organization: String,
     /// User that requests are attributed to when auth is disabled.
     #[serde(default = "default_dev_user")]
     pub dev_user: String,
+}
+
+fn default_role() -> String {
+    "org:admin".into()
+}
+fn default_leeway() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn default_jwks_ttl() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn default_refetch_cooldown() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_fetch_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn default_token_cache() -> usize {
+    10_000
 }
 
 fn default_dev_org() -> String {
@@ -341,6 +433,7 @@ impl Config {
         if self.server.threads == 0 || self.server.threads > 256 {
             return Err(invalid("server.threads", "must be between 1 and 256"));
         }
+        self.validate_auth()?;
         if self.auth.dev_organization.trim().is_empty() {
             return Err(invalid("auth.dev_organization", "must not be empty"));
         }
@@ -390,6 +483,48 @@ impl Config {
         Ok(())
     }
 
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        if a.required_role.trim().is_empty() {
+            return Err(invalid("auth.required_role", "must not be empty"));
+        }
+        if !a.jwks_url.is_empty() {
+            UpstreamUrl::parse(&a.jwks_url).map_err(|m| invalid("auth.jwks_url", m))?;
+        }
+        positive("auth.jwks_ttl", a.jwks_ttl)?;
+        positive("auth.jwks_fetch_timeout", a.jwks_fetch_timeout)?;
+        if a.mode != AuthMode::Jwt {
+            return Ok(());
+        }
+        if a.issuer.trim().is_empty() {
+            return Err(invalid("auth.issuer", "is required when mode = \"jwt\""));
+        }
+        let sources = [
+            !a.jwks_url.is_empty(),
+            !a.jwks_file.is_empty(),
+            a.hs256_secret.is_set(),
+        ];
+        match sources.iter().filter(|s| **s).count() {
+            1 => {}
+            0 => {
+                return Err(invalid(
+                    "auth.jwks_url",
+                    "mode = \"jwt\" needs one key source: jwks_url, jwks_file or hs256_secret",
+                ))
+            }
+            _ => {
+                return Err(invalid(
+                    "auth.jwks_url",
+                    "give only one of jwks_url, jwks_file and hs256_secret",
+                ))
+            }
+        }
+        if a.hs256_secret.is_set() && a.hs256_secret.0.len() < 32 {
+            return Err(invalid("auth.hs256_secret", "must be at least 32 bytes"));
+        }
+        Ok(())
+    }
+
     /// The validated backend URLs.
     pub fn upstream_urls(&self) -> Vec<UpstreamUrl> {
         self.upstream
@@ -431,7 +566,11 @@ mod tests {
     #[test]
     fn shipped_file_parses_and_equals_the_defaults() {
         let shipped = Config::parse(SHIPPED).expect("config/sluice.toml is valid");
-        let minimal = Config::parse("[auth]\nmode = \"disabled\"\n").unwrap();
+        let minimal = Config::parse(
+            "[auth]\nmode = \"jwt\"\nissuer = \"https://your-app.clerk.accounts.dev\"\n\
+             jwks_url = \"https://your-app.clerk.accounts.dev/.well-known/jwks.json\"\n",
+        )
+        .unwrap();
         assert_eq!(shipped.to_toml(), minimal.to_toml());
     }
 
@@ -453,6 +592,30 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn jwt_mode_needs_an_issuer_and_exactly_one_key_source() {
+        let base = "[auth]\nmode = \"jwt\"\n";
+        let err = Config::parse(&format!("{base}jwks_file = \"k.json\"\n")).unwrap_err();
+        assert!(err.to_string().contains("auth.issuer"), "{err}");
+        let with_iss = format!("{base}issuer = \"https://i\"\n");
+        let err = Config::parse(&with_iss).unwrap_err();
+        assert!(err.to_string().contains("key source"), "{err}");
+        let both = format!("{with_iss}jwks_file = \"k\"\njwks_url = \"http://x/j\"\n");
+        assert!(Config::parse(&both)
+            .unwrap_err()
+            .to_string()
+            .contains("only one"));
+        let short = format!("{with_iss}hs256_secret = \"short\"\n");
+        let err = Config::parse(&short).unwrap_err();
+        assert!(err.to_string().contains("auth.hs256_secret"), "{err}");
+        let ok = format!("{with_iss}hs256_secret = \"{}\"\n", "s".repeat(32));
+        let c = Config::parse(&ok).unwrap();
+        // The secret never shows in the effective config or debug output.
+        assert!(!c.to_toml().contains("sss"), "{}", c.to_toml());
+        assert!(c.to_toml().contains("<redacted>"));
+        assert!(!format!("{c:?}").contains("sss"));
     }
 
     #[test]

@@ -22,7 +22,9 @@
 
 pub mod agentflow;
 pub mod api;
+pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod event;

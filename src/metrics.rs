@@ -102,6 +102,16 @@ pub static UPSTREAM_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// `sluice_auth_failures_total{reason}`: requests refused by authentication, by reason.
+pub static AUTH_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_auth_failures_total",
+        "Requests refused by authentication, by reason.",
+        &["reason"]
+    )
+    .expect("metric registers once")
+});
+
 /// Touch every metric so that each appears on `/metrics` from the start (with zeroes).
 pub fn init() {
     LazyLock::force(&HTTP_REQUESTS);
@@ -117,6 +127,9 @@ pub fn init() {
     LazyLock::force(&EVENT_BYTES_INGESTED);
     LazyLock::force(&STORE_BYTES);
     LazyLock::force(&STORE_EVICTIONS);
+    for reason in crate::auth::AuthError::REASONS {
+        AUTH_FAILURES.with_label_values(&[reason]);
+    }
     for kind in crate::ingest::Failure::KINDS {
         UPSTREAM_ERRORS.with_label_values(&[kind]);
     }

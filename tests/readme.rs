@@ -40,8 +40,9 @@ fn curl_commands(text: &str, fenced: bool) -> Vec<String> {
     out
 }
 
-/// Run one curl command with the gateway's address and a real thread id; return the status.
-fn run(cmd: &str, api: &str, admin: &str, thread: &str) -> String {
+/// Run one curl command with the gateway's address, a real thread id and the demo's tokens in
+/// the environment; return the status.
+fn run(cmd: &str, api: &str, admin: &str, thread: &str, tokens: &[(String, String)]) -> String {
     let cmd = cmd
         .replace("http://127.0.0.1:8080", &format!("http://{api}"))
         .replace("localhost:8080", api)
@@ -56,7 +57,12 @@ fn run(cmd: &str, api: &str, admin: &str, thread: &str) -> String {
         Some(i) => cmd[..i].to_string(),
         None => cmd,
     };
-    let out = Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .envs(tokens.iter().cloned())
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{cmd}: {}",
@@ -83,6 +89,32 @@ async fn readme_and_demo_commands_work_against_the_demo() {
         None,
     );
     let (api, admin) = (demo.addrs[0].clone(), demo.addrs[1].clone());
+    // The demo prints `export NAME='token'` lines: the tokens every command needs.
+    let mut tokens: Vec<(String, String)> = Vec::new();
+    for _ in 0..200 {
+        tokens = demo
+            .stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+            .collect();
+        let complete = demo
+            .stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("Metrics:"));
+        if tokens.len() == 2 && complete {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(tokens.len(), 2, "the demo prints TOKEN and MEMBER_TOKEN");
+    let admin_token = tokens.iter().find(|(k, _)| k == "TOKEN").unwrap().1.clone();
+    let printed = demo.stdout.lock().unwrap().join("\n");
     let gw = Gateway {
         base: format!("http://{api}"),
         admin: format!("http://{admin}"),
@@ -92,30 +124,27 @@ async fn readme_and_demo_commands_work_against_the_demo() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let mut commands = curl_commands(&readme, true);
-    let printed = sluice::demo::instructions(
-        api.parse().unwrap(),
-        admin.parse().unwrap(),
-        "127.0.0.1:1".parse().unwrap(),
-    );
     commands.extend(curl_commands(&printed, false));
     assert!(commands.len() >= 10, "{commands:#?}");
     for cmd in &commands {
         // A finished thread, so that examples continuing or resuming a thread have one.
-        let (thread, _) = gw.start("readme thread", None).await;
-        gw.wait_terminal(&thread).await;
-        let (api, admin, cmd) = (api.clone(), admin.clone(), cmd.clone());
-        let status = tokio::task::spawn_blocking(move || {
-            let status = run(&cmd, &api, &admin, &thread);
+        let (thread, _) = gw.start_as(&admin_token, "readme thread", None).await;
+        gw.wait_terminal_as(&admin_token, &thread).await;
+        let (api, admin, cmd, tokens) = (api.clone(), admin.clone(), cmd.clone(), tokens.clone());
+        let (cmd, status) = tokio::task::spawn_blocking(move || {
+            let status = run(&cmd, &api, &admin, &thread, &tokens);
             (cmd, status)
         })
         .await
         .unwrap();
-        assert!(
-            status.1.starts_with('2'),
-            "`{}` answered {}",
-            status.0,
-            status.1
-        );
+        let expected = if cmd.contains("MEMBER_TOKEN") {
+            "403"
+        } else if cmd.contains("/api/") && !cmd.contains("$TOKEN") {
+            "401"
+        } else {
+            "2"
+        };
+        assert!(status.starts_with(expected), "`{cmd}` answered {status}");
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
 }

@@ -152,7 +152,24 @@ fn check_validates_and_prints_the_effective_config() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("max_total_bytes = 536870912"), "{text}");
-    assert!(text.contains("mode = \"disabled\""), "{text}");
+    assert!(text.contains("mode = \"jwt\""), "{text}");
+
+    // Secrets never show.
+    let dir = TempDir::new();
+    let secret = dir.0.join("secret.toml");
+    std::fs::write(
+        &secret,
+        "[auth]\nmode = \"jwt\"\nissuer = \"https://i\"\nhs256_secret = \"0123456789abcdef0123456789abcdef-top\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["check", "--config", secret.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("hs256_secret = \"<redacted>\""), "{text}");
+    assert!(!text.contains("-top"), "{text}");
 
     let dir = TempDir::new();
     let bad = dir.0.join("bad.toml");

@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::Reply;
+use crate::auth::AuthError;
 use crate::store::StoreError;
 
 /// Everything a client request can fail with.
@@ -39,6 +40,16 @@ pub enum ApiError {
     /// Unknown path.
     #[error("no such route")]
     NotFound,
+    /// The request's credentials were refused.
+    #[error("{}", .0.description())]
+    Auth(AuthError),
+    /// The organisation may not use this agent (`auth.org_agents`), or the backend says the
+    /// agent does not exist for it.
+    #[error("agent not found")]
+    AgentNotFound,
+    /// The backend refused the agent for this caller (its 401/403, passed on).
+    #[error("the agent backend refused this request: {1}")]
+    AgentRefused(u16, String),
     /// A bug or a store failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -54,6 +65,9 @@ impl ApiError {
             ApiError::RunInProgress(_) => 409,
             ApiError::PayloadTooLarge(_) => 413,
             ApiError::Internal(_) => 500,
+            ApiError::Auth(e) => e.status(),
+            ApiError::AgentNotFound => 404,
+            ApiError::AgentRefused(status, _) => *status,
             ApiError::StoreFull(_) => 503,
         }
     }
@@ -71,6 +85,12 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::NotFound => "not_found",
             ApiError::Internal(_) => "internal",
+            ApiError::Auth(e) if e.status() == 403 => "forbidden",
+            ApiError::Auth(AuthError::KeysUnavailable) => "auth_unavailable",
+            ApiError::Auth(_) => "unauthorized",
+            ApiError::AgentNotFound => "agent_not_found",
+            ApiError::AgentRefused(401, _) => "agent_unauthorized",
+            ApiError::AgentRefused(_, _) => "agent_forbidden",
         }
     }
 
@@ -84,6 +104,11 @@ impl ApiError {
                 .push(("retry-after", after.as_secs().max(1).to_string())),
             ApiError::MethodNotAllowed(allow) => reply.headers.push(("allow", allow.to_string())),
             ApiError::PayloadTooLarge(_) => reply.close = true,
+            ApiError::Auth(e) => {
+                if let Some(challenge) = e.www_authenticate() {
+                    reply.headers.push(("www-authenticate", challenge));
+                }
+            }
             _ => {}
         }
         reply

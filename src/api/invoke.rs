@@ -5,7 +5,7 @@ use serde_json::{json, Map, Value};
 
 use super::{stream, Api, ApiError, Exchange, Identity, Reply};
 use crate::ingest::agentflow::path_segment;
-use crate::ingest::RunJob;
+use crate::ingest::{Admission, RunJob};
 use crate::store::{NewRun, ThreadId};
 
 /// A validated invoke request.
@@ -115,6 +115,22 @@ pub fn wants_no_stream(header: Option<&str>) -> bool {
     })
 }
 
+/// Whether `org` may use `agent` under `auth.org_agents` (organisations not listed may use any).
+pub fn agent_allowed(
+    map: &std::collections::BTreeMap<String, Vec<String>>,
+    org: &str,
+    agent: &Value,
+) -> bool {
+    let Some(allowed) = map.get(org) else {
+        return true;
+    };
+    let name = match agent {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    allowed.contains(&name)
+}
+
 /// Handle `POST /api/invokeAgent`.
 pub async fn invoke_agent(
     api: &Api,
@@ -124,6 +140,9 @@ pub async fn invoke_agent(
     let body = ex.read_body(api.config.limits.max_body_bytes).await?;
     let req = parse_invoke(&body)?;
     let no_stream = wants_no_stream(ex.header("x-stream-response"));
+    if !agent_allowed(&api.config.auth.org_agents, &who.org_id, &req.agent_id) {
+        return Err(ApiError::AgentNotFound);
+    }
     let run = api
         .store
         .create_run(NewRun {
@@ -147,15 +166,34 @@ pub async fn invoke_agent(
     if let Some(tz) = &req.timezone {
         body["client_timezone"] = json!(tz);
     }
-    api.ingest.spawn(RunJob {
+    let admission = api.ingest.spawn(RunJob {
         run: run.clone(),
         agent_path,
         body,
+        bearer: who.token.clone(),
     });
     let ids = vec![
         ("x-thread-id", run.thread_id.0.clone()),
         ("x-run-id", run.run_id.0.clone()),
     ];
+    // Wait for the backend's answer to the run request, so that its verdict on the agent
+    // (401, 403, 404) reaches the client as such. Other failures end the run with `error`.
+    let patience = api.config.upstream.connect_timeout.0 + api.config.upstream.idle_timeout.0;
+    if let Ok(Ok(Admission::Refused(status, text))) =
+        tokio::time::timeout(patience, admission).await
+    {
+        let refusal = match status {
+            404 => Some(ApiError::AgentNotFound),
+            401 | 403 => Some(ApiError::AgentRefused(status, text)),
+            _ => None,
+        };
+        if let Some(err) = refusal {
+            let mut reply = err.reply();
+            reply.headers.extend(ids);
+            let _ = ex.respond(reply).await;
+            return Ok(());
+        }
+    }
     if no_stream {
         let mut reply = Reply::json(
             202,

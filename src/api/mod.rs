@@ -73,13 +73,7 @@ pub trait Exchange: Send {
 }
 
 /// Who is calling: every run and thread records it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Identity {
-    /// The caller's organisation.
-    pub org_id: String,
-    /// The caller.
-    pub user_id: String,
-}
+pub type Identity = crate::auth::Caller;
 
 /// The client API's shared state.
 pub struct Api {
@@ -91,19 +85,30 @@ pub struct Api {
     pub ingest: Ingestor,
     /// Ends streams when the process shuts down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Checks every request's credentials.
+    pub auth: crate::auth::Authenticator,
 }
 
 impl Api {
     /// Answer one request. Returns the route label for metrics.
     pub async fn handle(&self, ex: &mut dyn Exchange) -> &'static str {
-        let route = match route::route(ex.method(), ex.path()) {
+        let routed = route::route(ex.method(), ex.path());
+        let label = routed.as_ref().map_or(route::UNMATCHED, |r| r.name());
+        // Credentials first, on every request, before any route work.
+        let identity = match self.auth.authenticate(ex.header("authorization")).await {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = ex.respond(ApiError::Auth(e).reply()).await;
+                return label;
+            }
+        };
+        let route = match routed {
             Ok(r) => r,
             Err(e) => {
                 let _ = ex.respond(e.reply()).await;
-                return route::UNMATCHED;
+                return label;
             }
         };
-        let identity = self.identify(ex);
         let result = match route {
             Route::InvokeAgent => invoke::invoke_agent(self, &identity, ex).await,
             Route::GetConversation => conversation::get_conversation(self, &identity, ex).await,
@@ -117,15 +122,6 @@ impl Api {
             }
         }
         route.name()
-    }
-
-    /// The caller's identity. Authentication is disabled in this version: everyone is the
-    /// configured development organisation and user.
-    fn identify(&self, _ex: &dyn Exchange) -> Identity {
-        Identity {
-            org_id: self.config.auth.dev_organization.clone(),
-            user_id: self.config.auth.dev_user.clone(),
-        }
     }
 }
 

@@ -12,18 +12,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
-use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
-use pingora::upstreams::peer::HttpPeer;
 
-use super::{Adapter, Ending, Failure, RunJob, RunSink};
+use super::{Adapter, Admission, Ending, Failure, RunJob, RunSink};
 use crate::agentflow::{self, Terminal};
+use crate::client::{self, SendError};
 use crate::config::UpstreamUrl;
 use crate::event::NewEvent;
 use crate::sse::{Decoder, SseEvent};
 
 /// Most bytes of a non-2xx answer kept as its error text.
-const ERROR_BODY_LIMIT: usize = 4096;
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
 /// Settings for [`AgentFlowAdapter`].
 #[derive(Clone, Debug)]
@@ -62,39 +61,34 @@ impl AgentFlowAdapter {
 
     async fn open(&self, job: &RunJob) -> Result<HttpSession, Failure> {
         let up = self.pick();
-        let mut peer = HttpPeer::new(up.address(), up.tls, up.host.clone());
-        peer.options.connection_timeout = Some(self.settings.connect_timeout);
-        peer.options.total_connection_timeout = Some(self.settings.connect_timeout);
-        let connect = |e: Box<pingora::Error>| Failure::Connect(e.to_string().trim().to_string());
-        let (mut http, _reused) = self
-            .connector
-            .get_http_session(&peer)
-            .await
-            .map_err(connect)?;
-        let path = format!("{}/agents/{}/run", up.base_path, job.agent_path);
         let body = Bytes::from(serde_json::to_vec(&job.body).unwrap_or_default());
-        let mut req = RequestHeader::build("POST", path.as_bytes(), None).map_err(connect)?;
         let run = &job.run;
-        let headers = [
-            ("host", up.authority()),
+        let mut headers = vec![
             ("content-type", "application/json".to_string()),
             ("accept", "text/event-stream".to_string()),
-            ("content-length", body.len().to_string()),
             ("x-sluice-org-id", run.org_id.clone()),
             ("x-sluice-user-id", run.user_id.clone()),
             ("x-sluice-run-id", run.run_id.0.clone()),
             ("x-sluice-thread-id", run.thread_id.0.clone()),
         ];
-        for (name, value) in headers {
-            req.insert_header(name, value).map_err(connect)?;
+        if let Some(token) = &job.bearer {
+            headers.push(("authorization", format!("Bearer {token}")));
         }
-        let send = |e: Box<pingora::Error>| Failure::Dropped(e.to_string().trim().to_string());
-        http.write_request_header(Box::new(req))
-            .await
-            .map_err(send)?;
-        http.write_request_body(body, true).await.map_err(send)?;
-        http.finish_request_body().await.map_err(send)?;
-        Ok(http)
+        let path = format!("/agents/{}/run", job.agent_path);
+        client::send(
+            &self.connector,
+            up,
+            self.settings.connect_timeout,
+            "POST",
+            &path,
+            &headers,
+            body,
+        )
+        .await
+        .map_err(|e| match e {
+            SendError::Connect(e) => Failure::Connect(e),
+            SendError::Write(e) => Failure::Dropped(e),
+        })
     }
 
     async fn consume(&self, job: &RunJob, sink: &RunSink) -> Result<Ending, Failure> {
@@ -108,8 +102,10 @@ impl AgentFlowAdapter {
         let status = http.response_header().map_or(0, |h| h.status.as_u16());
         if !(200..300).contains(&status) {
             let text = read_error_text(&mut http, idle).await;
+            sink.admit(Admission::Refused(status, text.clone()));
             return Err(Failure::Status(status, text));
         }
+        sink.admit(Admission::Accepted);
         let mut decoder = Decoder::new(self.settings.max_event_bytes);
         let mut decoded: Vec<SseEvent> = Vec::new();
         loop {
@@ -165,17 +161,16 @@ impl AgentFlowAdapter {
 }
 
 async fn read_error_text(http: &mut HttpSession, idle: Duration) -> String {
-    let mut body = Vec::new();
-    while body.len() < ERROR_BODY_LIMIT {
-        match tokio::time::timeout(idle, http.read_response_body()).await {
-            Ok(Ok(Some(chunk))) => body.extend_from_slice(&chunk),
-            _ => break,
-        }
-    }
-    body.truncate(ERROR_BODY_LIMIT);
-    let text = String::from_utf8_lossy(&body);
-    // Prefer the message of a JSON error body ({"error":{"message"}}, {"error":"…"},
-    // {"message":"…"}, {"detail":"…"}).
+    let body = client::read_body(http, ERROR_BODY_LIMIT, idle)
+        .await
+        .unwrap_or_default();
+    error_text(&body)
+}
+
+/// The message of an error body: a JSON error's message (`{"error":{"message"}}`,
+/// `{"error":"…"}`, `{"message":"…"}`, `{"detail":"…"}`), or the start of the text.
+pub fn error_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
         let pick = v
             .pointer("/error/message")

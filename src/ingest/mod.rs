@@ -27,6 +27,8 @@ pub struct RunJob {
     pub agent_path: String,
     /// The request body for the backend (AgentFlow `run` request).
     pub body: serde_json::Value,
+    /// The caller's bearer token, when `auth.forward_token` is on.
+    pub bearer: Option<String>,
 }
 
 /// Why a run ended other than by the backend's own end or error event.
@@ -130,13 +132,35 @@ pub enum Ending {
     Closed,
 }
 
+/// What the backend said when it answered the run's request (before any event).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// A 2xx answer: the run is under way.
+    Accepted,
+    /// A non-2xx answer, with its status and error text.
+    Refused(u16, String),
+}
+
 /// Appends an adapter's events to its run, counting them.
 pub struct RunSink {
     store: Arc<dyn Store>,
     run: crate::store::RunId,
+    admission: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Admission>>>,
 }
 
 impl RunSink {
+    /// Report the backend's answer to whoever started the run (once; later calls do nothing).
+    pub fn admit(&self, admission: Admission) {
+        let tx = self
+            .admission
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(tx) = tx {
+            let _ = tx.send(admission);
+        }
+    }
+
     /// Append a batch. A store refusal becomes the [`Ending`] the adapter should return.
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<(), Ending> {
         if events.is_empty() {
@@ -186,17 +210,26 @@ impl Ingestor {
 
     /// Start consuming a run in a background task on the current runtime. The task ends with the
     /// run (or when the runtime shuts down, which leaves the run `in_progress` until retention).
-    pub fn spawn(&self, job: RunJob) {
+    /// The receiver learns how the backend answered the request (dropped without a value when
+    /// no answer came, e.g. the backend was unreachable).
+    pub fn spawn(&self, job: RunJob) -> tokio::sync::oneshot::Receiver<Admission> {
         metrics::RUNS_STARTED.inc();
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let this = self.clone();
-        tokio::spawn(async move { this.drive(job).await });
+        tokio::spawn(async move { this.drive(job, Some(tx)).await });
+        rx
     }
 
     /// Run a job to its end in the current task (what [`Ingestor::spawn`] runs).
-    pub async fn drive(&self, job: RunJob) {
+    pub async fn drive(
+        &self,
+        job: RunJob,
+        admission: Option<tokio::sync::oneshot::Sender<Admission>>,
+    ) {
         let sink = RunSink {
             store: self.store.clone(),
             run: job.run.run_id.clone(),
+            admission: std::sync::Mutex::new(admission),
         };
         let ending =
             match tokio::time::timeout(self.run_timeout, self.adapter.run(&job, &sink)).await {

@@ -3,7 +3,9 @@
 //! message text (see [`scenario`]). Tests, the demo and benchmarks run against it.
 //!
 //! It also answers `GET /mock/requests` with the last requests it received (path, `x-sluice-*`
-//! headers, body), so tests can check what the gateway sent.
+//! headers, body), so tests can check what the gateway sent, and, in the demo, serves the demo
+//! identity's JWKS. Agent ids starting with `missing`, `locked` or `secret` answer 404, 401 and
+//! 403, as a backend does for an agent the caller may not use.
 
 pub mod scenario;
 
@@ -28,12 +30,19 @@ const REMEMBERED: usize = 200;
 pub struct MockAgent {
     turns: DashMap<String, u64>,
     requests: Mutex<VecDeque<Value>>,
+    jwks: Option<Value>,
 }
 
 impl MockAgent {
     /// A fresh mock agent.
     pub fn new() -> Self {
         MockAgent::default()
+    }
+
+    /// Also serve this JWKS at `GET /.well-known/jwks.json` (the demo's identity provider).
+    pub fn with_jwks(mut self, jwks: Value) -> Self {
+        self.jwks = Some(jwks);
+        self
     }
 
     fn remember(&self, ex: &dyn Exchange, body: &Value) {
@@ -155,7 +164,20 @@ impl LocalApp for MockAgent {
         let path = ex.path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (ex.method(), segments.as_slice()) {
-            ("POST", ["agents", _, "run"]) => self.run(ex).await,
+            ("POST", ["agents", agent, "run"]) => {
+                let refusal = [("missing", 404), ("locked", 401), ("secret", 403)]
+                    .into_iter()
+                    .find(|(prefix, _)| agent.starts_with(prefix));
+                match refusal {
+                    Some((_, code)) => {
+                        let msg = format!("agent {agent} is not available to this organisation");
+                        let _ = ex
+                            .respond(Reply::json(code, &json!({"error": {"message": msg}})))
+                            .await;
+                    }
+                    None => self.run(ex).await,
+                }
+            }
             ("GET", ["mock", "requests"]) => {
                 let list: Vec<Value> = self
                     .requests
@@ -165,6 +187,10 @@ impl LocalApp for MockAgent {
                     .cloned()
                     .collect();
                 let _ = ex.respond(Reply::json(200, &json!(list))).await;
+            }
+            ("GET", [".well-known", "jwks.json"]) if self.jwks.is_some() => {
+                let jwks = self.jwks.clone().unwrap_or_default();
+                let _ = ex.respond(Reply::json(200, &jwks)).await;
             }
             ("GET", ["healthz"]) => {
                 let _ = ex.respond(Reply::json(200, &json!({"ok": true}))).await;

@@ -97,6 +97,7 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
         store: store.clone(),
         ingest,
         shutdown: shutdown_rx.clone(),
+        auth: crate::auth::Authenticator::from_config(&config.auth),
     });
 
     let mut api_service = pingora::proxy::http_proxy_service_with_name(

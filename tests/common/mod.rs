@@ -16,6 +16,8 @@ pub struct Proc {
     child: Child,
     /// Every `http://…` address it announced, in order.
     pub addrs: Vec<String>,
+    /// Everything it printed on stdout so far.
+    pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     _dir: Option<TempDir>,
 }
 
@@ -89,8 +91,11 @@ pub fn spawn(args: &[&str], want: usize, dir: Option<TempDir>) -> Proc {
         .expect("sluice binary starts");
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line.clone());
             for word in line.split_whitespace() {
                 let w = word.trim_matches(|c| c == '(' || c == ')' || c == ',');
                 if let Some(addr) = w.strip_prefix("http://") {
@@ -111,6 +116,7 @@ pub fn spawn(args: &[&str], want: usize, dir: Option<TempDir>) -> Proc {
     let proc = Proc {
         child,
         addrs,
+        stdout: lines,
         _dir: dir,
     };
     for a in &proc.addrs {
@@ -135,15 +141,20 @@ pub fn mock_agent() -> Proc {
     spawn(&["mock-agent", "--listen", "127.0.0.1:0"], 1, None)
 }
 
-/// A gateway in front of `upstream` with extra TOML appended to a minimal config.
+/// A gateway in front of `upstream` with extra TOML appended to a minimal config (auth disabled).
 /// `extra` may contain whole sections (`[limits]` …); keys for `[upstream]` go in `upstream_extra`.
 pub fn gateway_with(upstream: &str, upstream_extra: &str, extra: &str) -> Gateway {
+    gateway_auth(upstream, "mode = \"disabled\"\n", upstream_extra, extra)
+}
+
+/// A gateway whose `[auth]` section is `auth`.
+pub fn gateway_auth(upstream: &str, auth: &str, upstream_extra: &str, extra: &str) -> Gateway {
     let dir = TempDir::new();
     let path = dir.0.join("sluice.toml");
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         [auth]\nmode = \"disabled\"\n\
-         [upstream]\nurls = [\"http://{upstream}\"]\n{upstream_extra}\n{extra}\n"
+         [upstream]\nurls = [\"http://{upstream}\"]\n{upstream_extra}\n\
+         [auth]\n{auth}\n{extra}\n"
     );
     std::fs::write(&path, text).unwrap();
     let proc = spawn(&["serve", "--config", path.to_str().unwrap()], 2, Some(dir));
@@ -194,7 +205,21 @@ impl Gateway {
 
     /// POST an invoke for agent 1 with `text`, in stream mode or (`poll`) 202 mode.
     pub async fn invoke(&self, text: &str, thread: Option<&str>, poll: bool) -> reqwest::Response {
+        self.invoke_as(None, text, thread, poll).await
+    }
+
+    /// [`Gateway::invoke`] with a bearer token.
+    pub async fn invoke_as(
+        &self,
+        token: Option<&str>,
+        text: &str,
+        thread: Option<&str>,
+        poll: bool,
+    ) -> reqwest::Response {
         let mut req = self.http.post(self.url("/api/invokeAgent"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
         if poll {
             req = req.header("x-stream-response", "false");
         }
@@ -206,7 +231,26 @@ impl Gateway {
 
     /// Invoke in 202 mode; returns (threadId, runId).
     pub async fn start(&self, text: &str, thread: Option<&str>) -> (String, String) {
-        let resp = self.invoke(text, thread, true).await;
+        self.start_inner(None, text, thread).await
+    }
+
+    /// [`Gateway::start`] with a bearer token.
+    pub async fn start_as(
+        &self,
+        token: &str,
+        text: &str,
+        thread: Option<&str>,
+    ) -> (String, String) {
+        self.start_inner(Some(token), text, thread).await
+    }
+
+    async fn start_inner(
+        &self,
+        token: Option<&str>,
+        text: &str,
+        thread: Option<&str>,
+    ) -> (String, String) {
+        let resp = self.invoke_as(token, text, thread, true).await;
         assert_eq!(resp.status(), 202, "{:?}", resp.text().await);
         let thread_h = resp.headers()["x-thread-id"].to_str().unwrap().to_string();
         let run_h = resp.headers()["x-run-id"].to_str().unwrap().to_string();
@@ -217,22 +261,37 @@ impl Gateway {
     }
 
     pub async fn conversation(&self, thread: &str) -> (u16, Value) {
-        let resp = self
+        self.conversation_as(None, thread).await
+    }
+
+    /// [`Gateway::conversation`] with a bearer token.
+    pub async fn conversation_as(&self, token: Option<&str>, thread: &str) -> (u16, Value) {
+        let mut req = self
             .http
             .get(self.url("/api/getConversation"))
-            .query(&[("threadId", thread)])
-            .send()
-            .await
-            .unwrap();
+            .query(&[("threadId", thread)]);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
     /// Poll until the thread's status is terminal; returns the snapshot.
     pub async fn wait_terminal(&self, thread: &str) -> Value {
+        self.wait_terminal_inner(None, thread).await
+    }
+
+    /// [`Gateway::wait_terminal`] with a bearer token.
+    pub async fn wait_terminal_as(&self, token: &str, thread: &str) -> Value {
+        self.wait_terminal_inner(Some(token), thread).await
+    }
+
+    async fn wait_terminal_inner(&self, token: Option<&str>, thread: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (status, snap) = self.conversation(thread).await;
+            let (status, snap) = self.conversation_as(token, thread).await;
             assert_eq!(status, 200, "{snap}");
             if snap["streamStatus"] != json!("in_progress") {
                 return snap;
@@ -465,4 +524,68 @@ pub fn text_of(message: &Value) -> String {
 /// The mock agent's answer in the `text` scenario (mirrors `sluice::mock::scenario::text_answer`).
 pub fn expected_answer(message: &str, turn: u64) -> String {
     sluice::mock::scenario::text_answer(message, turn)
+}
+
+/// A real HTTP server on loopback serving a JWKS that tests can change, take down, and count.
+pub struct JwksServer {
+    pub url: String,
+    pub jwks: std::sync::Arc<std::sync::Mutex<Value>>,
+    pub up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl JwksServer {
+    pub fn start(jwks: Value) -> JwksServer {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = JwksServer {
+            url: format!("http://{addr}/.well-known/jwks.json"),
+            jwks: std::sync::Arc::new(std::sync::Mutex::new(jwks)),
+            up: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            hits: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        };
+        let (jwks, up, hits) = (server.jwks.clone(), server.up.clone(), server.hits.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                hits.fetch_add(1, Ordering::SeqCst);
+                let (status, body) = if up.load(Ordering::SeqCst) {
+                    ("200 OK", jwks.lock().unwrap().to_string())
+                } else {
+                    (
+                        "503 Service Unavailable",
+                        "{\"error\":\"down\"}".to_string(),
+                    )
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        server
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn set(&self, jwks: Value) {
+        *self.jwks.lock().unwrap() = jwks;
+    }
 }
