@@ -443,3 +443,99 @@ async fn an_accepted_stream_outlives_its_token() {
     let (status, _) = s.gw.conversation_as(Some(&token), &thread).await;
     assert_eq!(status, 401);
 }
+
+#[tokio::test]
+async fn tokens_minted_by_jose_are_verified() {
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    if !js.join("node_modules/jose").exists()
+        || std::process::Command::new("node")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        eprintln!("SKIPPED: Node.js or tests/js/node_modules missing (make test installs them)");
+        return;
+    }
+    let out = std::process::Command::new("node")
+        .current_dir(&js)
+        .args(["mint_tokens.mjs", ISS])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let minted: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let jwks = JwksServer::start(minted["jwks"].clone());
+    let mock = mock_agent();
+    let auth = format!(
+        "mode = \"jwt\"\nissuer = \"{ISS}\"\njwks_url = \"{}\"\n",
+        jwks.url
+    );
+    let gw = gateway_auth(&mock.addrs[0], &auth, "", "");
+    let tokens = minted["tokens"].as_object().unwrap();
+    assert_eq!(tokens.len(), 9);
+    for (name, token) in tokens {
+        let (status, body) = gw.conversation_as(token.as_str(), "no-such-thread").await;
+        let want = if name.ends_with("member") { 403 } else { 404 };
+        assert_eq!(status, want, "{name}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn hs256_secret_and_jwks_file_sources_work() {
+    let secret = "an-hs256-development-secret-of-32+bytes";
+    let mock = mock_agent();
+    let gw = gateway_auth(
+        &mock.addrs[0],
+        &format!("mode = \"jwt\"\nissuer = \"{ISS}\"\nhs256_secret = \"{secret}\"\n"),
+        "",
+        "",
+    );
+    let hs = testkeys::mint(
+        &v2("user_a", "org_a", "admin"),
+        &EncodingKey::from_secret(secret.as_bytes()),
+        Algorithm::HS256,
+        None,
+    )
+    .unwrap();
+    let (thread, _) = gw.start_as(&hs, "hello", None).await;
+    assert_eq!(
+        gw.wait_terminal_as(&hs, &thread).await["streamStatus"],
+        "completed"
+    );
+    // An RS token is refused by an HS-only gateway.
+    let (key, _, kid) = testkeys::generate_rsa().unwrap();
+    let rs = testkeys::mint(
+        &v2("user_a", "org_a", "admin"),
+        &key,
+        Algorithm::RS256,
+        Some(&kid),
+    )
+    .unwrap();
+    assert_eq!(gw.conversation_as(Some(&rs), &thread).await.0, 401);
+
+    let (key, jwk, kid) = testkeys::generate_ec().unwrap();
+    let dir = TempDir::new();
+    let file = dir.0.join("jwks.json");
+    std::fs::write(&file, testkeys::jwks(&[jwk]).to_string()).unwrap();
+    let gw = gateway_auth(
+        &mock.addrs[0],
+        &format!(
+            "mode = \"jwt\"\nissuer = \"{ISS}\"\njwks_file = \"{}\"\n",
+            file.display()
+        ),
+        "",
+        "",
+    );
+    let es = testkeys::mint(
+        &v2("user_a", "org_a", "admin"),
+        &key,
+        Algorithm::ES256,
+        Some(&kid),
+    )
+    .unwrap();
+    assert_eq!(gw.conversation_as(Some(&es), "nope").await.0, 404);
+    assert_eq!(gw.conversation_as(Some(&hs), "nope").await.0, 401);
+}
