@@ -325,12 +325,15 @@ impl Default for StoreSection {
 pub struct StreamSection {
     /// Interval between SSE keep-alive comments while a stream is quiet.
     pub keepalive_interval: Dur,
+    /// Longest `wait` a long-poll may ask for.
+    pub long_poll_max: Dur,
 }
 
 impl Default for StreamSection {
     fn default() -> Self {
         StreamSection {
             keepalive_interval: Dur(Duration::from_secs(15)),
+            long_poll_max: Dur(Duration::from_secs(30)),
         }
     }
 }

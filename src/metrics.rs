@@ -112,6 +112,24 @@ pub static AUTH_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// `sluice_long_polls_waiting`: `getConversation` requests currently waiting (`wait=`).
+pub static LONG_POLLS_WAITING: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "sluice_long_polls_waiting",
+        "getConversation long-polls currently waiting for a change."
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_runs_stopped_total`: runs stopped by a client.
+pub static RUNS_STOPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_runs_stopped_total",
+        "Runs stopped by a client request."
+    )
+    .expect("metric registers once")
+});
+
 /// Touch every metric so that each appears on `/metrics` from the start (with zeroes).
 pub fn init() {
     LazyLock::force(&HTTP_REQUESTS);
@@ -127,6 +145,8 @@ pub fn init() {
     LazyLock::force(&EVENT_BYTES_INGESTED);
     LazyLock::force(&STORE_BYTES);
     LazyLock::force(&STORE_EVICTIONS);
+    LazyLock::force(&LONG_POLLS_WAITING);
+    LazyLock::force(&RUNS_STOPPED);
     for reason in crate::auth::AuthError::REASONS {
         AUTH_FAILURES.with_label_values(&[reason]);
     }
@@ -143,19 +163,20 @@ pub fn render() -> Vec<u8> {
     out
 }
 
-/// Counts an open SSE stream for as long as it lives.
-pub struct StreamGuard(());
+/// Holds a gauge one higher for as long as it lives.
+pub struct Gauged(&'static IntGauge);
 
-impl StreamGuard {
-    /// Count one more open stream until the guard drops.
-    pub fn open() -> Self {
-        SSE_STREAMS_ACTIVE.inc();
-        StreamGuard(())
+impl Gauged {
+    /// Increment `gauge` until the guard drops.
+    pub fn new(gauge: &'static LazyLock<IntGauge>) -> Self {
+        let gauge: &'static IntGauge = gauge;
+        gauge.inc();
+        Gauged(gauge)
     }
 }
 
-impl Drop for StreamGuard {
+impl Drop for Gauged {
     fn drop(&mut self) {
-        SSE_STREAMS_ACTIVE.dec();
+        self.0.dec();
     }
 }

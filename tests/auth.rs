@@ -329,6 +329,10 @@ async fn organisations_never_see_each_others_threads() {
     // A still sees it, and the backend got A's identity.
     let snap = s.gw.wait_terminal_as(&a, &thread).await;
     assert_eq!(snap["organizationId"], "org_a");
+    assert_eq!(
+        snap["streamStatus"], "completed",
+        "B's stop did not touch the run"
+    );
     let seen: Value =
         s.gw.http
             .get(format!("http://{}/mock/requests", s.mock.addrs[0]))

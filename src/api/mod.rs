@@ -6,6 +6,7 @@ pub mod conversation;
 pub mod error;
 pub mod invoke;
 pub mod route;
+pub mod stop;
 pub mod stream;
 
 use std::sync::Arc;
@@ -113,6 +114,7 @@ impl Api {
             Route::InvokeAgent => invoke::invoke_agent(self, &identity, ex).await,
             Route::GetConversation => conversation::get_conversation(self, &identity, ex).await,
             Route::ResumeStream => stream::resume(self, &identity, ex).await,
+            Route::StopRun => stop::stop(self, &identity, ex).await,
         };
         if let Err(e) = result {
             if ex.status_sent().is_none() {

@@ -11,6 +11,8 @@ pub enum Route {
     GetConversation,
     /// `GET /api/threads/{threadId}/stream`: resume (or replay) a run's UI-message stream.
     ResumeStream,
+    /// `POST /api/threads/{threadId}/stop`: stop the thread's run.
+    StopRun,
 }
 
 impl Route {
@@ -20,6 +22,7 @@ impl Route {
             Route::InvokeAgent => "invoke_agent",
             Route::GetConversation => "get_conversation",
             Route::ResumeStream => "resume_stream",
+            Route::StopRun => "stop_run",
         }
     }
 }
@@ -36,7 +39,8 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
     let (route, allowed) = match path {
         "/api/invokeAgent" => (Route::InvokeAgent, "POST"),
         "/api/getConversation" => (Route::GetConversation, "GET"),
-        _ if thread_of(path).is_some() => (Route::ResumeStream, "GET"),
+        _ if thread_of(path, "/stream").is_some() => (Route::ResumeStream, "GET"),
+        _ if thread_of(path, "/stop").is_some() => (Route::StopRun, "POST"),
         _ => return Err(ApiError::NotFound),
     };
     if method == allowed {
@@ -46,11 +50,10 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
     }
 }
 
-/// The `{threadId}` of `/api/threads/{threadId}/stream` (percent-decoded), if `path` is one.
-pub fn thread_of(path: &str) -> Option<String> {
-    let rest = path
-        .strip_prefix("/api/threads/")?
-        .strip_suffix("/stream")?;
+/// The `{threadId}` of `/api/threads/{threadId}{suffix}` (percent-decoded), if `path` is one.
+pub fn thread_of(path: &str, suffix: &str) -> Option<String> {
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let rest = path.strip_prefix("/api/threads/")?.strip_suffix(suffix)?;
     if rest.is_empty() || rest.contains('/') {
         return None;
     }
@@ -101,8 +104,13 @@ mod tests {
             Err(ApiError::NotFound)
         );
         assert_eq!(
-            thread_of("/api/threads/a%20b/stream").as_deref(),
+            thread_of("/api/threads/a%20b/stream", "/stream").as_deref(),
             Some("a b")
+        );
+        assert_eq!(route("POST", "/api/threads/abc/stop"), Ok(Route::StopRun));
+        assert_eq!(
+            route("GET", "/api/threads/abc/stop/"),
+            Err(ApiError::MethodNotAllowed("POST"))
         );
         assert_eq!(route("POST", "/api/invokeagent"), Err(ApiError::NotFound));
     }

@@ -10,7 +10,7 @@
 use bytes::Bytes;
 
 use super::{query_param, Api, ApiError, Exchange, Identity, Reply};
-use crate::metrics::StreamGuard;
+use crate::metrics::{self, Gauged};
 use crate::render::ui::{Cursor, UiRenderer};
 use crate::sse;
 use crate::store::{RunInfo, ThreadId};
@@ -35,7 +35,7 @@ pub fn ui_headers() -> Vec<(&'static str, String)> {
 /// `resume` expects), `204` once it has ended. With a cursor: the events after it, then live
 /// events, then the end; `204` when the cursor is already at the end of a finished run.
 pub async fn resume(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<(), ApiError> {
-    let thread_id = super::route::thread_of(ex.path()).ok_or(ApiError::NotFound)?;
+    let thread_id = super::route::thread_of(ex.path(), "/stream").ok_or(ApiError::NotFound)?;
     let thread = api.store.thread(&who.org_id, &ThreadId(thread_id)).await?;
     let run = match query_param(ex.query(), "runId") {
         Some(id) => thread.runs.iter().find(|r| r.run_id.0 == id),
@@ -98,7 +98,7 @@ pub async fn stream_ui(
     if ex.start_stream(200, headers).await.is_err() {
         return Ok(());
     }
-    let _open = StreamGuard::open();
+    let _open = Gauged::new(&metrics::SSE_STREAMS_ACTIVE);
     let store = api.store.as_ref();
     let keepalive = api.config.stream.keepalive_interval.0;
     let mut shutdown = api.shutdown.clone();

@@ -196,6 +196,8 @@ pub struct Ingestor {
     store: Arc<dyn Store>,
     adapter: Arc<dyn Adapter>,
     run_timeout: Duration,
+    /// Runs being ingested here, and how to cancel each.
+    running: Arc<dashmap::DashMap<crate::store::RunId, Arc<tokio::sync::Notify>>>,
 }
 
 impl Ingestor {
@@ -205,6 +207,15 @@ impl Ingestor {
             store,
             adapter,
             run_timeout,
+            running: Arc::new(dashmap::DashMap::new()),
+        }
+    }
+
+    /// Close the backend connection of a run ingested here (after a stop). The run's status is
+    /// the caller's business; the task ends without touching it.
+    pub fn cancel(&self, run: &crate::store::RunId) {
+        if let Some(cancel) = self.running.get(run) {
+            cancel.notify_one();
         }
     }
 

@@ -1,0 +1,51 @@
+//! `POST /api/threads/{threadId}/stop[?runId=]`: stop a run. The run ends `stopped` (its log
+//! gets a closing event, so open streams render the end and finish cleanly), the backend
+//! connection is closed, and the partial answer stays in the snapshot. Stopping a run that has
+//! already ended changes nothing and answers 200 with its status.
+
+use serde_json::json;
+
+use super::{query_param, Api, ApiError, Exchange, Identity, Reply};
+use crate::agentflow;
+use crate::event::NewEvent;
+use crate::metrics;
+use crate::store::{RunStatus, ThreadId};
+
+/// Handle the stop route.
+pub async fn stop(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<(), ApiError> {
+    let thread_id = super::route::thread_of(ex.path(), "/stop").ok_or(ApiError::NotFound)?;
+    let thread = api.store.thread(&who.org_id, &ThreadId(thread_id)).await?;
+    let run = match query_param(ex.query(), "runId") {
+        Some(id) => thread.runs.iter().find(|r| r.run_id.0 == id),
+        None => thread.latest(),
+    }
+    .ok_or(ApiError::RunNotFound)?;
+    if !run.status.is_terminal() {
+        let closing = agentflow::synthetic_error("stopped", "stopped by the client");
+        let stopped = api
+            .store
+            .finish(
+                &run.run_id,
+                RunStatus::Stopped,
+                None,
+                Some(NewEvent::new(closing)),
+            )
+            .await?;
+        if stopped {
+            metrics::RUNS_STOPPED.inc();
+            metrics::RUNS_ENDED
+                .with_label_values(&[RunStatus::Stopped.as_str()])
+                .inc();
+        }
+        api.ingest.cancel(&run.run_id);
+    }
+    let info = api.store.run(&run.run_id).await?;
+    let body = json!({
+        "threadId": info.thread_id.0,
+        "runId": info.run_id.0,
+        "status": info.status.as_str(),
+        "lastSeq": info.last_seq,
+    });
+    let _ = ex.respond(Reply::json(200, &body)).await;
+    Ok(())
+}
