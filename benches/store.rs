@@ -31,9 +31,11 @@ async fn run(s: &MemoryStore) -> RunInfo {
         user_id: "u".into(),
         agent_id: json!(1),
         user_message: json!({"id":"m","role":"user","parts":[]}),
+        idempotency_key: None,
     })
     .await
     .unwrap()
+    .run
 }
 
 fn bench(c: &mut Criterion) {

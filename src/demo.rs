@@ -85,7 +85,7 @@ TOKEN belongs to an org:admin of {org}; MEMBER_TOKEN to an org:member, who gets 
 1. Stream a run (AI SDK v5 UI-message stream over SSE):
 
   curl -N {base}/api/invokeAgent {auth} -H 'content-type: application/json' \
-    -d '{{"agentId":1,"message":{{"id":"u1","role":"user","parts":[{{"type":"text","text":"Hello there"}}]}}}}'
+    -d '{{"agentId":1,"message":{{"role":"user","parts":[{{"type":"text","text":"Hello there"}}]}}}}'
 
 2. Start a run without holding a stream (202 Accepted), then poll its snapshot:
 

@@ -130,6 +130,15 @@ pub static RUNS_STOPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// `sluice_idempotent_reattaches_total`: retries that re-attached to an existing run.
+pub static IDEMPOTENT_REATTACHES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_idempotent_reattaches_total",
+        "Invokes that carried a known message id and re-attached to its run."
+    )
+    .expect("metric registers once")
+});
+
 /// Touch every metric so that each appears on `/metrics` from the start (with zeroes).
 pub fn init() {
     LazyLock::force(&HTTP_REQUESTS);
@@ -147,6 +156,7 @@ pub fn init() {
     LazyLock::force(&STORE_EVICTIONS);
     LazyLock::force(&LONG_POLLS_WAITING);
     LazyLock::force(&RUNS_STOPPED);
+    LazyLock::force(&IDEMPOTENT_REATTACHES);
     for reason in crate::auth::AuthError::REASONS {
         AUTH_FAILURES.with_label_values(&[reason]);
     }

@@ -6,7 +6,9 @@ use serde_json::{json, Map, Value};
 use super::{stream, Api, ApiError, Exchange, Identity, Reply};
 use crate::ingest::agentflow::path_segment;
 use crate::ingest::{Admission, RunJob};
-use crate::store::{NewRun, ThreadId};
+use crate::metrics;
+use crate::render::ui::Cursor;
+use crate::store::{NewRun, RunInfo, ThreadId};
 
 /// A validated invoke request.
 #[derive(Clone, Debug, PartialEq)]
@@ -143,7 +145,7 @@ pub async fn invoke_agent(
     if !agent_allowed(&api.config.auth.org_agents, &who.org_id, &req.agent_id) {
         return Err(ApiError::AgentNotFound);
     }
-    let run = api
+    let started = api
         .store
         .create_run(NewRun {
             thread_id: req.thread_id.clone().map(ThreadId),
@@ -151,8 +153,61 @@ pub async fn invoke_agent(
             user_id: who.user_id.clone(),
             agent_id: req.agent_id.clone(),
             user_message: req.message.clone(),
+            idempotency_key: Some(req.message_id.clone()),
         })
         .await?;
+    let run = started.run;
+    let mut ids = vec![
+        ("x-thread-id", run.thread_id.0.clone()),
+        ("x-run-id", run.run_id.0.clone()),
+    ];
+    if started.existing {
+        // A retry of the same user message: re-attach to its run, never start a second one.
+        metrics::IDEMPOTENT_REATTACHES.inc();
+        ids.push(("x-sluice-reattached", "true".into()));
+    } else if let Some(refusal) = start_upstream(api, who, &req, &run).await {
+        let mut reply = refusal.reply();
+        reply.headers.extend(ids);
+        let _ = ex.respond(reply).await;
+        return Ok(());
+    }
+    if no_stream {
+        let status = if started.existing {
+            api.store.run(&run.run_id).await?.status
+        } else {
+            run.status
+        };
+        let mut reply = Reply::json(
+            202,
+            &json!({"threadId": run.thread_id.0, "runId": run.run_id.0, "status": status.as_str()}),
+        );
+        reply.headers.extend(ids);
+        let _ = ex.respond(reply).await;
+        return Ok(());
+    }
+    // A re-attaching stream continues after the client's last event when it says which.
+    let last_seq = api.store.run(&run.run_id).await.map_or(0, |r| r.last_seq);
+    let cursor = ex
+        .header("last-event-id")
+        .filter(|_| started.existing)
+        .and_then(|v| Cursor::parse(v.trim()))
+        .filter(|c| c.seq <= last_seq)
+        .unwrap_or(Cursor {
+            seq: 0,
+            chunk: None,
+        });
+    stream::stream_ui(api, ex, &run, cursor, ids).await
+}
+
+/// Start ingesting a new run and wait for the backend's answer to its request, so that the
+/// backend's verdict on the agent (401, 403, 404) reaches the client as such. Returns that
+/// refusal; any other failure ends the run with `error` and is seen in its log.
+async fn start_upstream(
+    api: &Api,
+    who: &Identity,
+    req: &InvokeRequest,
+    run: &RunInfo,
+) -> Option<ApiError> {
     let agent_path = match &req.agent_id {
         Value::String(s) => path_segment(s),
         other => other.to_string(),
@@ -172,42 +227,14 @@ pub async fn invoke_agent(
         body,
         bearer: who.token.clone(),
     });
-    let ids = vec![
-        ("x-thread-id", run.thread_id.0.clone()),
-        ("x-run-id", run.run_id.0.clone()),
-    ];
-    // Wait for the backend's answer to the run request, so that its verdict on the agent
-    // (401, 403, 404) reaches the client as such. Other failures end the run with `error`.
     let patience = api.config.upstream.connect_timeout.0 + api.config.upstream.idle_timeout.0;
-    if let Ok(Ok(Admission::Refused(status, text))) =
-        tokio::time::timeout(patience, admission).await
-    {
-        let refusal = match status {
-            404 => Some(ApiError::AgentNotFound),
-            401 | 403 => Some(ApiError::AgentRefused(status, text)),
-            _ => None,
-        };
-        if let Some(err) = refusal {
-            let mut reply = err.reply();
-            reply.headers.extend(ids);
-            let _ = ex.respond(reply).await;
-            return Ok(());
+    match tokio::time::timeout(patience, admission).await {
+        Ok(Ok(Admission::Refused(404, _))) => Some(ApiError::AgentNotFound),
+        Ok(Ok(Admission::Refused(status @ (401 | 403), text))) => {
+            Some(ApiError::AgentRefused(status, text))
         }
+        _ => None,
     }
-    if no_stream {
-        let mut reply = Reply::json(
-            202,
-            &json!({"threadId": run.thread_id.0, "runId": run.run_id.0, "status": "in_progress"}),
-        );
-        reply.headers.extend(ids);
-        let _ = ex.respond(reply).await;
-        return Ok(());
-    }
-    let from_start = crate::render::ui::Cursor {
-        seq: 0,
-        chunk: None,
-    };
-    stream::stream_ui(api, ex, &run, from_start, ids).await
 }
 
 #[cfg(test)]

@@ -19,7 +19,8 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 
 use super::{
-    NewRun, ReadBatch, RunId, RunInfo, RunLimit, RunStatus, Store, StoreError, ThreadId, ThreadInfo,
+    NewRun, ReadBatch, RunId, RunInfo, RunLimit, RunStatus, Started, Store, StoreError, ThreadId,
+    ThreadInfo,
 };
 use crate::event::{Event, NewEvent};
 
@@ -60,6 +61,8 @@ pub struct MemoryStore {
     limits: MemoryLimits,
     runs: DashMap<RunId, Arc<RunCell>>,
     threads: DashMap<ThreadId, ThreadRec>,
+    /// (organisation, idempotency key) → run.
+    keys: DashMap<(String, String), RunId>,
     total_bytes: AtomicU64,
     /// Finished runs in the order they finished (oldest first).
     finished: Mutex<VecDeque<(Instant, RunId)>>,
@@ -78,6 +81,7 @@ impl MemoryStore {
             limits,
             runs: DashMap::new(),
             threads: DashMap::new(),
+            keys: DashMap::new(),
             total_bytes: AtomicU64::new(0),
             finished: Mutex::new(VecDeque::new()),
         }
@@ -111,10 +115,18 @@ impl MemoryStore {
         let Some((_, cell)) = self.runs.remove(run) else {
             return;
         };
-        let (bytes, thread_id) = {
+        let (bytes, thread_id, key) = {
             let st = lock(&cell.state);
-            (st.info.bytes, st.info.thread_id.clone())
+            let key = st
+                .info
+                .idempotency_key
+                .clone()
+                .map(|k| (st.info.org_id.clone(), k));
+            (st.info.bytes, st.info.thread_id.clone(), key)
         };
+        if let Some(key) = key {
+            self.keys.remove_if(&key, |_, r| r == run);
+        }
         self.total_bytes.fetch_sub(bytes, Ordering::AcqRel);
         // Wake waiters so they notice the run is gone.
         cell.changed.send_modify(|v| *v += 1);
@@ -130,14 +142,7 @@ impl MemoryStore {
         }
     }
 
-    fn info_of(&self, run: &RunId) -> Option<RunInfo> {
-        self.runs.get(run).map(|c| lock(&c.state).info.clone())
-    }
-}
-
-#[async_trait]
-impl Store for MemoryStore {
-    async fn create_run(&self, new: NewRun) -> Result<RunInfo, StoreError> {
+    fn create_new(&self, new: NewRun) -> Result<RunInfo, StoreError> {
         let high_water = self.limits.max_total_bytes / 10 * 9;
         self.evict_until(|total| total < high_water);
         if self.total_bytes.load(Ordering::Acquire) >= high_water {
@@ -159,6 +164,7 @@ impl Store for MemoryStore {
             created_at: now,
             updated_at: now,
             user_message: new.user_message.clone(),
+            idempotency_key: new.idempotency_key.clone(),
         };
         let insert_run = |info: &RunInfo| {
             let (changed, _) = watch::channel(0);
@@ -206,6 +212,50 @@ impl Store for MemoryStore {
                 insert_run(&info);
                 thread.runs.push(run_id.clone());
                 Ok(info)
+            }
+        }
+    }
+
+    fn info_of(&self, run: &RunId) -> Option<RunInfo> {
+        self.runs.get(run).map(|c| lock(&c.state).info.clone())
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn create_run(&self, new: NewRun) -> Result<Started, StoreError> {
+        let Some(key) = new.idempotency_key.clone() else {
+            return self.create_new(new).map(|run| Started {
+                run,
+                existing: false,
+            });
+        };
+        // The key's entry is held while the run is created, so concurrent retries get one run.
+        match self.keys.entry((new.org_id.clone(), key)) {
+            dashmap::Entry::Occupied(mut e) => {
+                if let Some(run) = self.info_of(e.get()) {
+                    let same_thread = new.thread_id.as_ref().is_none_or(|t| *t == run.thread_id);
+                    if same_thread && run.agent_id == new.agent_id {
+                        return Ok(Started {
+                            run,
+                            existing: true,
+                        });
+                    }
+                }
+                let run = self.create_new(new)?;
+                e.insert(run.run_id.clone());
+                Ok(Started {
+                    run,
+                    existing: false,
+                })
+            }
+            dashmap::Entry::Vacant(e) => {
+                let run = self.create_new(new)?;
+                e.insert(run.run_id.clone());
+                Ok(Started {
+                    run,
+                    existing: false,
+                })
             }
         }
     }
@@ -413,6 +463,7 @@ mod tests {
             user_id: "u".into(),
             agent_id: json!(7),
             user_message: json!({"id":"m","role":"user","parts":[]}),
+            idempotency_key: None,
         }
     }
 
@@ -423,7 +474,7 @@ mod tests {
     #[tokio::test]
     async fn seq_is_gapless_from_one_and_reads_after_cursor() {
         let s = MemoryStore::new(limits());
-        let r = s.create_run(new_run(None, "o")).await.unwrap();
+        let r = s.create_run(new_run(None, "o")).await.unwrap().run;
         assert_eq!(
             s.append(&r.run_id, vec![ev("a"), ev("b")]).await.unwrap(),
             2
@@ -454,7 +505,7 @@ mod tests {
     #[tokio::test]
     async fn terminal_status_is_final() {
         let s = MemoryStore::new(limits());
-        let r = s.create_run(new_run(None, "o")).await.unwrap();
+        let r = s.create_run(new_run(None, "o")).await.unwrap().run;
         assert!(s
             .finish(&r.run_id, RunStatus::Completed, None, None)
             .await
@@ -477,7 +528,7 @@ mod tests {
     #[tokio::test]
     async fn finish_appends_the_final_event() {
         let s = MemoryStore::new(limits());
-        let r = s.create_run(new_run(None, "o")).await.unwrap();
+        let r = s.create_run(new_run(None, "o")).await.unwrap().run;
         s.append(&r.run_id, vec![ev("a")]).await.unwrap();
         s.finish(
             &r.run_id,
@@ -499,7 +550,7 @@ mod tests {
     #[tokio::test]
     async fn threads_continue_and_refuse_a_second_active_run() {
         let s = MemoryStore::new(limits());
-        let r1 = s.create_run(new_run(None, "o")).await.unwrap();
+        let r1 = s.create_run(new_run(None, "o")).await.unwrap().run;
         let t = r1.thread_id.clone();
         assert_eq!(
             s.create_run(new_run(Some(t.clone()), "o")).await,
@@ -508,7 +559,11 @@ mod tests {
         s.finish(&r1.run_id, RunStatus::Completed, None, None)
             .await
             .unwrap();
-        let r2 = s.create_run(new_run(Some(t.clone()), "o")).await.unwrap();
+        let r2 = s
+            .create_run(new_run(Some(t.clone()), "o"))
+            .await
+            .unwrap()
+            .run;
         assert_eq!(r2.thread_id, t);
         let th = s.thread("o", &t).await.unwrap();
         assert_eq!(
@@ -524,9 +579,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_idempotency_key_returns_its_run_while_retained() {
+        let s = Arc::new(MemoryStore::new(limits()));
+        let keyed = |org: &str, key: &str| NewRun {
+            idempotency_key: Some(key.into()),
+            ..new_run(None, org)
+        };
+        // Concurrent retries: one run.
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let s = s.clone();
+            let n = keyed("o", "m1");
+            tasks.push(tokio::spawn(async move { s.create_run(n).await.unwrap() }));
+        }
+        let mut runs = Vec::new();
+        for t in tasks {
+            runs.push(t.await.unwrap());
+        }
+        assert_eq!(runs.iter().filter(|r| !r.existing).count(), 1);
+        assert!(runs.iter().all(|r| r.run.run_id == runs[0].run.run_id));
+        // Another organisation with the same key gets its own run; another key too.
+        let other = s.create_run(keyed("p", "m1")).await.unwrap();
+        assert!(!other.existing && other.run.run_id != runs[0].run.run_id);
+        assert!(!s.create_run(keyed("o", "m2")).await.unwrap().existing);
+        // Still returned once finished; forgotten once evicted.
+        let id = runs[0].run.run_id.clone();
+        s.finish(&id, RunStatus::Completed, None, None)
+            .await
+            .unwrap();
+        assert!(s.create_run(keyed("o", "m1")).await.unwrap().existing);
+        s.evict(&id);
+        let again = s.create_run(keyed("o", "m1")).await.unwrap();
+        assert!(!again.existing && again.run.run_id != id);
+    }
+
+    #[tokio::test]
     async fn another_organisation_sees_nothing() {
         let s = MemoryStore::new(limits());
-        let r = s.create_run(new_run(None, "a")).await.unwrap();
+        let r = s.create_run(new_run(None, "a")).await.unwrap().run;
         assert_eq!(
             s.thread("b", &r.thread_id).await,
             Err(StoreError::ThreadNotFound)
@@ -547,7 +637,7 @@ mod tests {
         l.max_events_per_run = 3;
         l.max_bytes_per_run = 10;
         let s = MemoryStore::new(l);
-        let r = s.create_run(new_run(None, "o")).await.unwrap();
+        let r = s.create_run(new_run(None, "o")).await.unwrap().run;
         s.append(&r.run_id, vec![ev("12345"), ev("1234")])
             .await
             .unwrap();
@@ -570,14 +660,14 @@ mod tests {
         l.max_total_bytes = 1000;
         l.max_bytes_per_run = 5000;
         let s = MemoryStore::new(l);
-        let old = s.create_run(new_run(None, "o")).await.unwrap();
+        let old = s.create_run(new_run(None, "o")).await.unwrap().run;
         s.append(&old.run_id, vec![ev(&"x".repeat(600))])
             .await
             .unwrap();
         s.finish(&old.run_id, RunStatus::Completed, None, None)
             .await
             .unwrap();
-        let live = s.create_run(new_run(None, "o")).await.unwrap();
+        let live = s.create_run(new_run(None, "o")).await.unwrap().run;
         // Appending 500 more would overflow: the finished run goes, the live one stays.
         s.append(&live.run_id, vec![ev(&"y".repeat(500))])
             .await
@@ -613,12 +703,12 @@ mod tests {
         let mut l = limits();
         l.retention = Duration::from_millis(50);
         let s = MemoryStore::new(l);
-        let done = s.create_run(new_run(None, "o")).await.unwrap();
+        let done = s.create_run(new_run(None, "o")).await.unwrap().run;
         s.append(&done.run_id, vec![ev("a")]).await.unwrap();
         s.finish(&done.run_id, RunStatus::Completed, None, None)
             .await
             .unwrap();
-        let live = s.create_run(new_run(None, "o")).await.unwrap();
+        let live = s.create_run(new_run(None, "o")).await.unwrap().run;
         assert_eq!(s.sweep().await, 0);
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(s.sweep().await, 1);
@@ -630,7 +720,7 @@ mod tests {
     #[tokio::test]
     async fn wait_wakes_on_append_and_on_finish_and_times_out() {
         let s = Arc::new(MemoryStore::new(limits()));
-        let r = s.create_run(new_run(None, "o")).await.unwrap();
+        let r = s.create_run(new_run(None, "o")).await.unwrap().run;
         let (s2, id) = (s.clone(), r.run_id.clone());
         let waiter = tokio::spawn(async move { s2.wait(&id, 0, Duration::from_secs(10)).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -645,7 +735,7 @@ mod tests {
             .unwrap();
         assert_eq!(waiter.await.unwrap().unwrap(), (1, RunStatus::Stopped));
 
-        let r2 = s.create_run(new_run(None, "o")).await.unwrap();
+        let r2 = s.create_run(new_run(None, "o")).await.unwrap().run;
         let t0 = Instant::now();
         let got = s
             .wait(&r2.run_id, 0, Duration::from_millis(30))
@@ -663,7 +753,7 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 let s = MemoryStore::new(limits());
-                let r = s.create_run(new_run(None, "o")).await.unwrap();
+                let r = s.create_run(new_run(None, "o")).await.unwrap().run;
                 let mut n = 0u64;
                 for b in batches {
                     let evs = (0..b).map(|i| ev(&format!("{}", n + i as u64 + 1))).collect();

@@ -108,6 +108,18 @@ pub struct NewRun {
     pub agent_id: serde_json::Value,
     /// The user's message (an AI SDK `UIMessage`), as it will appear in snapshots.
     pub user_message: serde_json::Value,
+    /// Idempotency key (the user message's id): a run created with the same organisation and
+    /// key, while it is retained, is returned instead of creating another.
+    pub idempotency_key: Option<String>,
+}
+
+/// The outcome of [`Store::create_run`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Started {
+    /// The run.
+    pub run: RunInfo,
+    /// `true` when the run already existed (same idempotency key): nothing new was started.
+    pub existing: bool,
 }
 
 /// A run's metadata (no events).
@@ -137,6 +149,8 @@ pub struct RunInfo {
     pub updated_at: SystemTime,
     /// The user's message that started it.
     pub user_message: serde_json::Value,
+    /// Its idempotency key, if any.
+    pub idempotency_key: Option<String>,
     /// The id of the assistant message this run produces (snapshots and `start.messageId`).
     pub assistant_message_id: String,
 }
@@ -215,10 +229,12 @@ pub enum StoreError {
 /// The run store.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Create a run (and its thread when `new.thread_id` is `None`). Refuses an unknown or
-    /// foreign thread ([`StoreError::ThreadNotFound`]), a thread whose latest run is in progress
-    /// ([`StoreError::RunInProgress`]), another agent's thread, and a full store.
-    async fn create_run(&self, new: NewRun) -> Result<RunInfo, StoreError>;
+    /// Create a run (and its thread when `new.thread_id` is `None`), or return the retained run
+    /// of the same organisation and idempotency key (atomically: concurrent retries get one
+    /// run). Refuses an unknown or foreign thread ([`StoreError::ThreadNotFound`]), a thread
+    /// whose latest run is in progress ([`StoreError::RunInProgress`]), another agent's thread,
+    /// and a full store.
+    async fn create_run(&self, new: NewRun) -> Result<Started, StoreError>;
 
     /// Append events to an in-progress run, numbering them from `last_seq + 1`. All or nothing.
     /// Returns the new `last_seq`. Wakes every waiter of the run.
