@@ -327,6 +327,10 @@ pub struct StreamSection {
     pub keepalive_interval: Dur,
     /// Longest `wait` a long-poll may ask for.
     pub long_poll_max: Dur,
+    /// The SSE `retry:` hint sent at the start of every stream (client reconnection delay).
+    pub retry_hint: Dur,
+    /// A client that takes no data for this long is cut (it reconnects with its cursor).
+    pub stuck_reader_timeout: Dur,
 }
 
 impl Default for StreamSection {
@@ -334,6 +338,8 @@ impl Default for StreamSection {
         StreamSection {
             keepalive_interval: Dur(Duration::from_secs(15)),
             long_poll_max: Dur(Duration::from_secs(30)),
+            retry_hint: Dur(Duration::from_secs(2)),
+            stuck_reader_timeout: Dur(Duration::from_secs(30)),
         }
     }
 }
@@ -477,6 +483,10 @@ impl Config {
         if self.store.full_retry_after.0 < Duration::from_secs(1) {
             return Err(invalid("store.full_retry_after", "must be at least 1s"));
         }
+        positive(
+            "stream.stuck_reader_timeout",
+            self.stream.stuck_reader_timeout,
+        )?;
         if self.stream.keepalive_interval.0 < Duration::from_millis(100) {
             return Err(invalid(
                 "stream.keepalive_interval",

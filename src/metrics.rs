@@ -139,6 +139,35 @@ pub static IDEMPOTENT_REATTACHES: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// `sluice_resumes_total{outcome}`: resume requests: `replayed` (events were missed), `live`
+/// (nothing missed), `gone` (nothing to resume: 204).
+pub static RESUMES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_resumes_total",
+        "Stream resume requests, by outcome (replayed, live, gone).",
+        &["outcome"]
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_events_replayed_total`: events re-sent to resuming clients from the log.
+pub static EVENTS_REPLAYED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_events_replayed_total",
+        "Log events replayed to resuming clients."
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_stuck_readers_total`: streams cut because the client stopped reading.
+pub static STUCK_READERS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_stuck_readers_total",
+        "SSE streams cut because the client took no data for stream.stuck_reader_timeout."
+    )
+    .expect("metric registers once")
+});
+
 /// Touch every metric so that each appears on `/metrics` from the start (with zeroes).
 pub fn init() {
     LazyLock::force(&HTTP_REQUESTS);
@@ -157,6 +186,11 @@ pub fn init() {
     LazyLock::force(&LONG_POLLS_WAITING);
     LazyLock::force(&RUNS_STOPPED);
     LazyLock::force(&IDEMPOTENT_REATTACHES);
+    for outcome in ["replayed", "live", "gone"] {
+        RESUMES.with_label_values(&[outcome]);
+    }
+    LazyLock::force(&EVENTS_REPLAYED);
+    LazyLock::force(&STUCK_READERS);
     for reason in crate::auth::AuthError::REASONS {
         AUTH_FAILURES.with_label_values(&[reason]);
     }

@@ -543,3 +543,41 @@ async fn hs256_secret_and_jwks_file_sources_work() {
     assert_eq!(gw.conversation_as(Some(&es), "nope").await.0, 404);
     assert_eq!(gw.conversation_as(Some(&hs), "nope").await.0, 401);
 }
+
+#[tokio::test]
+async fn a_jwks_down_at_start_gives_503_at_once_then_recovers() {
+    let (key, jwk, kid) = testkeys::generate_rsa().unwrap();
+    let jwks = JwksServer::start(testkeys::jwks(&[jwk]));
+    jwks.set_up(false);
+    let mock = mock_agent();
+    let auth = format!(
+        "mode = \"jwt\"\nissuer = \"{ISS}\"\njwks_url = \"{}\"\njwks_refetch_cooldown = \"500ms\"\n",
+        jwks.url
+    );
+    let gw = gateway_auth(&mock.addrs[0], &auth, "", "");
+    let token = testkeys::mint(
+        &v2("u", "org_a", "admin"),
+        &key,
+        Algorithm::RS256,
+        Some(&kid),
+    )
+    .unwrap();
+    let (status, body) = gw.conversation_as(Some(&token), "t").await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (503, &json!("auth_unavailable"))
+    );
+    // Within the cooldown, refusals are immediate and do not hit the JWKS again.
+    let hits = jwks.hits();
+    for _ in 0..10 {
+        assert_eq!(gw.conversation_as(Some(&token), "t").await.0, 503);
+    }
+    assert!(jwks.hits() <= hits + 1, "{} fetches", jwks.hits() - hits);
+    jwks.set_up(true);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        gw.conversation_as(Some(&token), "t").await.0,
+        404,
+        "recovered"
+    );
+}

@@ -141,10 +141,43 @@ async fn stopping_a_run_keeps_the_partial_answer_and_ends_its_streams() {
     // A finished run: no-op 200 with its own status.
     let (status, body) = stop(thread.clone()).await;
     assert_eq!((status, &body["status"]), (200, &json!("completed")));
+    // A silent backend: the stop itself closes its connection (not the next event, nor the
+    // idle timeout).
+    let active = || async {
+        let v: Value = gw
+            .http
+            .get(format!("http://{}/mock/active", mock.addrs[0]))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["active"].as_u64().unwrap()
+    };
+    let (silent, _) = gw.start("scenario:hang", None).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while active().await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the backend never started streaming"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = stop(silent.clone()).await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while active().await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the backend connection stayed open after stop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let m = gw.metrics().await;
-    assert!(m.contains("sluice_runs_stopped_total 1"), "{m}");
+    assert!(m.contains("sluice_runs_stopped_total 2"), "{m}");
     assert!(
-        m.contains("sluice_runs_ended_total{status=\"stopped\"} 1"),
+        m.contains("sluice_runs_ended_total{status=\"stopped\"} 2"),
         "{m}"
     );
 }

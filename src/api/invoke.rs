@@ -166,12 +166,18 @@ pub async fn invoke_agent(
         metrics::IDEMPOTENT_REATTACHES.inc();
         ids.push(("x-sluice-reattached", "true".into()));
     } else if let Some(refusal) = start_upstream(api, who, &req, &run).await {
+        // A retry should ask the backend again, not re-attach to this refusal.
+        api.store
+            .forget_key(&who.org_id, &req.message_id, &run.run_id)
+            .await;
         let mut reply = refusal.reply();
         reply.headers.extend(ids);
         let _ = ex.respond(reply).await;
         return Ok(());
     }
     if no_stream {
+        // A new run is reported `in_progress` (the documented contract: its end is seen by
+        // polling, even if that end came quickly); a re-attached one with its current status.
         let status = if started.existing {
             api.store.run(&run.run_id).await?.status
         } else {
@@ -196,8 +202,11 @@ pub async fn invoke_agent(
             seq: 0,
             chunk: None,
         });
-    stream::stream_ui(api, ex, &run, cursor, ids).await
+    stream::stream_run(api, ex, &run, stream::Dialect::UiMessage, cursor, ids).await
 }
+
+/// How long, beyond the connect timeout, an invoke waits for the backend's first answer.
+const ADMISSION_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Start ingesting a new run and wait for the backend's answer to its request, so that the
 /// backend's verdict on the agent (401, 403, 404) reaches the client as such. Returns that
@@ -227,7 +236,9 @@ async fn start_upstream(
         body,
         bearer: who.token.clone(),
     });
-    let patience = api.config.upstream.connect_timeout.0 + api.config.upstream.idle_timeout.0;
+    // Bounded so that a backend slow to send its headers cannot hold a 202 past the limits of
+    // the clients 202 exists for; a later refusal still ends the run with `error`.
+    let patience = api.config.upstream.connect_timeout.0 + ADMISSION_GRACE;
     match tokio::time::timeout(patience, admission).await {
         Ok(Ok(Admission::Refused(404, _))) => Some(ApiError::AgentNotFound),
         Ok(Ok(Admission::Refused(status @ (401 | 403), text))) => {

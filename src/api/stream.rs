@@ -1,22 +1,88 @@
-//! Streaming a run to a client as the AI SDK v5 UI-message stream: events from the log after a
-//! cursor, then live events as they are appended, then `data: [DONE]` when the run has ended.
+//! Streaming a run to a client over SSE, in either dialect: events from the log after a cursor,
+//! then live events as they are appended, then the end of the run (`data: [DONE]` in the
+//! UI-message dialect).
 //!
-//! Each chunk carries an SSE id (`k` for the last chunk of event `k`, `k.j` for the ones before
-//! it; DESIGN.md §6), so `Last-Event-ID` resumes exactly, even inside one event's chunks. The
-//! stream only reads the log, at its own pace: a slow or vanished client never slows ingestion
-//! or other readers, and hanging up never stops the run. Quiet periods get keep-alive comments;
-//! process shutdown ends the stream cleanly (the client may resume).
+//! In the UI-message dialect each chunk carries an SSE id (`k` for the last chunk of event `k`,
+//! `k.j` for the ones before it; DESIGN.md §6), so `Last-Event-ID` resumes exactly, even inside
+//! one event's chunks; in the AgentFlow dialect each event is one SSE event with `id: k`.
+//!
+//! The stream only reads the log, at its own pace: a slow or vanished client never slows
+//! ingestion or other readers, and hanging up never stops the run. At most one batch of events
+//! is buffered per connection; a reader stuck longer than `stream.stuck_reader_timeout` is cut
+//! so that it reconnects with its cursor. Quiet periods get keep-alive comments; every stream
+//! starts with a `retry:` hint; process shutdown ends the stream cleanly.
 
 use bytes::Bytes;
 
-use super::{query_param, Api, ApiError, Exchange, Identity, Reply};
+use super::{query_param, Api, ApiError, Exchange, Gone, Identity, Reply};
+use crate::event::Event;
 use crate::metrics::{self, Gauged};
+use crate::render::agentflow::AgentFlowRenderer;
 use crate::render::ui::{Cursor, UiRenderer};
+use crate::render::DONE_FRAME;
 use crate::sse;
 use crate::store::{RunInfo, ThreadId};
 
-/// Events rendered per store read.
+/// Events rendered per store read (and so, at most, buffered per connection).
 const READ_BATCH: usize = 256;
+
+/// Which dialect a stream speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// The AI SDK v5 UI-message stream.
+    UiMessage,
+    /// AgentFlow events as the backend sent them; `verbose: false` hides nested calls.
+    AgentFlow {
+        /// Show nested calls.
+        verbose: bool,
+    },
+}
+
+/// A renderer for one stream, in its dialect.
+enum Renderer {
+    Ui(Box<UiRenderer>),
+    AgentFlow(AgentFlowRenderer),
+}
+
+impl Renderer {
+    fn new(dialect: Dialect, run: &RunInfo) -> Renderer {
+        match dialect {
+            Dialect::UiMessage => {
+                Renderer::Ui(Box::new(UiRenderer::new(run.assistant_message_id.clone())))
+            }
+            Dialect::AgentFlow { verbose } => Renderer::AgentFlow(AgentFlowRenderer { verbose }),
+        }
+    }
+
+    /// Advance past an event the client has seen.
+    fn skip(&mut self, ev: &Event) {
+        if let Renderer::Ui(r) = self {
+            r.skip(ev);
+        }
+    }
+
+    fn render(&mut self, ev: &Event, out: &mut Vec<u8>) {
+        match self {
+            Renderer::Ui(r) => r.render_sse(ev, out),
+            Renderer::AgentFlow(r) => r.render_sse(ev, out),
+        }
+    }
+
+    /// Render `ev` without its first `j` chunks (an AgentFlow event is a single chunk, sent whole).
+    fn render_from(&mut self, ev: &Event, j: u32, out: &mut Vec<u8>) {
+        match self {
+            Renderer::Ui(r) => r.render_sse_from(ev, j, out),
+            Renderer::AgentFlow(r) => r.render_sse(ev, out),
+        }
+    }
+
+    fn end_frame(&self) -> Option<&'static [u8]> {
+        match self {
+            Renderer::Ui(_) => Some(DONE_FRAME),
+            Renderer::AgentFlow(_) => None,
+        }
+    }
+}
 
 /// The response headers of a UI-message stream (AI SDK `UI_MESSAGE_STREAM_HEADERS`).
 pub fn ui_headers() -> Vec<(&'static str, String)> {
@@ -29,13 +95,58 @@ pub fn ui_headers() -> Vec<(&'static str, String)> {
     ]
 }
 
-/// `GET /api/threads/{threadId}/stream[?runId=&afterSeq=]` with an optional `Last-Event-ID`.
+fn headers_for(dialect: Dialect) -> Vec<(&'static str, String)> {
+    match dialect {
+        Dialect::UiMessage => ui_headers(),
+        Dialect::AgentFlow { .. } => vec![
+            ("content-type", "text/event-stream".into()),
+            ("cache-control", "no-cache".into()),
+            ("connection", "keep-alive".into()),
+            ("x-accel-buffering", "no".into()),
+        ],
+    }
+}
+
+/// The client's cursor: `Last-Event-ID`, else `?afterSeq=`. `Ok(None)` when it sent none.
+pub fn cursor_of(ex: &dyn Exchange) -> Result<Option<Cursor>, ApiError> {
+    let raw = ex
+        .header("last-event-id")
+        .map(str::to_string)
+        .filter(|v| !v.trim().is_empty())
+        .or_else(|| query_param(ex.query(), "afterSeq"));
+    match raw {
+        None => Ok(None),
+        Some(raw) => Cursor::parse(raw.trim())
+            // `0.j` names chunks of no event.
+            .filter(|c| c.seq > 0 || c.chunk.is_none())
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::InvalidRequest(format!(
+                    "cursor `{raw}` is not an event id (expected `k` or `k.j`)"
+                ))
+            }),
+    }
+}
+
+/// `GET /api/threads/{threadId}/stream[?runId=&afterSeq=&format=ui-message|agentflow&verbose=]`
+/// with an optional `Last-Event-ID`.
 ///
 /// No cursor: the whole run from its first event while it is in progress (what the AI SDK's
 /// `resume` expects), `204` once it has ended. With a cursor: the events after it, then live
 /// events, then the end; `204` when the cursor is already at the end of a finished run.
 pub async fn resume(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<(), ApiError> {
     let thread_id = super::route::thread_of(ex.path(), "/stream").ok_or(ApiError::NotFound)?;
+    let dialect = match query_param(ex.query(), "format").as_deref() {
+        None | Some("ui-message") => Dialect::UiMessage,
+        Some("agentflow") => Dialect::AgentFlow {
+            verbose: !matches!(query_param(ex.query(), "verbose").as_deref(), Some("false")),
+        },
+        Some(other) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "`format` must be `ui-message` or `agentflow`, not `{other}`"
+            )))
+        }
+    };
     let thread = api.store.thread(&who.org_id, &ThreadId(thread_id)).await?;
     let run = match query_param(ex.query(), "runId") {
         Some(id) => thread.runs.iter().find(|r| r.run_id.0 == id),
@@ -43,67 +154,63 @@ pub async fn resume(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<
     }
     .ok_or(ApiError::RunNotFound)?
     .clone();
-    let raw = ex
-        .header("last-event-id")
-        .map(str::to_string)
-        .filter(|v| !v.trim().is_empty())
-        .or_else(|| query_param(ex.query(), "afterSeq"));
-    let cursor = match raw {
-        None => None,
-        Some(raw) => Some(Cursor::parse(raw.trim()).ok_or_else(|| {
-            ApiError::InvalidRequest(format!(
-                "cursor `{raw}` is not an event id (expected `k` or `k.j`)"
-            ))
-        })?),
-    };
+    let cursor = cursor_of(ex)?;
     let finished = run.status.is_terminal();
-    match cursor {
-        None if finished => {
-            let _ = ex.respond(Reply::empty(204)).await;
-            return Ok(());
-        }
+    let nothing_left = match cursor {
+        None => finished,
         Some(c) if c.seq > run.last_seq => {
             return Err(ApiError::InvalidRequest(format!(
                 "cursor `{c}` is beyond the end of run {} (last event {})",
                 run.run_id, run.last_seq
             )));
         }
-        Some(c) if finished && c.seq == run.last_seq && c.chunk.is_none() => {
-            let _ = ex.respond(Reply::empty(204)).await;
-            return Ok(());
-        }
-        _ => {}
+        Some(c) => finished && c.seq == run.last_seq && c.chunk.is_none(),
+    };
+    if nothing_left {
+        metrics::RESUMES.with_label_values(&["gone"]).inc();
+        let _ = ex.respond(Reply::empty(204)).await;
+        return Ok(());
     }
-    let ids = vec![
-        ("x-thread-id", run.thread_id.0.clone()),
-        ("x-run-id", run.run_id.0.clone()),
-    ];
     let cursor = cursor.unwrap_or(Cursor {
         seq: 0,
         chunk: None,
     });
-    stream_ui(api, ex, &run, cursor, ids).await
+    let outcome = if cursor.seq < run.last_seq {
+        "replayed"
+    } else {
+        "live"
+    };
+    metrics::RESUMES.with_label_values(&[outcome]).inc();
+    metrics::EVENTS_REPLAYED.inc_by(run.last_seq.saturating_sub(cursor.seq));
+    let ids = vec![
+        ("x-thread-id", run.thread_id.0.clone()),
+        ("x-run-id", run.run_id.0.clone()),
+    ];
+    stream_run(api, ex, &run, dialect, cursor, ids).await
 }
 
-/// Stream `run` to the client from after `cursor` (`seq: 0` = from the start).
-pub async fn stream_ui(
+/// Stream `run` to the client in `dialect` from after `cursor` (`seq: 0` = from the start).
+pub async fn stream_run(
     api: &Api,
     ex: &mut dyn Exchange,
     run: &RunInfo,
+    dialect: Dialect,
     cursor: Cursor,
     extra_headers: Vec<(&'static str, String)>,
 ) -> Result<(), ApiError> {
-    let mut headers = ui_headers();
+    let mut headers = headers_for(dialect);
     headers.extend(extra_headers);
     if ex.start_stream(200, headers).await.is_err() {
         return Ok(());
     }
     let _open = Gauged::new(&metrics::SSE_STREAMS_ACTIVE);
     let store = api.store.as_ref();
-    let keepalive = api.config.stream.keepalive_interval.0;
+    let cfg = &api.config.stream;
+    let stuck = cfg.stuck_reader_timeout.0;
     let mut shutdown = api.shutdown.clone();
-    let mut renderer = UiRenderer::new(run.assistant_message_id.clone());
+    let mut renderer = Renderer::new(dialect, run);
     let mut buf = Vec::with_capacity(16 * 1024);
+    sse::encode_retry(&mut buf, cfg.retry_hint.0.as_millis() as u64);
 
     // Restore the renderer's state by folding the events the client has fully seen.
     let seen = match cursor.chunk {
@@ -126,11 +233,8 @@ pub async fn stream_ui(
     if let Some(j) = cursor.chunk {
         let batch = store.read_after(&run.run_id, at, 1).await?;
         if let Some(ev) = batch.events.first() {
-            renderer.render_sse_from(ev, j, &mut buf);
+            renderer.render_from(ev, j, &mut buf);
             at = ev.seq;
-            if !buf.is_empty() && ex.send(Bytes::copy_from_slice(&buf)).await.is_err() {
-                return Ok(());
-            }
         }
     }
 
@@ -144,28 +248,29 @@ pub async fn stream_ui(
             }
         };
         if let Some(last) = batch.events.last().map(|e| e.seq) {
-            buf.clear();
             for ev in &batch.events {
-                renderer.render_sse(ev, &mut buf);
+                renderer.render(ev, &mut buf);
             }
             at = last;
-            if !buf.is_empty() && ex.send(Bytes::copy_from_slice(&buf)).await.is_err() {
+            if send(ex, &mut buf, stuck).await.is_err() {
                 return Ok(());
             }
             continue;
         }
         if batch.status.is_terminal() {
-            let _ = ex.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            if let Some(frame) = renderer.end_frame() {
+                buf.extend_from_slice(frame);
+            }
+            let _ = send(ex, &mut buf, stuck).await;
             break;
         }
+        if send(ex, &mut buf, stuck).await.is_err() {
+            return Ok(());
+        }
         tokio::select! {
-            waited = store.wait(&run.run_id, at, keepalive) => match waited {
+            waited = store.wait(&run.run_id, at, cfg.keepalive_interval.0) => match waited {
                 Ok((last, status)) if last == at && !status.is_terminal() => {
-                    buf.clear();
                     sse::encode_comment(&mut buf, "keep-alive");
-                    if ex.send(Bytes::copy_from_slice(&buf)).await.is_err() {
-                        return Ok(());
-                    }
                 }
                 Ok(_) => {}
                 Err(_) => break,
@@ -176,6 +281,27 @@ pub async fn stream_ui(
     }
     let _ = ex.end_stream().await;
     Ok(())
+}
+
+/// Send what `buf` holds (if anything) and clear it. A client that cannot take it within
+/// `stuck` is treated as gone.
+async fn send(
+    ex: &mut dyn Exchange,
+    buf: &mut Vec<u8>,
+    stuck: std::time::Duration,
+) -> Result<(), Gone> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let data = Bytes::copy_from_slice(buf);
+    buf.clear();
+    match tokio::time::timeout(stuck, ex.send(data)).await {
+        Ok(sent) => sent,
+        Err(_) => {
+            metrics::STUCK_READERS.inc();
+            Err(Gone)
+        }
+    }
 }
 
 /// Resolves once the process starts shutting down (never, if nobody can tell it so).

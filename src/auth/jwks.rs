@@ -3,6 +3,10 @@
 //! `kid` triggers at most one refetch per `auth.jwks_refetch_cooldown`, shared by all requests;
 //! refreshes are single-flight (concurrent callers wait for the one fetch); a failed refresh keeps
 //! the old keys. Key rotation therefore works without a restart.
+//!
+//! Requests never wait on a routine refresh: stale keys keep serving while one background task
+//! fetches new ones. Only the very first load is waited for, and after it fails requests are
+//! refused at once (503) until the cooldown passes, rather than queueing behind fetches.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -57,6 +61,10 @@ pub struct KeyStore {
     refreshing: tokio::sync::Mutex<()>,
     /// Bumped by every successful load, so a waiter can tell someone else refreshed.
     generation: std::sync::atomic::AtomicU64,
+    /// A background refresh is under way.
+    background: std::sync::atomic::AtomicBool,
+    /// With no keys loaded: no new attempt before this instant (after a failure).
+    retry_at: Mutex<Option<Instant>>,
     connector: Connector,
 }
 
@@ -70,6 +78,8 @@ impl KeyStore {
             last_forced: Mutex::new(None),
             refreshing: tokio::sync::Mutex::new(()),
             generation: std::sync::atomic::AtomicU64::new(0),
+            background: std::sync::atomic::AtomicBool::new(false),
+            retry_at: Mutex::new(None),
             connector: Connector::new(None),
         }
     }
@@ -87,13 +97,33 @@ impl KeyStore {
         loaded.as_ref().map(|l| l.keys.clone())
     }
 
-    /// The keys to verify with: cached ones while fresh, else refreshed (old ones if the refresh
-    /// fails). `None` only when no keys could ever be loaded.
-    pub async fn current(&self) -> Option<Arc<KeySet>> {
+    /// The keys to verify with. Fresh ones as they are; stale ones while a background task
+    /// refreshes them; with none loaded yet, a load is waited for. `None` when no keys could be
+    /// loaded (and, after a failure, until the cooldown passes).
+    pub async fn current(self: &Arc<Self>) -> Option<Arc<KeySet>> {
+        use std::sync::atomic::Ordering;
         if let Some(keys) = self.fresh() {
             return Some(keys);
         }
+        if let Some(stale) = self.any() {
+            if !self.background.swap(true, Ordering::AcqRel) {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    this.refresh(false).await;
+                    this.background.store(false, Ordering::Release);
+                });
+            }
+            return Some(stale);
+        }
+        if self.backing_off() {
+            return None;
+        }
         self.refresh(false).await
+    }
+
+    fn backing_off(&self) -> bool {
+        let wait = *self.retry_at.lock().unwrap_or_else(|p| p.into_inner());
+        wait.is_some_and(|t| Instant::now() < t)
     }
 
     /// A token named a `kid` we do not have: refetch, unless another refetch happened within the
@@ -121,6 +151,10 @@ impl KeyStore {
             if let Some(keys) = self.fresh() {
                 return Some(keys);
             }
+            // A load failed while we waited: do not queue another fetch behind it.
+            if self.any().is_none() && self.backing_off() {
+                return None;
+            }
         }
         match self.load().await {
             Ok(keys) => {
@@ -136,8 +170,10 @@ impl KeyStore {
                 log::warn!("cannot load verification keys: {e}; keeping the previous keys");
                 let mut loaded = self.loaded.write().unwrap_or_else(|p| p.into_inner());
                 // Keep the old keys, and try again after the cooldown rather than on every request.
-                if let Some(l) = loaded.as_mut() {
-                    l.refresh_at = Instant::now() + self.timing.cooldown.min(self.timing.ttl);
+                let next = Instant::now() + self.timing.cooldown.min(self.timing.ttl);
+                match loaded.as_mut() {
+                    Some(l) => l.refresh_at = next,
+                    None => *self.retry_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(next),
                 }
                 drop(loaded);
                 if forced {

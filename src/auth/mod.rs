@@ -48,7 +48,7 @@ pub struct JwtAuth {
     /// Token verification and its cache.
     verifier: Verifier,
     /// The keys.
-    keys: KeyStore,
+    keys: std::sync::Arc<KeyStore>,
     /// Keep the token to forward it.
     forward_token: bool,
 }
@@ -85,14 +85,14 @@ impl Authenticator {
         };
         Authenticator::Jwt(Box::new(JwtAuth {
             verifier: Verifier::new(policy, a.token_cache_size),
-            keys: KeyStore::new(
+            keys: std::sync::Arc::new(KeyStore::new(
                 source,
                 KeyTiming {
                     ttl: a.jwks_ttl.0,
                     cooldown: a.jwks_refetch_cooldown.0,
                     fetch_timeout: a.jwks_fetch_timeout.0,
                 },
-            ),
+            )),
             forward_token: a.forward_token,
         }))
     }

@@ -220,14 +220,38 @@ impl Ingestor {
     }
 
     /// Start consuming a run in a background task on the current runtime. The task ends with the
-    /// run (or when the runtime shuts down, which leaves the run `in_progress` until retention).
-    /// The receiver learns how the backend answered the request (dropped without a value when
-    /// no answer came, e.g. the backend was unreachable).
+    /// run (or when the runtime shuts down with the process). Should the task panic, a watcher
+    /// ends the run with `error` so that it never stays `in_progress`. The receiver learns how
+    /// the backend answered the request (dropped without a value when no answer came, e.g. the
+    /// backend was unreachable).
     pub fn spawn(&self, job: RunJob) -> tokio::sync::oneshot::Receiver<Admission> {
         metrics::RUNS_STARTED.inc();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let this = self.clone();
-        tokio::spawn(async move { this.drive(job, Some(tx)).await });
+        let run = job.run.run_id.clone();
+        let task = tokio::spawn(async move { this.drive(job, Some(tx)).await });
+        let (store, running) = (self.store.clone(), self.running.clone());
+        tokio::spawn(async move {
+            if let Err(e) = task.await {
+                if e.is_panic() {
+                    log::error!("run {run}: ingestion task panicked; ending the run");
+                    running.remove(&run);
+                    let message = "internal error in the gateway while reading the backend";
+                    let closing = crate::agentflow::synthetic_error("error", message);
+                    let ended = store
+                        .finish(
+                            &run,
+                            RunStatus::Error,
+                            Some(message.into()),
+                            Some(NewEvent::new(closing)),
+                        )
+                        .await;
+                    if ended == Ok(true) {
+                        metrics::RUNS_ENDED.with_label_values(&["error"]).inc();
+                    }
+                }
+            }
+        });
         rx
     }
 
@@ -242,12 +266,20 @@ impl Ingestor {
             run: job.run.run_id.clone(),
             admission: std::sync::Mutex::new(admission),
         };
-        let ending =
-            match tokio::time::timeout(self.run_timeout, self.adapter.run(&job, &sink)).await {
-                Ok(ending) => ending,
-                Err(_) => Ending::Failed(Failure::RunTimeout(self.run_timeout)),
-            };
         let run = &job.run.run_id;
+        let cancel = Arc::new(tokio::sync::Notify::new());
+        self.running.insert(run.clone(), cancel.clone());
+        let ending = tokio::select! {
+            ended = tokio::time::timeout(self.run_timeout, self.adapter.run(&job, &sink)) => {
+                match ended {
+                    Ok(ending) => ending,
+                    Err(_) => Ending::Failed(Failure::RunTimeout(self.run_timeout)),
+                }
+            }
+            // Dropping the adapter's future closes the backend connection.
+            _ = cancel.notified() => Ending::Closed,
+        };
+        self.running.remove(run);
         let closed = match &ending {
             Ending::Completed => {
                 self.store

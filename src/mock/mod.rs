@@ -2,7 +2,8 @@
 //! dialect (`POST /agents/{id}/run`, SSE answer), with deterministic scenarios picked by the
 //! message text (see [`scenario`]). Tests, the demo and benchmarks run against it.
 //!
-//! It also answers `GET /mock/requests` with the last requests it received (path, `x-sluice-*`
+//! It also answers `GET /mock/active` with the number of streams it is playing, and
+//! `GET /mock/requests` with the last requests it received (path, `x-sluice-*`
 //! headers, body), so tests can check what the gateway sent, and, in the demo, serves the demo
 //! identity's JWKS. Agent ids starting with `missing`, `locked` or `secret` answer 404, 401 and
 //! 403, as a backend does for an agent the caller may not use.
@@ -28,6 +29,8 @@ const REMEMBERED: usize = 200;
 /// The mock agent's state.
 #[derive(Default)]
 pub struct MockAgent {
+    /// Streams being played right now.
+    active: std::sync::atomic::AtomicUsize,
     turns: DashMap<String, u64>,
     requests: Mutex<VecDeque<Value>>,
     jwks: Option<Value>,
@@ -116,7 +119,12 @@ impl MockAgent {
             Script::Status(code, body) => {
                 let _ = ex.respond(Reply::json(code, &body)).await;
             }
-            Script::Stream(steps) => play(ex, steps).await,
+            Script::Stream(steps) => {
+                use std::sync::atomic::Ordering;
+                self.active.fetch_add(1, Ordering::SeqCst);
+                play(ex, steps).await;
+                self.active.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     }
 }
@@ -191,6 +199,10 @@ impl LocalApp for MockAgent {
             ("GET", [".well-known", "jwks.json"]) if self.jwks.is_some() => {
                 let jwks = self.jwks.clone().unwrap_or_default();
                 let _ = ex.respond(Reply::json(200, &jwks)).await;
+            }
+            ("GET", ["mock", "active"]) => {
+                let n = self.active.load(std::sync::atomic::Ordering::SeqCst);
+                let _ = ex.respond(Reply::json(200, &json!({"active": n}))).await;
             }
             ("GET", ["healthz"]) => {
                 let _ = ex.respond(Reply::json(200, &json!({"ok": true}))).await;

@@ -2,8 +2,10 @@
 //!
 //! - [`chunk`]: the AI SDK v5 UI-message chunks and their exact JSON;
 //! - [`ui`]: the AgentFlow → UI-message state machine and its resumable SSE framing;
-//! - [`fold`]: the log folded into the assistant `UIMessage` for snapshots.
+//! - [`fold`]: the log folded into the assistant `UIMessage` for snapshots;
+//! - [`agentflow`]: the AgentFlow client dialect (payloads as received, `id: seq`).
 
+pub mod agentflow;
 pub mod chunk;
 pub mod fold;
 pub mod ui;

@@ -64,6 +64,8 @@ pub struct MemoryStore {
     /// (organisation, idempotency key) → run.
     keys: DashMap<(String, String), RunId>,
     total_bytes: AtomicU64,
+    /// The part of `total_bytes` held by finished (evictable) runs.
+    finished_bytes: AtomicU64,
     /// Finished runs in the order they finished (oldest first).
     finished: Mutex<VecDeque<(Instant, RunId)>>,
 }
@@ -83,6 +85,7 @@ impl MemoryStore {
             threads: DashMap::new(),
             keys: DashMap::new(),
             total_bytes: AtomicU64::new(0),
+            finished_bytes: AtomicU64::new(0),
             finished: Mutex::new(VecDeque::new()),
         }
     }
@@ -101,7 +104,15 @@ impl MemoryStore {
     }
 
     /// Evict finished runs, oldest first, until `fits()` holds or none are left.
+    ///
+    /// Evicts nothing when even evicting every finished run would not be enough: finished
+    /// conversations are not thrown away for a request that would be refused anyway.
     fn evict_until(&self, fits: impl Fn(u64) -> bool) {
+        let total = self.total_bytes.load(Ordering::Acquire);
+        let finished = self.finished_bytes.load(Ordering::Acquire);
+        if !fits(total.saturating_sub(finished)) {
+            return;
+        }
         while !fits(self.total_bytes.load(Ordering::Acquire)) {
             let next = lock(&self.finished).pop_front();
             match next {
@@ -128,6 +139,8 @@ impl MemoryStore {
             self.keys.remove_if(&key, |_, r| r == run);
         }
         self.total_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        // Only finished runs are evicted.
+        self.finished_bytes.fetch_sub(bytes, Ordering::AcqRel);
         // Wake waiters so they notice the run is gone.
         cell.changed.send_modify(|v| *v += 1);
         let empty = match self.threads.get_mut(&thread_id) {
@@ -142,10 +155,14 @@ impl MemoryStore {
         }
     }
 
+    fn high_water(&self) -> u64 {
+        self.limits.max_total_bytes / 10 * 9
+    }
+
+    /// Create a run (no idempotency bookkeeping). Evicts nothing: callers make room first,
+    /// before taking any lock that eviction needs.
     fn create_new(&self, new: NewRun) -> Result<RunInfo, StoreError> {
-        let high_water = self.limits.max_total_bytes / 10 * 9;
-        self.evict_until(|total| total < high_water);
-        if self.total_bytes.load(Ordering::Acquire) >= high_water {
+        if self.total_bytes.load(Ordering::Acquire) >= self.high_water() {
             return Err(self.full());
         }
         let now = SystemTime::now();
@@ -224,6 +241,9 @@ impl MemoryStore {
 #[async_trait]
 impl Store for MemoryStore {
     async fn create_run(&self, new: NewRun) -> Result<Started, StoreError> {
+        // Make room first: eviction takes the locks of `keys`, which the entry below holds.
+        let high_water = self.high_water();
+        self.evict_until(|total| total < high_water);
         let Some(key) = new.idempotency_key.clone() else {
             return self.create_new(new).map(|run| Started {
                 run,
@@ -258,6 +278,11 @@ impl Store for MemoryStore {
                 })
             }
         }
+    }
+
+    async fn forget_key(&self, org_id: &str, key: &str, run: &RunId) {
+        self.keys
+            .remove_if(&(org_id.to_string(), key.to_string()), |_, r| r == run);
     }
 
     async fn append(&self, run: &RunId, events: Vec<NewEvent>) -> Result<u64, StoreError> {
@@ -326,6 +351,8 @@ impl Store for MemoryStore {
         };
         st.info.error = error;
         st.info.updated_at = SystemTime::now();
+        self.finished_bytes
+            .fetch_add(st.info.bytes, Ordering::AcqRel);
         drop(st);
         lock(&self.finished).push_back((Instant::now(), run.clone()));
         cell.changed.send_modify(|v| *v += 1);
@@ -696,6 +723,68 @@ mod tests {
         // Once it has finished it can be evicted to admit new work.
         s.create_run(new_run(None, "o")).await.unwrap();
         assert_eq!(s.bytes_held(), 0);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_evicted_for_a_request_that_would_be_refused_anyway() {
+        let mut l = limits();
+        l.max_total_bytes = 1000;
+        l.max_bytes_per_run = 5000;
+        let s = MemoryStore::new(l);
+        let done = s.create_run(new_run(None, "o")).await.unwrap().run;
+        s.append(&done.run_id, vec![ev(&"x".repeat(50))])
+            .await
+            .unwrap();
+        s.finish(&done.run_id, RunStatus::Completed, None, None)
+            .await
+            .unwrap();
+        let live = s.create_run(new_run(None, "o")).await.unwrap().run;
+        s.append(&live.run_id, vec![ev(&"y".repeat(900))])
+            .await
+            .unwrap();
+        // Live runs alone hold 90%: new work is refused, and the finished run survives.
+        assert!(matches!(
+            s.create_run(new_run(None, "o")).await,
+            Err(StoreError::Full { .. })
+        ));
+        assert!(matches!(
+            s.append(&live.run_id, vec![ev(&"z".repeat(101))]).await,
+            Err(StoreError::Full { .. })
+        ));
+        assert!(s.run(&done.run_id).await.is_ok());
+        assert_eq!(s.bytes_held(), 950);
+    }
+
+    #[tokio::test]
+    async fn keyed_runs_are_evicted_without_deadlock() {
+        let mut l = limits();
+        l.max_total_bytes = 1000;
+        l.max_bytes_per_run = 1000;
+        let s = MemoryStore::new(l);
+        // Many finished keyed runs, each forcing the eviction of earlier ones.
+        for i in 0..64 {
+            let new = NewRun {
+                idempotency_key: Some(format!("k{i}")),
+                ..new_run(None, "o")
+            };
+            let run = tokio::time::timeout(Duration::from_secs(5), s.create_run(new))
+                .await
+                .expect("no deadlock")
+                .unwrap()
+                .run;
+            s.append(&run.run_id, vec![ev(&"x".repeat(400))])
+                .await
+                .unwrap();
+            s.finish(&run.run_id, RunStatus::Completed, None, None)
+                .await
+                .unwrap();
+        }
+        assert!(s.bytes_held() <= 1000);
+        assert!(
+            s.keys.len() <= 3,
+            "evicted runs' keys are forgotten: {}",
+            s.keys.len()
+        );
     }
 
     #[tokio::test]

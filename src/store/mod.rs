@@ -236,6 +236,10 @@ pub trait Store: Send + Sync + 'static {
     /// and a full store.
     async fn create_run(&self, new: NewRun) -> Result<Started, StoreError>;
 
+    /// Forget an idempotency key of `org_id` if it still names `run` (e.g. the backend refused
+    /// the run, so a retry should try again rather than re-attach to the refusal).
+    async fn forget_key(&self, org_id: &str, key: &str, run: &RunId);
+
     /// Append events to an in-progress run, numbering them from `last_seq + 1`. All or nothing.
     /// Returns the new `last_seq`. Wakes every waiter of the run.
     async fn append(&self, run: &RunId, events: Vec<NewEvent>) -> Result<u64, StoreError>;
