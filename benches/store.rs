@@ -32,6 +32,7 @@ async fn run(s: &MemoryStore) -> RunInfo {
         agent_id: json!(1),
         user_message: json!({"id":"m","role":"user","parts":[]}),
         idempotency_key: None,
+        conversation: None,
     })
     .await
     .unwrap()

@@ -154,6 +154,7 @@ pub async fn invoke_agent(
             agent_id: req.agent_id.clone(),
             user_message: req.message.clone(),
             idempotency_key: Some(req.message_id.clone()),
+            conversation: None,
         })
         .await?;
     let run = started.run;
@@ -206,7 +207,7 @@ pub async fn invoke_agent(
 }
 
 /// How long, beyond the connect timeout, an invoke waits for the backend's first answer.
-const ADMISSION_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const ADMISSION_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Start ingesting a new run and wait for the backend's answer to its request, so that the
 /// backend's verdict on the agent (401, 403, 404) reaches the client as such. Returns that

@@ -2,6 +2,7 @@
 //! streams, written against the small [`Exchange`] trait so that no Pingora type appears here
 //! (`crate::server::exchange` implements it over a Pingora session).
 
+pub mod agentflow;
 pub mod conversation;
 pub mod error;
 pub mod invoke;
@@ -115,6 +116,7 @@ impl Api {
             Route::GetConversation => conversation::get_conversation(self, &identity, ex).await,
             Route::ResumeStream => stream::resume(self, &identity, ex).await,
             Route::StopRun => stop::stop(self, &identity, ex).await,
+            Route::RunAgent => agentflow::run_agent(self, &identity, ex).await,
         };
         if let Err(e) = result {
             if ex.status_sent().is_none() {

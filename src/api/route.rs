@@ -13,6 +13,8 @@ pub enum Route {
     ResumeStream,
     /// `POST /api/threads/{threadId}/stop`: stop the thread's run.
     StopRun,
+    /// `POST /agents/{id}/run`: the AgentFlow dialect.
+    RunAgent,
 }
 
 impl Route {
@@ -23,6 +25,7 @@ impl Route {
             Route::GetConversation => "get_conversation",
             Route::ResumeStream => "resume_stream",
             Route::StopRun => "stop_run",
+            Route::RunAgent => "run_agent",
         }
     }
 }
@@ -41,6 +44,7 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         "/api/getConversation" => (Route::GetConversation, "GET"),
         _ if thread_of(path, "/stream").is_some() => (Route::ResumeStream, "GET"),
         _ if thread_of(path, "/stop").is_some() => (Route::StopRun, "POST"),
+        _ if super::agentflow::agent_of(path).is_some() => (Route::RunAgent, "POST"),
         _ => return Err(ApiError::NotFound),
     };
     if method == allowed {

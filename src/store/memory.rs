@@ -54,6 +54,8 @@ struct ThreadRec {
     agent_id: serde_json::Value,
     created_at: SystemTime,
     runs: Vec<RunId>,
+    /// The client's conversation id this thread stands for (AgentFlow dialect).
+    conversation: Option<String>,
 }
 
 /// The embedded [`Store`].
@@ -63,6 +65,8 @@ pub struct MemoryStore {
     threads: DashMap<ThreadId, ThreadRec>,
     /// (organisation, idempotency key) → run.
     keys: DashMap<(String, String), RunId>,
+    /// (organisation, client conversation id) → thread.
+    conversations: DashMap<(String, String), ThreadId>,
     total_bytes: AtomicU64,
     /// The part of `total_bytes` held by finished (evictable) runs.
     finished_bytes: AtomicU64,
@@ -84,6 +88,7 @@ impl MemoryStore {
             runs: DashMap::new(),
             threads: DashMap::new(),
             keys: DashMap::new(),
+            conversations: DashMap::new(),
             total_bytes: AtomicU64::new(0),
             finished_bytes: AtomicU64::new(0),
             finished: Mutex::new(VecDeque::new()),
@@ -151,7 +156,12 @@ impl MemoryStore {
             None => false,
         };
         if empty {
-            self.threads.remove_if(&thread_id, |_, t| t.runs.is_empty());
+            if let Some((_, t)) = self.threads.remove_if(&thread_id, |_, t| t.runs.is_empty()) {
+                if let Some(conv) = t.conversation {
+                    self.conversations
+                        .remove_if(&(t.org_id, conv), |_, th| *th == thread_id);
+                }
+            }
         }
     }
 
@@ -194,7 +204,31 @@ impl MemoryStore {
             };
             self.runs.insert(info.run_id.clone(), Arc::new(cell));
         };
-        match new.thread_id.clone() {
+        // A client conversation id names a thread of its own organisation, created on first use.
+        let mut thread_id = new.thread_id.clone();
+        if let (None, Some(conv)) = (&thread_id, &new.conversation) {
+            let key = (new.org_id.clone(), conv.clone());
+            let known = self.conversations.get(&key).map(|t| t.clone());
+            match known {
+                Some(t) if self.threads.contains_key(&t) => thread_id = Some(t),
+                _ => {
+                    let t = ThreadId::generate();
+                    self.conversations.insert(key, t.clone());
+                    thread_id = Some(t.clone());
+                    self.threads.insert(
+                        t,
+                        ThreadRec {
+                            org_id: new.org_id.clone(),
+                            agent_id: new.agent_id.clone(),
+                            created_at: now,
+                            runs: Vec::new(),
+                            conversation: Some(conv.clone()),
+                        },
+                    );
+                }
+            }
+        }
+        match thread_id {
             None => {
                 let thread_id = ThreadId::generate();
                 let info = make_info(thread_id.clone());
@@ -206,6 +240,7 @@ impl MemoryStore {
                         agent_id: new.agent_id.clone(),
                         created_at: now,
                         runs: vec![run_id.clone()],
+                        conversation: None,
                     },
                 );
                 Ok(info)
@@ -491,6 +526,7 @@ mod tests {
             agent_id: json!(7),
             user_message: json!({"id":"m","role":"user","parts":[]}),
             idempotency_key: None,
+            conversation: None,
         }
     }
 

@@ -111,6 +111,9 @@ pub struct NewRun {
     /// Idempotency key (the user message's id): a run created with the same organisation and
     /// key, while it is retained, is returned instead of creating another.
     pub idempotency_key: Option<String>,
+    /// With no `thread_id`: the client's own conversation id (AgentFlow dialect), mapped to one
+    /// thread per organisation, created on first use.
+    pub conversation: Option<String>,
 }
 
 /// The outcome of [`Store::create_run`].
