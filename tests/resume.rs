@@ -149,3 +149,46 @@ async fn bad_resume_requests_are_refused() {
         .unwrap();
     assert_eq!(resp.status(), 405);
 }
+
+#[tokio::test]
+async fn a_stuck_reader_neither_delays_a_fast_one_nor_holds_on_forever() {
+    use std::io::Write;
+    let mock = mock_agent();
+    let gw = gateway_with(
+        &mock.addrs[0],
+        "",
+        "[stream]\nstuck_reader_timeout = \"1s\"\n",
+    );
+    let (thread, _) = gw.start("scenario:long events=60000", None).await;
+    // A client that asks for the whole run and then never reads a byte.
+    let addr = gw.base.trim_start_matches("http://").to_string();
+    let mut stuck = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stuck,
+        "GET /api/threads/{thread}/stream?afterSeq=0 HTTP/1.1\r\nhost: {addr}\r\n\r\n"
+    )
+    .unwrap();
+    // A fast reader of the same run gets all of it.
+    let t0 = std::time::Instant::now();
+    let (status, body) = get_stream(&gw, &thread, None, "?afterSeq=0").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.ends_with("data: [DONE]\n\n"),
+        "fast reader did not get the end"
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30));
+    // The stuck one is cut after its timeout.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let m = gw.metrics().await;
+        if m.contains("sluice_stuck_readers_total 1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stuck reader never cut:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(stuck);
+}
