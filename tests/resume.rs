@@ -192,3 +192,32 @@ async fn a_stuck_reader_neither_delays_a_fast_one_nor_holds_on_forever() {
     }
     drop(stuck);
 }
+
+#[tokio::test]
+async fn a_cursor_into_an_evicted_run_gets_410_pointing_to_the_snapshot() {
+    let mock = mock_agent();
+    let gw = gateway_with(&mock.addrs[0], "", "[store]\nretention = \"300ms\"\n");
+    let (thread, first) = gw.start("first", None).await;
+    gw.wait_terminal(&thread).await;
+    // A second run keeps the thread alive while the first is evicted.
+    gw.start("scenario:hang", Some(&thread)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, body) = get_stream(&gw, &thread, Some("2"), &format!("?runId={first}")).await;
+        if status == 410 {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["error"]["code"], "cursor_expired");
+            assert!(v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("/api/getConversation"));
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(std::time::Instant::now() < deadline, "never evicted");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // An id that never existed is still plain 404.
+    let (status, _) = get_stream(&gw, &thread, Some("2"), "?runId=run_nope").await;
+    assert_eq!(status, 404);
+}

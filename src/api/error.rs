@@ -25,6 +25,9 @@ pub enum ApiError {
     /// No such run in this thread.
     #[error("run not found in this thread")]
     RunNotFound,
+    /// The log no longer holds the events after the client's cursor (the run was evicted).
+    #[error("the events after this cursor are no longer retained (run {0} was evicted); read the conversation snapshot at /api/getConversation instead")]
+    CursorExpired(String),
     /// The thread's latest run is still in progress.
     #[error("the thread's run {0} is still in progress")]
     RunInProgress(String),
@@ -64,6 +67,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => 405,
             ApiError::RunInProgress(_) => 409,
             ApiError::PayloadTooLarge(_) => 413,
+            ApiError::CursorExpired(_) => 410,
             ApiError::Internal(_) => 500,
             ApiError::Auth(e) => e.status(),
             ApiError::AgentNotFound => 404,
@@ -81,6 +85,7 @@ impl ApiError {
             ApiError::RunNotFound => "run_not_found",
             ApiError::RunInProgress(_) => "run_in_progress",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::CursorExpired(_) => "cursor_expired",
             ApiError::StoreFull(_) => "store_full",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::NotFound => "not_found",

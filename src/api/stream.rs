@@ -148,13 +148,22 @@ pub async fn resume(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<
         }
     };
     let thread = api.store.thread(&who.org_id, &ThreadId(thread_id)).await?;
-    let run = match query_param(ex.query(), "runId") {
-        Some(id) => thread.runs.iter().find(|r| r.run_id.0 == id),
+    let wanted = query_param(ex.query(), "runId");
+    let run = match &wanted {
+        Some(id) => thread.runs.iter().find(|r| r.run_id.0 == *id),
         None => thread.latest(),
-    }
-    .ok_or(ApiError::RunNotFound)?
-    .clone();
+    };
     let cursor = cursor_of(ex)?;
+    let Some(run) = run.cloned() else {
+        let evicted = wanted
+            .as_ref()
+            .is_some_and(|id| thread.evicted.iter().any(|r| r.0 == *id));
+        if evicted {
+            metrics::RESUMES.with_label_values(&["gone"]).inc();
+            return Err(ApiError::CursorExpired(wanted.unwrap_or_default()));
+        }
+        return Err(ApiError::RunNotFound);
+    };
     let finished = run.status.is_terminal();
     let nothing_left = match cursor {
         None => finished,

@@ -56,7 +56,12 @@ struct ThreadRec {
     runs: Vec<RunId>,
     /// The client's conversation id this thread stands for (AgentFlow dialect).
     conversation: Option<String>,
+    /// Recently evicted runs of the thread (at most [`EVICTED_REMEMBERED`]).
+    evicted: VecDeque<RunId>,
 }
+
+/// Evicted run ids remembered per thread.
+const EVICTED_REMEMBERED: usize = 16;
 
 /// The embedded [`Store`].
 pub struct MemoryStore {
@@ -151,6 +156,10 @@ impl MemoryStore {
         let empty = match self.threads.get_mut(&thread_id) {
             Some(mut t) => {
                 t.runs.retain(|r| r != run);
+                if t.evicted.len() == EVICTED_REMEMBERED {
+                    t.evicted.pop_front();
+                }
+                t.evicted.push_back(run.clone());
                 t.runs.is_empty()
             }
             None => false,
@@ -223,6 +232,7 @@ impl MemoryStore {
                             created_at: now,
                             runs: Vec::new(),
                             conversation: Some(conv.clone()),
+                            evicted: VecDeque::new(),
                         },
                     );
                 }
@@ -241,6 +251,7 @@ impl MemoryStore {
                         created_at: now,
                         runs: vec![run_id.clone()],
                         conversation: None,
+                        evicted: VecDeque::new(),
                     },
                 );
                 Ok(info)
@@ -399,8 +410,13 @@ impl Store for MemoryStore {
     }
 
     async fn thread(&self, org_id: &str, thread: &ThreadId) -> Result<ThreadInfo, StoreError> {
-        let (agent_id, created_at, run_ids) = match self.threads.get(thread) {
-            Some(t) if t.org_id == org_id => (t.agent_id.clone(), t.created_at, t.runs.clone()),
+        let (agent_id, created_at, run_ids, evicted) = match self.threads.get(thread) {
+            Some(t) if t.org_id == org_id => (
+                t.agent_id.clone(),
+                t.created_at,
+                t.runs.clone(),
+                t.evicted.iter().cloned().collect(),
+            ),
             _ => return Err(StoreError::ThreadNotFound),
         };
         let runs: Vec<RunInfo> = run_ids.iter().filter_map(|r| self.info_of(r)).collect();
@@ -413,6 +429,7 @@ impl Store for MemoryStore {
             agent_id,
             created_at,
             runs,
+            evicted,
         })
     }
 

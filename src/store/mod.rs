@@ -171,6 +171,9 @@ pub struct ThreadInfo {
     pub created_at: SystemTime,
     /// Its runs that are still retained, oldest first.
     pub runs: Vec<RunInfo>,
+    /// Ids of its runs already evicted (the most recent ones), so a cursor into one of them can
+    /// be told apart from an unknown run.
+    pub evicted: Vec<RunId>,
 }
 
 impl ThreadInfo {
