@@ -105,6 +105,11 @@ async fn no_cursor_replays_an_active_run_and_answers_204_once_it_ended() {
     tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     let (status, body) = get_stream(&gw, &thread, None, "").await;
     assert_eq!(status, 200);
+    assert!(
+        body.starts_with("retry: 2000\n\n"),
+        "a retry hint first: {}",
+        &body[..40]
+    );
     let (events, _) = parse_sse(&body);
     let chunks: Vec<Value> = events[..events.len() - 1]
         .iter()
