@@ -66,15 +66,7 @@ async fn streams_events_as_received_and_every_retry_resumes_exactly() {
         .unwrap();
     assert_eq!(payloads(&resp.text().await.unwrap()), full[3..].to_vec());
     // The backend saw one run, with the advanced fields untouched.
-    let seen: Value = gw
-        .http
-        .get(format!("http://{}/mock/requests", mock.addrs[0]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let seen = Value::Array(mock_requests(&gw.http, &mock.addrs[0]).await);
     let runs: Vec<&Value> = seen
         .as_array()
         .unwrap()

@@ -333,15 +333,7 @@ async fn organisations_never_see_each_others_threads() {
         snap["streamStatus"], "completed",
         "B's stop did not touch the run"
     );
-    let seen: Value =
-        s.gw.http
-            .get(format!("http://{}/mock/requests", s.mock.addrs[0]))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let seen = serde_json::Value::Array(mock_requests(&s.gw.http, &s.mock.addrs[0]).await);
     let req = seen
         .as_array()
         .unwrap()
@@ -362,15 +354,7 @@ async fn tokens_are_forwarded_when_configured_and_agents_are_checked() {
     let a = s.token(&v2("user_a", "org_a", "admin"));
     let (thread, _) = s.gw.start_as(&a, "hello", None).await;
     s.gw.wait_terminal_as(&a, &thread).await;
-    let seen: Value =
-        s.gw.http
-            .get(format!("http://{}/mock/requests", s.mock.addrs[0]))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let seen = serde_json::Value::Array(mock_requests(&s.gw.http, &s.mock.addrs[0]).await);
     let req = seen.as_array().unwrap().last().unwrap();
     assert_eq!(
         req["headers"]["authorization"],

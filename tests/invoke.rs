@@ -244,15 +244,7 @@ async fn the_backend_receives_the_documented_request() {
     assert_eq!(resp.status(), 202);
     let thread = resp.headers()["x-thread-id"].to_str().unwrap().to_string();
     gw.wait_terminal(&thread).await;
-    let seen: serde_json::Value = gw
-        .http
-        .get(format!("http://{}/mock/requests", mock.addrs[0]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let seen = serde_json::Value::Array(mock_requests(&gw.http, &mock.addrs[0]).await);
     let req = seen.as_array().unwrap().last().unwrap();
     assert_eq!(req["path"], "/agents/support%20bot%2F2/run");
     assert_eq!(req["body"]["message"], "Hi\nthere");

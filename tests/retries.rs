@@ -47,15 +47,7 @@ async fn twenty_concurrent_retries_start_one_run_and_all_get_the_whole_stream() 
         assert_eq!(reduce_ui(&chunks).unwrap(), snap["messages"][1]);
     }
     // The backend saw exactly one run for that message.
-    let seen: Value = gw
-        .http
-        .get(format!("http://{}/mock/requests", mock.addrs[0]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let seen = Value::Array(mock_requests(&gw.http, &mock.addrs[0]).await);
     let runs = seen
         .as_array()
         .unwrap()

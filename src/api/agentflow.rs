@@ -16,7 +16,7 @@ use super::invoke::{agent_allowed, wants_no_stream};
 use super::stream::{self, Dialect};
 use super::{Api, ApiError, Exchange, Identity, Reply};
 use crate::ingest::agentflow::path_segment;
-use crate::ingest::{Admission, RunJob};
+use crate::ingest::RunJob;
 use crate::metrics;
 use crate::render::fold::fold;
 use crate::render::ui::Cursor;
@@ -122,7 +122,7 @@ pub async fn run_agent(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Resu
             conversation: req.conversation_id.clone(),
         })
         .await?;
-    let run = started.run;
+    let run = started.run.clone();
     let mut ids = vec![
         ("x-thread-id", run.thread_id.0.clone()),
         ("x-run-id", run.run_id.0.clone()),
@@ -131,21 +131,13 @@ pub async fn run_agent(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Resu
         metrics::IDEMPOTENT_REATTACHES.inc();
         ids.push(("x-sluice-reattached", "true".into()));
     } else {
-        let admission = api.ingest.spawn(RunJob {
+        let job = RunJob {
             run: run.clone(),
             agent_path: path_segment(&agent),
             body: Value::Object(req.body.clone()),
             bearer: who.token.clone(),
-        });
-        let patience = api.config.upstream.connect_timeout.0 + super::invoke::ADMISSION_GRACE;
-        let refusal = match tokio::time::timeout(patience, admission).await {
-            Ok(Ok(Admission::Refused(404, _))) => Some(ApiError::AgentNotFound),
-            Ok(Ok(Admission::Refused(status @ (401 | 403), text))) => {
-                Some(ApiError::AgentRefused(status, text))
-            }
-            _ => None,
         };
-        if let Some(err) = refusal {
+        if let Some(err) = super::invoke::admit(api, job).await {
             api.store.forget_key(&who.org_id, &key, &run.run_id).await;
             let mut reply = err.reply();
             reply.headers.extend(ids);
@@ -154,16 +146,7 @@ pub async fn run_agent(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Resu
         }
     }
     if wants_no_stream(ex.header("x-stream-response")) {
-        let status = if started.existing {
-            api.store.run(&run.run_id).await?.status
-        } else {
-            run.status
-        };
-        let mut reply = Reply::json(
-            202,
-            &json!({"threadId": run.thread_id.0, "runId": run.run_id.0, "status": status.as_str()}),
-        );
-        reply.headers.extend(ids);
+        let reply = super::invoke::accepted(api, &started, ids).await?;
         let _ = ex.respond(reply).await;
         return Ok(());
     }

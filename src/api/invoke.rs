@@ -8,7 +8,7 @@ use crate::ingest::agentflow::path_segment;
 use crate::ingest::{Admission, RunJob};
 use crate::metrics;
 use crate::render::ui::Cursor;
-use crate::store::{NewRun, RunInfo, ThreadId};
+use crate::store::{NewRun, RunInfo, Started, ThreadId};
 
 /// A validated invoke request.
 #[derive(Clone, Debug, PartialEq)]
@@ -157,7 +157,7 @@ pub async fn invoke_agent(
             conversation: None,
         })
         .await?;
-    let run = started.run;
+    let run = started.run.clone();
     let mut ids = vec![
         ("x-thread-id", run.thread_id.0.clone()),
         ("x-run-id", run.run_id.0.clone()),
@@ -177,18 +177,7 @@ pub async fn invoke_agent(
         return Ok(());
     }
     if no_stream {
-        // A new run is reported `in_progress` (the documented contract: its end is seen by
-        // polling, even if that end came quickly); a re-attached one with its current status.
-        let status = if started.existing {
-            api.store.run(&run.run_id).await?.status
-        } else {
-            run.status
-        };
-        let mut reply = Reply::json(
-            202,
-            &json!({"threadId": run.thread_id.0, "runId": run.run_id.0, "status": status.as_str()}),
-        );
-        reply.headers.extend(ids);
+        let reply = accepted(api, &started, ids).await?;
         let _ = ex.respond(reply).await;
         return Ok(());
     }
@@ -231,12 +220,22 @@ async fn start_upstream(
     if let Some(tz) = &req.timezone {
         body["client_timezone"] = json!(tz);
     }
-    let admission = api.ingest.spawn(RunJob {
-        run: run.clone(),
-        agent_path,
-        body,
-        bearer: who.token.clone(),
-    });
+    admit(
+        api,
+        RunJob {
+            run: run.clone(),
+            agent_path,
+            body,
+            bearer: who.token.clone(),
+        },
+    )
+    .await
+}
+
+/// Start ingesting `job` and wait (briefly) for the backend's first answer; returns its
+/// refusal of the agent (401, 403, 404) as the error to give the client.
+pub(crate) async fn admit(api: &Api, job: RunJob) -> Option<ApiError> {
+    let admission = api.ingest.spawn(job);
     // Bounded so that a backend slow to send its headers cannot hold a 202 past the limits of
     // the clients 202 exists for; a later refusal still ends the run with `error`.
     let patience = api.config.upstream.connect_timeout.0 + ADMISSION_GRACE;
@@ -247,6 +246,28 @@ async fn start_upstream(
         }
         _ => None,
     }
+}
+
+/// The `202 Accepted` answer for a run: a new one is reported `in_progress` (the documented
+/// contract: its end is seen by polling, however soon it came), a re-attached one with its
+/// current status.
+pub(crate) async fn accepted(
+    api: &Api,
+    started: &Started,
+    ids: Vec<(&'static str, String)>,
+) -> Result<Reply, ApiError> {
+    let run = &started.run;
+    let status = if started.existing {
+        api.store.run(&run.run_id).await?.status
+    } else {
+        run.status
+    };
+    let mut reply = Reply::json(
+        202,
+        &json!({"threadId": run.thread_id.0, "runId": run.run_id.0, "status": status.as_str()}),
+    );
+    reply.headers.extend(ids);
+    Ok(reply)
 }
 
 #[cfg(test)]

@@ -141,6 +141,19 @@ pub fn mock_agent() -> Proc {
     spawn(&["mock-agent", "--listen", "127.0.0.1:0"], 1, None)
 }
 
+/// The requests a mock agent at `addr` received (`GET /mock/requests`).
+pub async fn mock_requests(http: &reqwest::Client, addr: &str) -> Vec<Value> {
+    let v: Value = http
+        .get(format!("http://{addr}/mock/requests"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v.as_array().cloned().unwrap_or_default()
+}
+
 /// A gateway in front of `upstream` with extra TOML appended to a minimal config (auth disabled).
 /// `extra` may contain whole sections (`[limits]` …); keys for `[upstream]` go in `upstream_extra`.
 pub fn gateway_with(upstream: &str, upstream_extra: &str, extra: &str) -> Gateway {
