@@ -129,9 +129,8 @@ async fn bad_tokens_get_401_with_a_bearer_challenge() {
         f(&mut c);
         s.token(&c)
     };
-    let (_, jwk2, kid2) = testkeys::generate_rsa().unwrap();
-    let _ = jwk2;
-    let (other_key, _, _) = testkeys::generate_rsa().unwrap();
+    // A key the JWKS does not have.
+    let (other_key, _, kid2) = testkeys::generate_rsa().unwrap();
     let mut tampered = good.clone().into_bytes();
     let dot = tampered.iter().position(|b| *b == b'.').unwrap();
     tampered[dot + 5] = if tampered[dot + 5] == b'A' {

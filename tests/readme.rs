@@ -146,5 +146,4 @@ async fn readme_and_demo_commands_work_against_the_demo() {
         };
         assert!(status.starts_with(expected), "`{cmd}` answered {status}");
     }
-    tokio::time::sleep(Duration::from_millis(10)).await;
 }

@@ -45,11 +45,7 @@ fn bad(msg: &str) -> ApiError {
 
 /// Parse and validate the body. Pure.
 pub fn parse_run(body: &[u8]) -> Result<RunRequest, ApiError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    let Value::Object(mut body) = value else {
-        return Err(bad("request body must be a JSON object"));
-    };
+    let mut body = super::json_object(body)?;
     let message = match body.get("message") {
         Some(Value::String(m)) if !m.trim().is_empty() => m.clone(),
         _ => return Err(bad("`message` must be a non-empty string")),

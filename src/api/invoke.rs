@@ -33,11 +33,7 @@ fn bad(msg: impl Into<String>) -> ApiError {
 
 /// Parse and validate the body. Pure.
 pub fn parse_invoke(body: &[u8]) -> Result<InvokeRequest, ApiError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    let Value::Object(mut obj) = value else {
-        return Err(bad("request body must be a JSON object"));
-    };
+    let mut obj = super::json_object(body)?;
     let agent_id = match obj.remove("agentId") {
         None | Some(Value::Null) => return Err(bad("`agentId` is required")),
         Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Value::Number(n),

@@ -129,6 +129,18 @@ impl Api {
     }
 }
 
+/// A request body that must be one JSON object: `invalid_json` when it is not JSON,
+/// `invalid_request` when it is JSON of another shape.
+pub fn json_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    match serde_json::from_slice(body) {
+        Ok(serde_json::Value::Object(obj)) => Ok(obj),
+        Ok(_) => Err(ApiError::InvalidRequest(
+            "request body must be a JSON object".into(),
+        )),
+        Err(e) => Err(ApiError::InvalidJson(e.to_string())),
+    }
+}
+
 /// Parse a query string into (name, value) pairs.
 pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     form_urlencoded::parse(query?.as_bytes())

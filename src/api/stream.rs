@@ -54,25 +54,14 @@ impl Renderer {
         }
     }
 
-    /// Advance past an event the client has seen.
-    fn skip(&mut self, ev: &Event) {
-        if let Renderer::Ui(r) = self {
-            r.skip(ev);
-        }
-    }
-
-    fn render(&mut self, ev: &Event, out: &mut Vec<u8>) {
+    /// Render `ev` for a client at `cursor`: events the cursor covers only advance the state,
+    /// the event at a `k.j` cursor sends its chunks after the j-th (an AgentFlow event is one
+    /// chunk, sent whole), later events are sent in full.
+    fn render_after(&mut self, ev: &Event, cursor: Cursor, out: &mut Vec<u8>) {
         match self {
-            Renderer::Ui(r) => r.render_sse(ev, out),
-            Renderer::AgentFlow(r) => r.render_sse(ev, out),
-        }
-    }
-
-    /// Render `ev` without its first `j` chunks (an AgentFlow event is a single chunk, sent whole).
-    fn render_from(&mut self, ev: &Event, j: u32, out: &mut Vec<u8>) {
-        match self {
-            Renderer::Ui(r) => r.render_sse_from(ev, j, out),
-            Renderer::AgentFlow(r) => r.render_sse(ev, out),
+            Renderer::Ui(r) => r.render_sse_after(ev, cursor, out),
+            Renderer::AgentFlow(r) if !cursor.covers(ev.seq) => r.render_sse(ev, out),
+            Renderer::AgentFlow(_) => {}
         }
     }
 
@@ -221,32 +210,9 @@ pub async fn stream_run(
     let mut buf = Vec::with_capacity(16 * 1024);
     sse::encode_retry(&mut buf, cfg.retry_hint.0.as_millis() as u64);
 
-    // Restore the renderer's state by folding the events the client has fully seen.
-    let seen = match cursor.chunk {
-        Some(_) => cursor.seq.saturating_sub(1),
-        None => cursor.seq,
-    };
+    // Every event goes through the renderer from seq 1: those the cursor covers only rebuild
+    // its state (a resuming UI-message client must not get a second `start`).
     let mut at = 0;
-    while at < seen {
-        let want = ((seen - at) as usize).min(READ_BATCH);
-        let batch = store.read_after(&run.run_id, at, want).await?;
-        let Some(last) = batch.events.last().map(|e| e.seq) else {
-            break;
-        };
-        for ev in &batch.events {
-            renderer.skip(ev);
-        }
-        at = last;
-    }
-    // A cursor inside an event's chunks: send the rest of that event.
-    if let Some(j) = cursor.chunk {
-        let batch = store.read_after(&run.run_id, at, 1).await?;
-        if let Some(ev) = batch.events.first() {
-            renderer.render_from(ev, j, &mut buf);
-            at = ev.seq;
-        }
-    }
-
     loop {
         let batch = match store.read_after(&run.run_id, at, READ_BATCH).await {
             Ok(b) => b,
@@ -258,7 +224,7 @@ pub async fn stream_run(
         };
         if let Some(last) = batch.events.last().map(|e| e.seq) {
             for ev in &batch.events {
-                renderer.render(ev, &mut buf);
+                renderer.render_after(ev, cursor, &mut buf);
             }
             at = last;
             if send(ex, &mut buf, stuck).await.is_err() {

@@ -157,11 +157,6 @@ impl MessageBuilder {
         &self.id
     }
 
-    /// Number of parts so far.
-    pub fn part_count(&self) -> usize {
-        self.parts.len()
-    }
-
     /// Index of the first tool part for `call_id` in the current step (after the last
     /// `step-start`).
     fn tool_in_step(&self, call_id: &str) -> Option<usize> {
