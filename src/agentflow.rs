@@ -36,6 +36,16 @@ pub enum AfKind {
     ArtifactCompleted,
     /// `artifact_error`.
     ArtifactError,
+    /// `text_replace` (Sluice's own): a text or reasoning part was rewritten.
+    TextReplace,
+    /// `tool_input_delta` (Sluice's own): a piece of a tool's input while it streams.
+    ToolInputDelta,
+    /// `source` (Sluice's own): a cited source.
+    Source,
+    /// `file` (Sluice's own): a file the agent produced.
+    File,
+    /// `data` (Sluice's own): an application data part.
+    Data,
     /// Any other type, spelled as received.
     Other(String),
 }
@@ -43,7 +53,7 @@ pub enum AfKind {
 impl AfKind {
     /// Classify a `type` value; the match ignores ASCII case (`DELTA` == `delta`).
     pub fn from_type(ty: &str) -> AfKind {
-        const KNOWN: [(&str, AfKind); 11] = [
+        const KNOWN: [(&str, AfKind); 16] = [
             ("start", AfKind::Start),
             ("delta", AfKind::Delta),
             ("end", AfKind::End),
@@ -55,6 +65,11 @@ impl AfKind {
             ("artifact_result_delta", AfKind::ArtifactResultDelta),
             ("artifact_completed", AfKind::ArtifactCompleted),
             ("artifact_error", AfKind::ArtifactError),
+            ("text_replace", AfKind::TextReplace),
+            ("tool_input_delta", AfKind::ToolInputDelta),
+            ("source", AfKind::Source),
+            ("file", AfKind::File),
+            ("data", AfKind::Data),
         ];
         for (name, kind) in KNOWN {
             if ty.eq_ignore_ascii_case(name) {
@@ -78,6 +93,11 @@ impl AfKind {
             AfKind::ArtifactResultDelta => "artifact_result_delta",
             AfKind::ArtifactCompleted => "artifact_completed",
             AfKind::ArtifactError => "artifact_error",
+            AfKind::TextReplace => "text_replace",
+            AfKind::ToolInputDelta => "tool_input_delta",
+            AfKind::Source => "source",
+            AfKind::File => "file",
+            AfKind::Data => "data",
             AfKind::Other(s) => s,
         }
     }
@@ -235,6 +255,12 @@ impl AfEvent {
             .or_else(|| self.raw.get("delta").and_then(Value::as_str))
     }
 
+    /// `metadata.part_id`: the text or reasoning part a root delta (or `text_replace`) belongs
+    /// to, when the adapter names parts (see `crate::ingest::events`).
+    pub fn part_id(&self) -> Option<&str> {
+        str_at(self.metadata(), "part_id")
+    }
+
     /// Whether a delta is reasoning: `metadata.reasoning == true` or
     /// `metadata.content_type == "reasoning"`.
     pub fn is_reasoning(&self) -> bool {
@@ -243,11 +269,12 @@ impl AfEvent {
             || str_at(md, "content_type").is_some_and(|t| t.eq_ignore_ascii_case("reasoning"))
     }
 
-    /// A nested call's name: `content.tool_name`, `content.name`, `metadata.display_name`,
-    /// else `"tool"`.
+    /// A nested call's name: `content.tool_name`, `content.name`, `metadata.tool_name`,
+    /// `metadata.display_name`, else `"tool"`.
     pub fn tool_name(&self) -> &str {
         str_at(self.content(), "tool_name")
             .or_else(|| str_at(self.content(), "name"))
+            .or_else(|| str_at(self.metadata(), "tool_name"))
             .or_else(|| str_at(self.metadata(), "display_name"))
             .unwrap_or("tool")
     }
@@ -365,6 +392,11 @@ mod tests {
             AfKind::ArtifactResultDelta,
             AfKind::ArtifactCompleted,
             AfKind::ArtifactError,
+            AfKind::TextReplace,
+            AfKind::ToolInputDelta,
+            AfKind::Source,
+            AfKind::File,
+            AfKind::Data,
         ] {
             assert_eq!(AfKind::from_type(&k.as_str().to_uppercase()), k);
         }

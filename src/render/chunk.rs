@@ -70,6 +70,13 @@ pub enum Chunk {
         /// The tool's name (the part becomes `tool-<name>`).
         tool_name: String,
     },
+    /// `tool-input-delta{toolCallId, inputTextDelta}`.
+    ToolInputDelta {
+        /// The call id.
+        tool_call_id: String,
+        /// A piece of the input's JSON text.
+        input_text_delta: String,
+    },
     /// `tool-input-available{toolCallId, toolName, input}`.
     ToolInputAvailable {
         /// The call id.
@@ -92,6 +99,33 @@ pub enum Chunk {
         tool_call_id: String,
         /// Why the call failed.
         error_text: String,
+    },
+    /// `source-url{sourceId, url, title?}`.
+    SourceUrl {
+        /// The source's id.
+        source_id: String,
+        /// Its URL.
+        url: String,
+        /// Its title, when known.
+        title: Option<String>,
+    },
+    /// `source-document{sourceId, mediaType, title, filename?}`.
+    SourceDocument {
+        /// The source's id.
+        source_id: String,
+        /// Its media type.
+        media_type: String,
+        /// Its title.
+        title: String,
+        /// Its file name, when known.
+        filename: Option<String>,
+    },
+    /// `file{url, mediaType}`.
+    File {
+        /// A hosted or `data:` URL.
+        url: String,
+        /// Its media type.
+        media_type: String,
     },
     /// `data-<name>{id?, data, transient?}`.
     Data {
@@ -147,9 +181,13 @@ impl Chunk {
             Chunk::ReasoningDelta { .. } => "reasoning-delta",
             Chunk::ReasoningEnd { .. } => "reasoning-end",
             Chunk::ToolInputStart { .. } => "tool-input-start",
+            Chunk::ToolInputDelta { .. } => "tool-input-delta",
             Chunk::ToolInputAvailable { .. } => "tool-input-available",
             Chunk::ToolOutputAvailable { .. } => "tool-output-available",
             Chunk::ToolOutputError { .. } => "tool-output-error",
+            Chunk::SourceUrl { .. } => "source-url",
+            Chunk::SourceDocument { .. } => "source-document",
+            Chunk::File { .. } => "file",
             Chunk::Data { name, .. } => return Cow::Owned(format!("data-{name}")),
             Chunk::Error { .. } => "error",
             Chunk::Abort => "abort",
@@ -202,6 +240,52 @@ impl Chunk {
                 out.extend_from_slice(b"true");
                 key(out, "toolName");
                 put(out, tool_name.as_str());
+            }
+            Chunk::ToolInputDelta {
+                tool_call_id,
+                input_text_delta,
+            } => {
+                key(out, "toolCallId");
+                put(out, tool_call_id.as_str());
+                key(out, "inputTextDelta");
+                put(out, input_text_delta.as_str());
+            }
+            Chunk::SourceUrl {
+                source_id,
+                url,
+                title,
+            } => {
+                key(out, "sourceId");
+                put(out, source_id.as_str());
+                key(out, "url");
+                put(out, url.as_str());
+                if let Some(t) = title {
+                    key(out, "title");
+                    put(out, t.as_str());
+                }
+            }
+            Chunk::SourceDocument {
+                source_id,
+                media_type,
+                title,
+                filename,
+            } => {
+                key(out, "sourceId");
+                put(out, source_id.as_str());
+                key(out, "mediaType");
+                put(out, media_type.as_str());
+                key(out, "title");
+                put(out, title.as_str());
+                if let Some(f) = filename {
+                    key(out, "filename");
+                    put(out, f.as_str());
+                }
+            }
+            Chunk::File { url, media_type } => {
+                key(out, "url");
+                put(out, url.as_str());
+                key(out, "mediaType");
+                put(out, media_type.as_str());
             }
             Chunk::ToolInputAvailable {
                 tool_call_id,
@@ -379,6 +463,54 @@ mod tests {
                     transient: true,
                 },
                 r#"{"type":"data-tool-progress","data":"x","transient":true}"#,
+            ),
+            (
+                Chunk::ToolInputDelta {
+                    tool_call_id: s("c"),
+                    input_text_delta: s("{\"q\":"),
+                },
+                r#"{"type":"tool-input-delta","toolCallId":"c","inputTextDelta":"{\"q\":"}"#,
+            ),
+            (
+                Chunk::SourceUrl {
+                    source_id: s("s1"),
+                    url: s("https://e.x/a"),
+                    title: Some(s("A")),
+                },
+                r#"{"type":"source-url","sourceId":"s1","url":"https://e.x/a","title":"A"}"#,
+            ),
+            (
+                Chunk::SourceUrl {
+                    source_id: s("s1"),
+                    url: s("u"),
+                    title: None,
+                },
+                r#"{"type":"source-url","sourceId":"s1","url":"u"}"#,
+            ),
+            (
+                Chunk::SourceDocument {
+                    source_id: s("d"),
+                    media_type: s("application/pdf"),
+                    title: s("T"),
+                    filename: Some(s("t.pdf")),
+                },
+                r#"{"type":"source-document","sourceId":"d","mediaType":"application/pdf","title":"T","filename":"t.pdf"}"#,
+            ),
+            (
+                Chunk::SourceDocument {
+                    source_id: s("d"),
+                    media_type: s("text/plain"),
+                    title: s("T"),
+                    filename: None,
+                },
+                r#"{"type":"source-document","sourceId":"d","mediaType":"text/plain","title":"T"}"#,
+            ),
+            (
+                Chunk::File {
+                    url: s("data:image/png;base64,AA=="),
+                    media_type: s("image/png"),
+                },
+                r#"{"type":"file","url":"data:image/png;base64,AA==","mediaType":"image/png"}"#,
             ),
             (
                 Chunk::Error {

@@ -40,8 +40,25 @@ impl ToolState {
 enum Part {
     StepStart,
     Text {
+        /// The chunk id it was opened with (not part of the snapshot).
+        id: String,
         text: String,
         done: bool,
+    },
+    SourceUrl {
+        source_id: String,
+        url: String,
+        title: Option<String>,
+    },
+    SourceDocument {
+        source_id: String,
+        media_type: String,
+        title: String,
+        filename: Option<String>,
+    },
+    File {
+        media_type: String,
+        url: String,
     },
     Reasoning {
         id: String,
@@ -76,10 +93,41 @@ impl Part {
             Part::StepStart => {
                 m.insert("type".into(), "step-start".into());
             }
-            Part::Text { text, done } => {
+            Part::Text { text, done, .. } => {
                 m.insert("type".into(), "text".into());
                 m.insert("text".into(), text.as_str().into());
                 m.insert("state".into(), streaming_state(*done));
+            }
+            Part::SourceUrl {
+                source_id,
+                url,
+                title,
+            } => {
+                m.insert("type".into(), "source-url".into());
+                m.insert("sourceId".into(), source_id.as_str().into());
+                m.insert("url".into(), url.as_str().into());
+                if let Some(t) = title {
+                    m.insert("title".into(), t.as_str().into());
+                }
+            }
+            Part::SourceDocument {
+                source_id,
+                media_type,
+                title,
+                filename,
+            } => {
+                m.insert("type".into(), "source-document".into());
+                m.insert("sourceId".into(), source_id.as_str().into());
+                m.insert("mediaType".into(), media_type.as_str().into());
+                m.insert("title".into(), title.as_str().into());
+                if let Some(f) = filename {
+                    m.insert("filename".into(), f.as_str().into());
+                }
+            }
+            Part::File { media_type, url } => {
+                m.insert("type".into(), "file".into());
+                m.insert("mediaType".into(), media_type.as_str().into());
+                m.insert("url".into(), url.as_str().into());
             }
             Part::Reasoning { id, text, done } => {
                 m.insert("type".into(), "reasoning".into());
@@ -131,14 +179,23 @@ impl Part {
 /// - `tool-input-start` / `-available` create or update `{type:"tool-<name>", toolCallId,
 ///   state, input?}` in the current step; `tool-output-available` / `-error` update the call's
 ///   part (`output` / `errorText`);
+/// - `tool-input-delta` accumulates the input's text; the part's `input` is that text parsed,
+///   once it parses (the client shows a partial parse meanwhile);
+/// - `source-url`, `source-document` and `file` push their parts;
 /// - non-transient `data-<name>` replaces the `data` of the part with the same type and id, or
 ///   is pushed as `{type, id?, data}`.
+///
+/// One addition to the client's rules: the transient `data-text-replace` `{id, text}` that
+/// Sluice sends when a backend rewrote a text or reasoning part (see `render::ui`) sets that
+/// part's text, so snapshots show the text as rewritten.
 #[derive(Clone, Debug)]
 pub struct MessageBuilder {
     id: String,
     parts: Vec<Part>,
     active_text: HashMap<String, usize>,
     active_reasoning: HashMap<String, usize>,
+    /// Input text of tool calls whose input streams.
+    tool_input_text: HashMap<String, String>,
 }
 
 impl MessageBuilder {
@@ -149,6 +206,7 @@ impl MessageBuilder {
             parts: Vec::new(),
             active_text: HashMap::new(),
             active_reasoning: HashMap::new(),
+            tool_input_text: HashMap::new(),
         }
     }
 
@@ -241,6 +299,7 @@ impl MessageBuilder {
             Chunk::TextStart { id } => {
                 self.active_text.insert(id.clone(), self.parts.len());
                 self.parts.push(Part::Text {
+                    id: id.clone(),
                     text: String::new(),
                     done: false,
                 });
@@ -285,6 +344,48 @@ impl MessageBuilder {
                 tool_call_id,
                 tool_name,
             } => self.tool_input(tool_call_id, tool_name, ToolState::InputStreaming, None),
+            Chunk::ToolInputDelta {
+                tool_call_id,
+                input_text_delta,
+            } => {
+                let text = self
+                    .tool_input_text
+                    .entry(tool_call_id.clone())
+                    .or_default();
+                text.push_str(input_text_delta);
+                let parsed = serde_json::from_str::<Value>(text).ok();
+                if let Some(i) = self.tool_anywhere(tool_call_id) {
+                    if let Part::Tool { input, .. } = &mut self.parts[i] {
+                        if parsed.is_some() {
+                            *input = parsed;
+                        }
+                    }
+                }
+            }
+            Chunk::SourceUrl {
+                source_id,
+                url,
+                title,
+            } => self.parts.push(Part::SourceUrl {
+                source_id: source_id.clone(),
+                url: url.clone(),
+                title: title.clone(),
+            }),
+            Chunk::SourceDocument {
+                source_id,
+                media_type,
+                title,
+                filename,
+            } => self.parts.push(Part::SourceDocument {
+                source_id: source_id.clone(),
+                media_type: media_type.clone(),
+                title: title.clone(),
+                filename: filename.clone(),
+            }),
+            Chunk::File { url, media_type } => self.parts.push(Part::File {
+                media_type: media_type.clone(),
+                url: url.clone(),
+            }),
             Chunk::ToolInputAvailable {
                 tool_call_id,
                 tool_name,
@@ -320,6 +421,9 @@ impl MessageBuilder {
                 transient,
             } => {
                 if *transient {
+                    if name == "text-replace" {
+                        self.replace_text(data);
+                    }
                     return;
                 }
                 let existing = id.as_deref().and_then(|id| {
@@ -337,6 +441,24 @@ impl MessageBuilder {
                     }),
                 }
             }
+        }
+    }
+
+    /// Apply Sluice's `data-text-replace` `{id, text}`: the text or reasoning part opened with
+    /// chunk id `id` now reads `text`.
+    fn replace_text(&mut self, data: &Value) {
+        let (Some(id), Some(new)) = (
+            data.get("id").and_then(Value::as_str),
+            data.get("text").and_then(Value::as_str),
+        ) else {
+            return;
+        };
+        let part = self.parts.iter_mut().rev().find(|p| match p {
+            Part::Text { id: pid, .. } | Part::Reasoning { id: pid, .. } => pid == id,
+            _ => false,
+        });
+        if let Some(Part::Text { text, .. } | Part::Reasoning { text, .. }) = part {
+            new.clone_into(text);
         }
     }
 
@@ -714,6 +836,48 @@ mod tests {
         assert_eq!(
             fold("m", &[]),
             json!({"id":"m","role":"assistant","parts":[]})
+        );
+    }
+
+    #[test]
+    fn replacements_rewrite_the_snapshot_text() {
+        let b = crate::ingest::events::Events::new("r");
+        let evs: Vec<Event> = [
+            b.delta("p1", "The answer is 4", false),
+            b.delta("p1", "2", false),
+            b.text_replace("p1", "The answer is forty-two", false),
+            b.delta("p1", ".", false),
+            b.delta("p2", "think", true),
+            b.text_replace("p2", "thought", true),
+            b.end(),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| e.at(i as u64 + 1))
+        .collect();
+        let m = fold("m", &evs);
+        assert_eq!(
+            m["parts"],
+            json!([
+                {"type":"step-start"},
+                {"type":"text","text":"The answer is forty-two.","state":"done"},
+                {"type":"reasoning","id":"reasoning-5","text":"thought","state":"done"}
+            ])
+        );
+        // A replacement naming no sent part, or without text, changes nothing.
+        let mut bld = MessageBuilder::new("m");
+        bld.apply(&Chunk::TextStart { id: s("t") });
+        for data in [json!({"id":"zz","text":"x"}), json!({"id":"t"}), json!(3)] {
+            bld.apply(&Chunk::Data {
+                name: s("text-replace"),
+                id: None,
+                data,
+                transient: true,
+            });
+        }
+        assert_eq!(
+            bld.message()["parts"],
+            json!([{"type":"text","text":"","state":"streaming"}])
         );
     }
 }

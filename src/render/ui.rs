@@ -24,6 +24,23 @@
 //! | root `end` | (`text-start`, `text-delta`, `text-end` with the final text), (close open parts), `finish-step`, `finish` |
 //! | root `error` | (close open parts), `error{errorText}`, or `abort` when `sluice_status` is `stopped` |
 //! | anything after a root `end`/`error` | nothing |
+//!
+//! Sluice's own event types (written by the UI-message and poll adapters; `crate::ingest::events`):
+//!
+//! | event | chunks |
+//! |---|---|
+//! | root `delta` with `metadata.part_id` | as a root delta; a `part_id` other than the open part's opens a new part |
+//! | root `text_replace` of a part already sent | transient `data-text-replace` `{id, text}` (the snapshot's part takes the new text) |
+//! | root `text_replace` of an unknown part | as a root delta with the whole text |
+//! | `tool_input_delta` | (close open parts, `tool-input-start` for a new call), `tool-input-delta` |
+//! | nested `start` of a call already begun | `tool-input-available` only |
+//! | `source` | `source-url` or `source-document` |
+//! | `file` | `file` |
+//! | `data` | `data-<name>` with its id, data and transient flag |
+//! | any of these without the fields they need | transient `data-agentflow` |
+//!
+//! A v5 client cannot take back text it was sent, so a rewrite reaches UI-message clients as
+//! that transient `data-text-replace` chunk, for applications to apply in `onData`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -99,6 +116,12 @@ pub struct UiRenderer {
     text: Option<String>,
     /// Id of the open reasoning part.
     reasoning: Option<String>,
+    /// The `part_id` the open text part was opened with.
+    text_part: Option<String>,
+    /// The `part_id` the open reasoning part was opened with.
+    reasoning_part: Option<String>,
+    /// Named parts sent so far: (reasoning?, `part_id`) → the chunk id of the latest such part.
+    named: HashMap<(bool, String), String>,
     /// Whether any root text delta was streamed (else a root `end` supplies the final text).
     root_text: bool,
     /// Tool calls the client has a part for: call id → tool name.
@@ -140,6 +163,9 @@ impl UiRenderer {
             finished: false,
             text: None,
             reasoning: None,
+            text_part: None,
+            reasoning_part: None,
+            named: HashMap::new(),
             root_text: false,
             tools: HashMap::new(),
             scratch: Vec::new(),
@@ -210,7 +236,12 @@ impl UiRenderer {
             AfKind::ArtifactStarted => out.push(artifact(&af, "started")),
             AfKind::ArtifactCompleted => out.push(artifact(&af, "completed")),
             AfKind::ArtifactError => out.push(artifact(&af, "error")),
-            AfKind::Other(_) => out.push(transient("agentflow", af.raw)),
+            AfKind::TextReplace if root => self.replace(ev.seq, af, out),
+            AfKind::ToolInputDelta => self.tool_input_delta(ev.seq, &af, out),
+            AfKind::Source => push_or_opaque(source(&af), af, out),
+            AfKind::File => push_or_opaque(file(&af), af, out),
+            AfKind::Data => push_or_opaque(data(&af), af, out),
+            AfKind::TextReplace | AfKind::Other(_) => out.push(transient("agentflow", af.raw)),
         }
     }
 
@@ -270,6 +301,8 @@ impl UiRenderer {
         if let Some(id) = self.reasoning.take() {
             out.push(Chunk::ReasoningEnd { id });
         }
+        self.text_part = None;
+        self.reasoning_part = None;
     }
 
     fn root_delta(&mut self, seq: u64, af: AfEvent, out: &mut Vec<Chunk>) {
@@ -282,16 +315,17 @@ impl UiRenderer {
         if text.is_empty() {
             return;
         }
+        let part = af.part_id().map(str::to_owned);
         let delta = text.to_owned();
         if reasoning {
             let id = match &self.reasoning {
-                Some(id) => id.clone(),
-                None => {
-                    if let Some(id) = self.text.take() {
-                        out.push(Chunk::TextEnd { id });
-                    }
+                Some(id) if self.reasoning_part == part => id.clone(),
+                _ => {
+                    self.close_parts(out);
                     let id = format!("reasoning-{seq}");
+                    self.open_named(true, &part, &id);
                     self.reasoning = Some(id.clone());
+                    self.reasoning_part = part;
                     out.push(Chunk::ReasoningStart { id: id.clone() });
                     id
                 }
@@ -300,18 +334,69 @@ impl UiRenderer {
         } else {
             self.root_text = true;
             let id = match &self.text {
-                Some(id) => id.clone(),
-                None => {
-                    if let Some(id) = self.reasoning.take() {
-                        out.push(Chunk::ReasoningEnd { id });
-                    }
+                Some(id) if self.text_part == part => id.clone(),
+                _ => {
+                    self.close_parts(out);
                     let id = format!("text-{seq}");
+                    self.open_named(false, &part, &id);
                     self.text = Some(id.clone());
+                    self.text_part = part;
                     out.push(Chunk::TextStart { id: id.clone() });
                     id
                 }
             };
             out.push(Chunk::TextDelta { id, delta });
+        }
+    }
+
+    fn open_named(&mut self, reasoning: bool, part: &Option<String>, id: &str) {
+        if let Some(p) = part {
+            self.named.insert((reasoning, p.clone()), id.to_owned());
+        }
+    }
+
+    /// A root `text_replace`: the part it names now reads its text.
+    fn replace(&mut self, seq: u64, af: AfEvent, out: &mut Vec<Chunk>) {
+        let Some(text) = af.text() else {
+            out.push(transient("agentflow", af.raw));
+            return;
+        };
+        let reasoning = af.is_reasoning();
+        let sent = af
+            .part_id()
+            .and_then(|p| self.named.get(&(reasoning, p.to_owned())));
+        match sent {
+            Some(id) => {
+                let mut data = Map::new();
+                data.insert("id".into(), Value::String(id.clone()));
+                data.insert("text".into(), Value::String(text.to_owned()));
+                if !reasoning {
+                    self.root_text = true;
+                }
+                out.push(transient("text-replace", Value::Object(data)));
+            }
+            // Nothing of the part was sent yet: its whole text is new.
+            None => self.root_delta(seq, af, out),
+        }
+    }
+
+    /// A piece of a tool's input: the call's part opens on the first one.
+    fn tool_input_delta(&mut self, seq: u64, af: &AfEvent, out: &mut Vec<Chunk>) {
+        let call_id = Self::call_id(seq, af);
+        if !self.tools.contains_key(&call_id) {
+            self.close_parts(out);
+            out.push(Chunk::ToolInputStart {
+                tool_call_id: call_id.clone(),
+                tool_name: af.tool_name().to_owned(),
+            });
+            self.tools
+                .insert(call_id.clone(), af.tool_name().to_owned());
+        }
+        if let Some(text) = af.text().filter(|t| !t.is_empty()) {
+            out.push(Chunk::ToolInputDelta {
+                tool_call_id: call_id,
+                input_text_delta: text.to_owned(),
+            });
         }
     }
 
@@ -322,10 +407,21 @@ impl UiRenderer {
         }
     }
 
-    /// A nested `start`: a new tool part (closing open text so later text follows it).
+    /// A nested `start`: a new tool part (closing open text so later text follows it), or
+    /// the input of a call whose input was streaming.
     fn tool_start(&mut self, seq: u64, af: &AfEvent, out: &mut Vec<Chunk>) {
         let call_id = Self::call_id(seq, af);
-        self.open_tool(call_id, af.tool_name(), af.tool_input().clone(), out);
+        match self.tools.get(&call_id).cloned() {
+            Some(name) => {
+                self.close_parts(out);
+                out.push(Chunk::ToolInputAvailable {
+                    tool_call_id: call_id,
+                    tool_name: name,
+                    input: af.tool_input().clone(),
+                });
+            }
+            None => self.open_tool(call_id, af.tool_name(), af.tool_input().clone(), out),
+        }
     }
 
     fn open_tool(&mut self, call_id: String, name: &str, input: Value, out: &mut Vec<Chunk>) {
@@ -386,6 +482,58 @@ impl UiRenderer {
         }
         self.finished = true;
     }
+}
+
+fn push_or_opaque(chunk: Option<Chunk>, af: AfEvent, out: &mut Vec<Chunk>) {
+    match chunk {
+        Some(c) => out.push(c),
+        None => out.push(transient("agentflow", af.raw)),
+    }
+}
+
+fn content_str<'a>(af: &'a AfEvent, key: &str) -> Option<&'a str> {
+    af.content()?.get(key)?.as_str()
+}
+
+/// A `source` event as `source-url` (it has a `url`) or `source-document` (`media_type` and
+/// `title`); `None` when it has neither.
+fn source(af: &AfEvent) -> Option<Chunk> {
+    let source_id = content_str(af, "source_id")?.to_owned();
+    let title = content_str(af, "title").map(str::to_owned);
+    let document = content_str(af, "source_type") == Some("document");
+    match (content_str(af, "url"), document) {
+        (Some(url), false) => Some(Chunk::SourceUrl {
+            source_id,
+            url: url.to_owned(),
+            title,
+        }),
+        _ => Some(Chunk::SourceDocument {
+            source_id,
+            media_type: content_str(af, "media_type")?.to_owned(),
+            title: title?,
+            filename: content_str(af, "filename").map(str::to_owned),
+        }),
+    }
+}
+
+/// A `file` event; `None` without `url` and `media_type`.
+fn file(af: &AfEvent) -> Option<Chunk> {
+    Some(Chunk::File {
+        url: content_str(af, "url")?.to_owned(),
+        media_type: content_str(af, "media_type")?.to_owned(),
+    })
+}
+
+/// A `data` event as `data-<name>`; `None` without a non-empty `name`.
+fn data(af: &AfEvent) -> Option<Chunk> {
+    let name = content_str(af, "name").filter(|n| !n.is_empty())?;
+    let content = af.content()?;
+    Some(Chunk::Data {
+        name: name.to_owned(),
+        id: content_str(af, "id").map(str::to_owned),
+        data: content.get("data").cloned().unwrap_or(Value::Null),
+        transient: content.get("transient").and_then(Value::as_bool) == Some(true),
+    })
 }
 
 fn opt_str(s: Option<&str>) -> Value {
@@ -970,5 +1118,152 @@ id: 2\ndata: {\"type\":\"finish\"}\n\n"
             put_u64(&mut out, n);
             assert_eq!(out, n.to_string().into_bytes());
         }
+    }
+
+    #[test]
+    fn named_parts_open_and_replace() {
+        let b = crate::ingest::events::Events::new("r");
+        let vs: Vec<Value> = [
+            b.delta("p1", "Hel", false),
+            b.delta("p1", "lo", false),
+            b.delta("p2", "More", false),
+            b.text_replace("p1", "Howdy", false),
+            b.text_replace("p3", "Fresh", false),
+            b.delta("p4", "hm", true),
+            b.text_replace("p4", "hmm!", true),
+        ]
+        .iter()
+        .map(|e| serde_json::from_slice(&e.data).unwrap())
+        .collect();
+        let got = per_event(&vs);
+        assert_eq!(
+            got[1],
+            vec![json!({"type":"text-delta","id":"text-1","delta":"lo"})]
+        );
+        assert_eq!(
+            got[2],
+            vec![
+                json!({"type":"text-end","id":"text-1"}),
+                json!({"type":"text-start","id":"text-3"}),
+                json!({"type":"text-delta","id":"text-3","delta":"More"})
+            ]
+        );
+        assert_eq!(
+            got[3],
+            vec![
+                json!({"type":"data-text-replace","data":{"id":"text-1","text":"Howdy"},"transient":true})
+            ]
+        );
+        // A part never sent: its whole text opens it.
+        assert_eq!(
+            got[4],
+            vec![
+                json!({"type":"text-end","id":"text-3"}),
+                json!({"type":"text-start","id":"text-5"}),
+                json!({"type":"text-delta","id":"text-5","delta":"Fresh"})
+            ]
+        );
+        assert_eq!(
+            got[6],
+            vec![
+                json!({"type":"data-text-replace","data":{"id":"reasoning-6","text":"hmm!"},"transient":true})
+            ]
+        );
+    }
+
+    #[test]
+    fn streamed_tool_input_then_available() {
+        let b = crate::ingest::events::Events::new("r");
+        let vs: Vec<Value> = [
+            b.delta("p0", "x", false),
+            b.tool_input_delta("c1", "search", "{\"q\":"),
+            b.tool_input_delta("c1", "search", "1}"),
+            b.tool_start("c1", "search", json!({"q":1})),
+            b.tool_end("c1", json!("ok")),
+        ]
+        .iter()
+        .map(|e| serde_json::from_slice(&e.data).unwrap())
+        .collect();
+        let got = per_event(&vs);
+        assert_eq!(
+            got[1],
+            vec![
+                json!({"type":"text-end","id":"text-1"}),
+                json!({"type":"tool-input-start","toolCallId":"c1","providerExecuted":true,"toolName":"search"}),
+                json!({"type":"tool-input-delta","toolCallId":"c1","inputTextDelta":"{\"q\":"})
+            ]
+        );
+        assert_eq!(
+            got[2],
+            vec![json!({"type":"tool-input-delta","toolCallId":"c1","inputTextDelta":"1}"})]
+        );
+        assert_eq!(
+            got[3],
+            vec![
+                json!({"type":"tool-input-available","toolCallId":"c1","providerExecuted":true,"toolName":"search","input":{"q":1}})
+            ]
+        );
+        let m = crate::render::fold::fold("m", &events(&vs));
+        assert_eq!(
+            m["parts"][2],
+            json!({"type":"tool-search","toolCallId":"c1","providerExecuted":true,"state":"output-available","input":{"q":1},"output":"ok"})
+        );
+    }
+
+    #[test]
+    fn sources_files_and_data() {
+        let b = crate::ingest::events::Events::new("r");
+        let mut vs: Vec<Value> = [
+            b.source_url("s1", "https://e.x", Some("E")),
+            b.source_document("d1", "application/pdf", "Doc", Some("d.pdf")),
+            b.file("data:image/png;base64,AA==", "image/png"),
+            b.data("weather", Some("w"), json!({"t":21}), false),
+            b.data("ping", None, json!(1), true),
+        ]
+        .iter()
+        .map(|e| serde_json::from_slice(&e.data).unwrap())
+        .collect();
+        // Without the fields they need: kept opaque.
+        vs.push(json!({"type":"source","content":{"source_id":"x"}}));
+        vs.push(json!({"type":"file","content":{"url":"u"}}));
+        vs.push(json!({"type":"data","content":{"data":1}}));
+        let got = per_event(&vs);
+        assert_eq!(
+            got[0][2],
+            json!({"type":"source-url","sourceId":"s1","url":"https://e.x","title":"E"})
+        );
+        assert_eq!(
+            got[1],
+            vec![
+                json!({"type":"source-document","sourceId":"d1","mediaType":"application/pdf","title":"Doc","filename":"d.pdf"})
+            ]
+        );
+        assert_eq!(
+            got[2],
+            vec![json!({"type":"file","url":"data:image/png;base64,AA==","mediaType":"image/png"})]
+        );
+        assert_eq!(
+            got[3],
+            vec![json!({"type":"data-weather","id":"w","data":{"t":21}})]
+        );
+        assert_eq!(
+            got[4],
+            vec![json!({"type":"data-ping","data":1,"transient":true})]
+        );
+        for g in &got[5..] {
+            assert_eq!(g.len(), 1);
+            assert_eq!(g[0]["type"], "data-agentflow");
+        }
+        let m = crate::render::fold::fold("m", &events(&vs));
+        assert_eq!(
+            m["parts"],
+            json!([
+                {"type":"step-start"},
+                {"type":"source-url","sourceId":"s1","url":"https://e.x","title":"E"},
+                {"type":"source-document","sourceId":"d1","mediaType":"application/pdf","title":"Doc","filename":"d.pdf"},
+                {"type":"file","mediaType":"image/png","url":"data:image/png;base64,AA=="},
+                {"type":"data-weather","id":"w","data":{"t":21}}
+            ])
+        );
     }
 }
