@@ -8,8 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{AuthMode, Config};
-use crate::mock::MockAgent;
+use crate::config::{AuthMode, Config, UpstreamDialect};
+use crate::mock::{Dialect, MockAgent};
 use crate::server;
 
 /// Sluice: durable, resumable agent runs in front of an LLM agent backend.
@@ -36,11 +36,16 @@ pub enum Command {
         #[arg(long, default_value = "config/sluice.toml")]
         config: PathBuf,
     },
-    /// Run the simulated AgentFlow backend.
+    /// Run the simulated agent backend (scenarios picked by the message text).
     MockAgent {
         /// Listen address (port 0 picks a free port).
         #[arg(long, default_value = "127.0.0.1:7070")]
         listen: String,
+        /// Backend dialect: `agentflow` (POST /agents/{id}/run, AgentFlow SSE), `ui-message`
+        /// (POST /api/invokeAgent, AI SDK v5 UI-message stream) or `poll` (POST
+        /// /api/invokeAgent answers 202, GET /api/getConversation shows the run).
+        #[arg(long, value_enum, default_value = "agentflow")]
+        dialect: Dialect,
     },
     /// Run the gateway and the mock agent together, and print commands to try.
     Demo {
@@ -50,6 +55,9 @@ pub enum Command {
         /// Admin listen address.
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: String,
+        /// The dialect the demo's mock agent speaks (the gateway is configured to match).
+        #[arg(long, value_enum, default_value = "agentflow")]
+        dialect: Dialect,
     },
 }
 
@@ -77,12 +85,16 @@ pub fn run(cli: Cli) -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            serve(config, false)
+            serve(config, None)
         }
-        Command::MockAgent { listen } => {
+        Command::MockAgent { listen, dialect } => {
             let mut srv = server::new_server(&mock_config());
-            match server::add_local_app(&mut srv, "sluice mock agent", MockAgent::new(), &listen) {
-                Ok(addr) => announce(&format!("mock-agent listening on http://{addr}")),
+            let mock = MockAgent::new().with_dialect(dialect);
+            match server::add_local_app(&mut srv, "sluice mock agent", mock, &listen) {
+                Ok(addr) => announce(&format!(
+                    "mock-agent listening on http://{addr} (dialect {})",
+                    dialect.name()
+                )),
                 Err(e) => return fail(&format!("cannot listen on {listen}: {e}")),
             }
             srv.run_forever()
@@ -90,11 +102,17 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Demo {
             listen,
             admin_listen,
+            dialect,
         } => {
             let mut config = mock_config();
             config.server.listen = listen;
             config.server.admin_listen = admin_listen;
-            serve(config, true)
+            config.upstream.dialect = match dialect {
+                Dialect::AgentFlow => UpstreamDialect::Agentflow,
+                Dialect::UiMessage => UpstreamDialect::UiMessage,
+                Dialect::Poll => UpstreamDialect::Poll,
+            };
+            serve(config, Some(dialect))
         }
     }
 }
@@ -114,14 +132,17 @@ fn announce(line: &str) {
     let _ = out.flush();
 }
 
-fn serve(mut config: Config, demo: bool) -> ExitCode {
+/// Run the gateway; with `demo`, beside a mock agent speaking that dialect.
+fn serve(mut config: Config, demo: Option<Dialect>) -> ExitCode {
     let mut srv = server::new_server(&config);
-    let demo = if demo {
+    let demo = if let Some(dialect) = demo {
         let identity = match crate::demo::Identity::generate() {
             Ok(i) => i,
             Err(e) => return fail(&format!("cannot generate the demo keys: {e}")),
         };
-        let mock = MockAgent::new().with_jwks(identity.jwks.clone());
+        let mock = MockAgent::new()
+            .with_dialect(dialect)
+            .with_jwks(identity.jwks.clone());
         match server::add_local_app(&mut srv, "sluice mock agent", mock, "127.0.0.1:0") {
             Ok(addr) => {
                 config.upstream.urls = vec![format!("http://{addr}")];

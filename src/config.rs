@@ -235,32 +235,128 @@ fn default_dev_user() -> String {
     "user_dev".into()
 }
 
+/// The protocol an agent backend speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamDialect {
+    /// AgentFlow: `POST /agents/{id}/run`, answered with AgentFlow SSE events.
+    Agentflow,
+    /// Dialect A streaming: `POST {invoke_path}`, answered with the AI SDK UI-message stream.
+    UiMessage,
+    /// Dialect A without streaming: `POST {invoke_path}` with `X-Stream-Response: false`, then
+    /// `GET {conversation_path}?threadId=` until the run ends.
+    Poll,
+}
+
+impl UpstreamDialect {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamDialect::Agentflow => "agentflow",
+            UpstreamDialect::UiMessage => "ui-message",
+            UpstreamDialect::Poll => "poll",
+        }
+    }
+}
+
 /// `[upstream]`
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamSection {
-    /// Base URL(s) of the AgentFlow-style backend; several are used in turn (round robin).
+    /// Base URL(s) of the agent backend; several are used in turn (round robin).
     pub urls: Vec<String>,
+    /// What the backend speaks: `agentflow`, `ui-message` or `poll`.
+    pub dialect: UpstreamDialect,
     /// Time allowed to open a connection to the backend.
     pub connect_timeout: Dur,
-    /// A run whose backend stays silent this long ends with `timeout`.
+    /// A run whose backend stays silent this long ends with `timeout` (for `poll`: the longest
+    /// a single request may take).
     pub idle_timeout: Dur,
     /// A run that lasts longer than this ends with `timeout`.
     pub run_timeout: Dur,
     /// Largest single SSE event accepted from the backend; a larger one ends the run with `error`.
     pub max_event_bytes: usize,
+    /// `ui-message` and `poll`: the backend's invoke route.
+    pub invoke_path: String,
+    /// `poll`: the backend's conversation route (`?threadId=` is appended).
+    pub conversation_path: String,
+    /// `poll`: first interval between polls, and the interval after a poll that saw a change.
+    pub poll_interval_min: Dur,
+    /// `poll`: longest interval between polls.
+    pub poll_interval_max: Dur,
+    /// `poll`: the interval grows by this factor after each poll that saw no change.
+    pub poll_backoff: f64,
+    /// `poll`: a run still in progress after this long ends with `timeout`.
+    pub poll_timeout: Dur,
+    /// `poll`: most requests in flight to the backend at once, over all runs.
+    pub poll_max_connections: usize,
+    /// `poll`: this many failed polls in a row end the run with `error`.
+    pub poll_max_failures: u32,
+    /// Other backends for some agents: the first route whose `agents` matches the agent id
+    /// takes the run; other agents go to `urls`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<UpstreamRoute>,
 }
 
 impl Default for UpstreamSection {
     fn default() -> Self {
         UpstreamSection {
             urls: vec!["http://127.0.0.1:7070".into()],
+            dialect: UpstreamDialect::Agentflow,
             connect_timeout: Dur(Duration::from_secs(5)),
             idle_timeout: Dur(Duration::from_secs(60)),
             run_timeout: Dur(Duration::from_secs(15 * 60)),
             max_event_bytes: 1024 * 1024,
+            invoke_path: "/api/invokeAgent".into(),
+            conversation_path: "/api/getConversation".into(),
+            poll_interval_min: Dur(Duration::from_millis(250)),
+            poll_interval_max: Dur(Duration::from_secs(5)),
+            poll_backoff: 1.5,
+            poll_timeout: Dur(Duration::from_secs(15 * 60)),
+            poll_max_connections: 64,
+            poll_max_failures: 5,
+            routes: Vec::new(),
         }
     }
+}
+
+/// `[[upstream.routes]]`: a backend for the agents matching `agents`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamRoute {
+    /// Agent ids, or patterns with `*` (any run of characters), e.g. `["7", "legacy-*"]`.
+    pub agents: Vec<String>,
+    /// Base URL(s) of this backend.
+    pub urls: Vec<String>,
+    /// What it speaks.
+    pub dialect: UpstreamDialect,
+    /// Its invoke route (default: `upstream.invoke_path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invoke_path: Option<String>,
+    /// Its conversation route (default: `upstream.conversation_path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_path: Option<String>,
+}
+
+/// Whether agent id `agent` matches `pattern` (`*` matches any run of characters, including
+/// none; everything else matches itself). Pure.
+pub fn agent_matches(pattern: &str, agent: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = agent.strip_prefix(first) else {
+        return false;
+    };
+    let pieces: Vec<&str> = parts.collect();
+    let Some((last, middle)) = pieces.split_last() else {
+        return rest.is_empty();
+    };
+    for piece in middle {
+        match rest.find(piece) {
+            Some(i) => rest = &rest[i + piece.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// `[limits]`
@@ -458,6 +554,7 @@ impl Config {
         positive("upstream.connect_timeout", self.upstream.connect_timeout)?;
         positive("upstream.idle_timeout", self.upstream.idle_timeout)?;
         positive("upstream.run_timeout", self.upstream.run_timeout)?;
+        self.validate_upstream_routes()?;
         if self.upstream.max_event_bytes < 1024 {
             return Err(invalid("upstream.max_event_bytes", "must be at least 1024"));
         }
@@ -492,6 +589,63 @@ impl Config {
                 "stream.keepalive_interval",
                 "must be at least 100ms",
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_upstream_routes(&self) -> Result<(), ConfigError> {
+        let u = &self.upstream;
+        for (key, path) in [
+            ("upstream.invoke_path", &u.invoke_path),
+            ("upstream.conversation_path", &u.conversation_path),
+        ] {
+            check_path(key, path)?;
+        }
+        positive("upstream.poll_interval_min", u.poll_interval_min)?;
+        if u.poll_interval_max.0 < u.poll_interval_min.0 {
+            return Err(invalid(
+                "upstream.poll_interval_max",
+                "must be at least upstream.poll_interval_min",
+            ));
+        }
+        if !(1.0..=10.0).contains(&u.poll_backoff) {
+            return Err(invalid(
+                "upstream.poll_backoff",
+                "must be between 1.0 and 10.0",
+            ));
+        }
+        positive("upstream.poll_timeout", u.poll_timeout)?;
+        if u.poll_max_connections == 0 {
+            return Err(invalid(
+                "upstream.poll_max_connections",
+                "must be at least 1",
+            ));
+        }
+        if u.poll_max_failures == 0 {
+            return Err(invalid("upstream.poll_max_failures", "must be at least 1"));
+        }
+        for route in &u.routes {
+            if route.agents.is_empty() || route.agents.iter().any(|a| a.is_empty()) {
+                return Err(invalid(
+                    "upstream.routes.agents",
+                    "name at least one agent id or pattern, none empty",
+                ));
+            }
+            if route.urls.is_empty() {
+                return Err(invalid(
+                    "upstream.routes.urls",
+                    "name at least one backend URL",
+                ));
+            }
+            for url in &route.urls {
+                UpstreamUrl::parse(url).map_err(|m| invalid("upstream.routes.urls", m))?;
+            }
+            if let Some(p) = &route.invoke_path {
+                check_path("upstream.routes.invoke_path", p)?;
+            }
+            if let Some(p) = &route.conversation_path {
+                check_path("upstream.routes.conversation_path", p)?;
+            }
         }
         Ok(())
     }
@@ -560,6 +714,17 @@ fn check_addr(key: &'static str, value: &str) -> Result<(), ConfigError> {
             format!("`{value}` is not an address like 127.0.0.1:8080"),
         )
     })
+}
+
+fn check_path(key: &'static str, path: &str) -> Result<(), ConfigError> {
+    if path.starts_with('/') && !path.contains(['?', '#', ' ']) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("`{path}` must be a path starting with /"),
+        ))
+    }
 }
 
 fn positive(key: &'static str, d: Dur) -> Result<(), ConfigError> {
@@ -681,6 +846,71 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("mode") || err.contains("open"), "{err}");
+    }
+
+    #[test]
+    fn upstream_dialects_and_routes() {
+        let c = Config::parse(
+            "[auth]\nmode = \"disabled\"\n[upstream]\ndialect = \"poll\"\n\
+             [[upstream.routes]]\nagents = [\"legacy-*\", \"7\"]\nurls = [\"http://10.0.0.1:80\"]\n\
+             dialect = \"ui-message\"\ninvoke_path = \"/v2/invoke\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.upstream.dialect, UpstreamDialect::Poll);
+        assert_eq!(c.upstream.routes[0].dialect, UpstreamDialect::UiMessage);
+        assert_eq!(
+            c.upstream.routes[0].invoke_path.as_deref(),
+            Some("/v2/invoke")
+        );
+        assert!(c.to_toml().contains("[[upstream.routes]]"));
+        let bad = [
+            ("dialect = \"grpc\"\n", "grpc"),
+            ("invoke_path = \"api\"\n", "upstream.invoke_path"),
+            ("poll_backoff = 0.5\n", "upstream.poll_backoff"),
+            (
+                "poll_interval_max = \"10ms\"\n",
+                "upstream.poll_interval_max",
+            ),
+            (
+                "poll_max_connections = 0\n",
+                "upstream.poll_max_connections",
+            ),
+            (
+                "[[upstream.routes]]\nagents = []\nurls = [\"http://x\"]\ndialect = \"poll\"\n",
+                "upstream.routes.agents",
+            ),
+            (
+                "[[upstream.routes]]\nagents = [\"a\"]\nurls = [\"ftp://x\"]\ndialect = \"poll\"\n",
+                "upstream.routes.urls",
+            ),
+        ];
+        for (extra, key) in bad {
+            let text = format!("[auth]\nmode = \"disabled\"\n[upstream]\n{extra}");
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn agent_patterns() {
+        for (p, a, want) in [
+            ("7", "7", true),
+            ("7", "70", false),
+            ("*", "", true),
+            ("*", "anything", true),
+            ("legacy-*", "legacy-bot", true),
+            ("legacy-*", "legacy-", true),
+            ("legacy-*", "new-bot", false),
+            ("*-bot", "support-bot", true),
+            ("*-bot", "bot", false),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "acb", false),
+            ("a*a", "a", false),
+            ("a*a", "aa", true),
+        ] {
+            assert_eq!(agent_matches(p, a), want, "{p} ~ {a}");
+        }
     }
 
     #[test]

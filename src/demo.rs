@@ -98,7 +98,7 @@ TOKEN belongs to an org:admin of {org}; MEMBER_TOKEN to an org:member, who gets 
 
   curl -Ni {base}/api/invokeAgent {auth} -H 'content-type: application/json' \
     -d '{{"agentId":1,"message":{{"role":"user","parts":[{{"type":"text","text":"scenario:slow tokens=60"}}]}}}}'
-  curl -N {base}/api/threads/THREAD_ID/stream {auth} -H 'Last-Event-ID: 5'
+  curl -N {base}/api/threads/THREAD_ID/stream {auth} -H 'Last-Event-ID: 2'
 
 4. A member is refused (403), and no token at all is 401:
 

@@ -102,6 +102,17 @@ pub static UPSTREAM_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// `sluice_upstream_polls_total{outcome}`: snapshot polls of a poll-only backend, by outcome:
+/// `changed` (the run moved on), `unchanged`, `throttled` (`429`/`503`), `failed`.
+pub static UPSTREAM_POLLS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_upstream_polls_total",
+        "Snapshot polls of a poll-only backend, by outcome (changed, unchanged, throttled, failed).",
+        &["outcome"]
+    )
+    .expect("metric registers once")
+});
+
 /// `sluice_auth_failures_total{reason}`: requests refused by authentication, by reason.
 pub static AUTH_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -196,6 +207,9 @@ pub fn init() {
     }
     for kind in crate::ingest::Failure::KINDS {
         UPSTREAM_ERRORS.with_label_values(&[kind]);
+    }
+    for outcome in ["changed", "unchanged", "throttled", "failed"] {
+        UPSTREAM_POLLS.with_label_values(&[outcome]);
     }
 }
 

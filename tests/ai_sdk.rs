@@ -1,6 +1,7 @@
-//! The AI SDK's own client (npm `ai`, a current v5 and the strict 5.0.100) reads Sluice's
-//! UI-message stream and must rebuild exactly the message the snapshot shows. Needs Node.js and
-//! `npm ci` in `tests/js` (done by `make test`); skipped with a message when either is missing.
+//! The AI SDK's own client (npm `ai`: a current v5, the strict 5.0.100, and v6) reads Sluice's
+//! UI-message stream and must rebuild exactly the message the snapshot shows, whichever backend
+//! dialect the gateway ingested the run from. Needs Node.js and `npm ci` in `tests/js` (done by
+//! `make test`); skipped with a message when either is missing.
 
 mod common;
 
@@ -13,17 +14,24 @@ use common::*;
 /// return its stdout once it exited successfully; `None` (test skipped) without Node.js or the
 /// npm packages.
 async fn run_node(script: &str, args: &[&str]) -> Option<String> {
+    run_node_over("agentflow", script, args).await
+}
+
+/// [`run_node`] with the mock agent and the gateway speaking backend `dialect`.
+async fn run_node_over(dialect: &str, script: &str, args: &[&str]) -> Option<String> {
     let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
     if Command::new("node").arg("--version").output().is_err() {
         eprintln!("SKIPPED: Node.js is not installed (make test installs it)");
         return None;
     }
-    if !js.join("node_modules/ai").exists() || !js.join("node_modules/ai-strict").exists() {
+    if ["ai", "ai-strict", "ai6"]
+        .iter()
+        .any(|m| !js.join("node_modules").join(m).exists())
+    {
         eprintln!("SKIPPED: run `npm ci --prefix tests/js` first (make test does)");
         return None;
     }
-    let mock = mock_agent();
-    let gw = gateway(&mock.addrs[0]);
+    let (_mock, gw) = over(dialect, "");
     let mut argv = vec![script.to_string(), gw.base.clone()];
     argv.extend(args.iter().map(|a| a.to_string()));
     let out = tokio::task::spawn_blocking(move || {
@@ -58,8 +66,30 @@ async fn the_ai_sdk_reads_sluice_streams_into_the_snapshot_message() {
     let Some(stdout) = run_node("ui_stream.mjs", &prompts).await else {
         return;
     };
-    // Each prompt, read by both clients.
-    assert_eq!(passed(&stdout), 12, "{stdout}");
+    // Each prompt, read by the three clients.
+    assert_eq!(passed(&stdout), 18, "{stdout}");
+}
+
+#[tokio::test]
+async fn the_ai_sdk_reads_runs_ingested_from_ui_message_and_poll_backends() {
+    let prompts = [
+        "scenario:tools",
+        "scenario:rich",
+        "scenario:reasoning",
+        "scenario:error",
+    ];
+    for dialect in ["ui-message", "poll"] {
+        let Some(stdout) = run_node_over(dialect, "ui_stream.mjs", &prompts).await else {
+            return;
+        };
+        assert_eq!(passed(&stdout), 12, "{dialect}: {stdout}");
+    }
+    // Chunk types from newer SDKs reach v5 clients only as data they accept.
+    let Some(stdout) = run_node_over("ui-message", "ui_stream.mjs", &["scenario:future"]).await
+    else {
+        return;
+    };
+    assert_eq!(passed(&stdout), 3, "{stdout}");
 }
 
 #[tokio::test]

@@ -1,5 +1,5 @@
 //! The README's curl examples, and the commands `sluice demo` prints, work against a running
-//! `sluice demo`. Needs `curl` (installed by `.ci/run`; skipped with a message when missing).
+//! `sluice demo`, whichever backend dialect its mock agent speaks. Needs `curl` (installed by `.ci/run`; skipped with a message when missing).
 
 mod common;
 
@@ -73,6 +73,22 @@ fn run(cmd: &str, api: &str, admin: &str, thread: &str, tokens: &[(String, Strin
 
 #[tokio::test]
 async fn readme_and_demo_commands_work_against_the_demo() {
+    commands_work_against_the_demo_over("agentflow").await;
+}
+
+#[tokio::test]
+async fn readme_and_demo_commands_work_over_a_ui_message_backend() {
+    commands_work_against_the_demo_over("ui-message").await;
+}
+
+#[tokio::test]
+async fn readme_and_demo_commands_work_over_a_poll_only_backend() {
+    commands_work_against_the_demo_over("poll").await;
+}
+
+/// Every curl command of the README and of the demo's own instructions, against
+/// `sluice demo --dialect DIALECT`.
+async fn commands_work_against_the_demo_over(dialect: &str) {
     if Command::new("curl").arg("--version").output().is_err() {
         eprintln!("SKIPPED: curl is not installed");
         return;
@@ -84,6 +100,8 @@ async fn readme_and_demo_commands_work_against_the_demo() {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--dialect",
+            dialect,
         ],
         2,
         None,
@@ -144,6 +162,9 @@ async fn readme_and_demo_commands_work_against_the_demo() {
         } else {
             "2"
         };
-        assert!(status.starts_with(expected), "`{cmd}` answered {status}");
+        assert!(
+            status.starts_with(expected),
+            "{dialect}: `{cmd}` answered {status}"
+        );
     }
 }

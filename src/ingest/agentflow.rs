@@ -14,15 +14,14 @@ use bytes::Bytes;
 use pingora::connectors::http::Connector;
 use pingora::protocols::http::client::HttpSession;
 
-use super::{Adapter, Admission, Ending, Failure, RunJob, RunSink};
+pub use super::answer::error_text;
+use super::answer::{self, SseBody};
+use super::{Adapter, Ending, Failure, RunJob, RunSink};
 use crate::agentflow::{self, Terminal};
 use crate::client::{self, SendError};
 use crate::config::UpstreamUrl;
 use crate::event::NewEvent;
-use crate::sse::{Decoder, SseEvent};
-
-/// Most bytes of a non-2xx answer kept as its error text.
-const ERROR_BODY_LIMIT: usize = 64 * 1024;
+use crate::sse::SseEvent;
 
 /// Settings for [`AgentFlowAdapter`].
 #[derive(Clone, Debug)]
@@ -94,34 +93,12 @@ impl AgentFlowAdapter {
     async fn consume(&self, job: &RunJob, sink: &RunSink) -> Result<Ending, Failure> {
         let idle = self.settings.idle_timeout;
         let mut http = self.open(job).await?;
-        match tokio::time::timeout(idle, http.read_response_header()).await {
-            Err(_) => return Err(Failure::IdleTimeout(idle)),
-            Ok(Err(e)) => return Err(Failure::Dropped(e.to_string().trim().to_string())),
-            Ok(Ok(())) => {}
-        }
-        let status = http.response_header().map_or(0, |h| h.status.as_u16());
-        if !(200..300).contains(&status) {
-            let text = read_error_text(&mut http, idle).await;
-            sink.admit(Admission::Refused(status, text.clone()));
-            return Err(Failure::Status(status, text));
-        }
-        sink.admit(Admission::Accepted);
-        let mut decoder = Decoder::new(self.settings.max_event_bytes);
+        answer::admit(&mut http, idle, sink).await?;
+        let mut body = SseBody::new(idle, self.settings.max_event_bytes);
         let mut decoded: Vec<SseEvent> = Vec::new();
         loop {
-            let chunk = match tokio::time::timeout(idle, http.read_response_body()).await {
-                Err(_) => return Err(Failure::IdleTimeout(idle)),
-                Ok(Err(e)) => return Err(Failure::Dropped(e.to_string().trim().to_string())),
-                Ok(Ok(None)) => {
-                    decoder.finish();
-                    return Err(Failure::Dropped(
-                        "the stream closed without the run's end event".into(),
-                    ));
-                }
-                Ok(Ok(Some(chunk))) => chunk,
-            };
             decoded.clear();
-            let fed = decoder.feed(&chunk, &mut decoded);
+            let problem = body.next(&mut http, &mut decoded).await;
             let mut batch = Vec::with_capacity(decoded.len());
             let mut ending = None;
             for ev in decoded.drain(..) {
@@ -153,35 +130,11 @@ impl AgentFlowAdapter {
             if let Some(end) = ending {
                 return Ok(end);
             }
-            if fed.is_err() {
-                return Err(Failure::EventTooLarge(self.settings.max_event_bytes));
+            if let Some(failure) = problem {
+                return Err(failure);
             }
         }
     }
-}
-
-async fn read_error_text(http: &mut HttpSession, idle: Duration) -> String {
-    let body = client::read_body(http, ERROR_BODY_LIMIT, idle)
-        .await
-        .unwrap_or_default();
-    error_text(&body)
-}
-
-/// The message of an error body: a JSON error's message (`{"error":{"message"}}`,
-/// `{"error":"…"}`, `{"message":"…"}`, `{"detail":"…"}`), or the start of the text.
-pub fn error_text(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-        let pick = v
-            .pointer("/error/message")
-            .or_else(|| v.get("error"))
-            .or_else(|| v.get("message"))
-            .or_else(|| v.get("detail"));
-        if let Some(serde_json::Value::String(s)) = pick {
-            return s.clone();
-        }
-    }
-    text.trim().chars().take(500).collect()
 }
 
 #[async_trait]

@@ -8,6 +8,12 @@
 //! Clients never drive ingestion: a client that goes away does not stop a run.
 
 pub mod agentflow;
+pub mod answer;
+pub mod events;
+pub mod invoke;
+pub mod poll;
+pub mod route;
+pub mod ui_message;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,11 +58,13 @@ pub enum Failure {
     RunLimit(RunLimit),
     /// The store's byte budget is exhausted.
     StoreFull,
+    /// The backend no longer knows the run (a poll answered `404`).
+    Lost(String),
 }
 
 impl Failure {
     /// Every value of [`Failure::kind`].
-    pub const KINDS: [&'static str; 9] = [
+    pub const KINDS: [&'static str; 10] = [
         "connect",
         "status",
         "malformed",
@@ -66,6 +74,7 @@ impl Failure {
         "run_timeout",
         "run_limit",
         "store_full",
+        "lost",
     ];
 
     /// Closed set of kinds, for `sluice_upstream_errors_total{kind}`.
@@ -80,6 +89,7 @@ impl Failure {
             Failure::RunTimeout(_) => "run_timeout",
             Failure::RunLimit(_) => "run_limit",
             Failure::StoreFull => "store_full",
+            Failure::Lost(_) => "lost",
         }
     }
 
@@ -115,6 +125,7 @@ impl Failure {
             Failure::RunLimit(RunLimit::Events) => "run exceeded the event limit per run".into(),
             Failure::RunLimit(RunLimit::Bytes) => "run exceeded the size limit per run".into(),
             Failure::StoreFull => "the gateway's store is full".into(),
+            Failure::Lost(e) => format!("the agent backend lost the run: {e}"),
         }
     }
 }
@@ -126,6 +137,10 @@ pub enum Ending {
     Completed,
     /// The backend's root `error` event (with this text) is in the log.
     AgentError(String),
+    /// The backend reported that the run ended with this status (`error`, `stopped` or
+    /// `timeout`) and message, without an event saying so in the log: the supervisor appends
+    /// the closing event.
+    Backend(RunStatus, String),
     /// Something went wrong outside the event stream.
     Failed(Failure),
     /// The run was already closed by someone else (a stop).
@@ -289,6 +304,26 @@ impl Ingestor {
             Ending::AgentError(text) => {
                 self.store
                     .finish(run, RunStatus::Error, Some(text.clone()), None)
+                    .await
+            }
+            Ending::Backend(status, message) => {
+                let status = if status.is_terminal() && *status != RunStatus::Completed {
+                    *status
+                } else {
+                    RunStatus::Error
+                };
+                log::info!(
+                    "run {run} ended {} by the backend: {message}",
+                    status.as_str()
+                );
+                let closing = crate::agentflow::synthetic_error(status.as_str(), message);
+                self.store
+                    .finish(
+                        run,
+                        status,
+                        Some(message.clone()),
+                        Some(NewEvent::new(closing)),
+                    )
                     .await
             }
             Ending::Failed(f) => {

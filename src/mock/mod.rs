@@ -1,17 +1,32 @@
-//! The mock agent backend (`sluice mock-agent`): a real HTTP server speaking the AgentFlow
-//! dialect (`POST /agents/{id}/run`, SSE answer), with deterministic scenarios picked by the
-//! message text (see [`scenario`]). Tests, the demo and benchmarks run against it.
+//! The mock agent backend (`sluice mock-agent --dialect …`): a real HTTP server speaking one
+//! backend [`Dialect`], with deterministic scenarios picked by the message text (see
+//! [`scenario`]). Tests, the demo and benchmarks run against it.
 //!
-//! It also answers `GET /mock/active` with the number of streams it is playing, and
-//! `GET /mock/requests` with the last requests it received (path, `x-sluice-*`
-//! headers, body), so tests can check what the gateway sent, and, in the demo, serves the demo
-//! identity's JWKS. Agent ids starting with `missing`, `locked` or `secret` answer 404, 401 and
-//! 403, as a backend does for an agent the caller may not use.
+//! - `agentflow` (default): `POST /agents/{id}/run`, answered with the AgentFlow SSE stream.
+//! - `ui-message`: `POST /api/invokeAgent` answered with the AI SDK v5 UI-message stream
+//!   (`x-thread-id`, `x-vercel-ai-ui-message-stream: v1`), or `202` as `poll` does when the
+//!   request says `X-Stream-Response: false`; plus `GET /api/getConversation?threadId=…`.
+//! - `poll`: `POST /api/invokeAgent` always answers `202 {threadId, status}` and runs the
+//!   scenario in the background; `GET /api/getConversation?threadId=…` shows it growing.
+//!
+//! Every dialect plays the same scenario timeline, translated by the mock's own
+//! [`translate`] module, so one scenario yields the same content in all three. Dialect A's
+//! routes live in [`invoke`].
+//!
+//! It also answers `GET /mock/active` with `{"active": <streams being played>, "polls":
+//! <getConversation requests>}`, and `GET /mock/requests` with the last run requests it received
+//! (path, `x-sluice-*`, `authorization`, `accept`, `content-type`, `x-stream-response` headers,
+//! body), so tests can check what the gateway sent, and, in the demo, serves the demo identity's
+//! JWKS. Agent ids starting with `missing`, `locked` or `secret` answer 404, 401 and 403, as a
+//! backend does for an agent the caller may not use.
 
+pub mod invoke;
 pub mod scenario;
+pub mod translate;
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,20 +41,62 @@ use scenario::{Script, Step};
 /// Requests remembered for `GET /mock/requests`.
 const REMEMBERED: usize = 200;
 
+/// The backend dialect the mock speaks (`--dialect`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Dialect {
+    /// AgentFlow "Run Agent": `POST /agents/{id}/run`, AgentFlow SSE.
+    #[default]
+    #[value(name = "agentflow")]
+    AgentFlow,
+    /// "Invoke an agent" answering with the AI SDK v5 UI-message stream (or 202 on request).
+    #[value(name = "ui-message")]
+    UiMessage,
+    /// "Invoke an agent", poll only: 202, then `getConversation` snapshots.
+    #[value(name = "poll")]
+    Poll,
+}
+
+impl Dialect {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::AgentFlow => "agentflow",
+            Dialect::UiMessage => "ui-message",
+            Dialect::Poll => "poll",
+        }
+    }
+}
+
 /// The mock agent's state.
 #[derive(Default)]
 pub struct MockAgent {
+    dialect: Dialect,
     /// Streams being played right now.
-    active: std::sync::atomic::AtomicUsize,
+    active: AtomicUsize,
+    /// `getConversation` requests answered.
+    polls: AtomicU64,
     turns: DashMap<String, u64>,
+    /// Dialect A's threads (shared with the runs playing in the background).
+    threads: Arc<invoke::Threads>,
     requests: Mutex<VecDeque<Value>>,
     jwks: Option<Value>,
 }
 
 impl MockAgent {
-    /// A fresh mock agent.
+    /// A fresh mock agent speaking AgentFlow.
     pub fn new() -> Self {
         MockAgent::default()
+    }
+
+    /// Speak `dialect` instead.
+    pub fn with_dialect(mut self, dialect: Dialect) -> Self {
+        self.dialect = dialect;
+        self
+    }
+
+    /// The dialect it speaks.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// Also serve this JWKS at `GET /.well-known/jwks.json` (the demo's identity provider).
@@ -58,6 +115,7 @@ impl MockAgent {
             "authorization",
             "content-type",
             "accept",
+            "x-stream-response",
         ] {
             if let Some(v) = ex.header(name) {
                 headers.insert(name.into(), json!(v));
@@ -120,20 +178,55 @@ impl MockAgent {
                 let _ = ex.respond(Reply::json(code, &body)).await;
             }
             Script::Stream(steps) => {
-                use std::sync::atomic::Ordering;
-                self.active.fetch_add(1, Ordering::SeqCst);
-                play(ex, steps).await;
-                self.active.fetch_sub(1, Ordering::SeqCst);
+                let headers = vec![
+                    ("content-type", "text/event-stream".to_string()),
+                    ("cache-control", "no-cache".to_string()),
+                ];
+                self.play(ex, headers, steps).await;
             }
         }
     }
+
+    /// Play a stream, counted in `GET /mock/active` while it plays.
+    async fn play(
+        &self,
+        ex: &mut dyn Exchange,
+        headers: Vec<(&'static str, String)>,
+        steps: Vec<Step>,
+    ) {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        play(ex, headers, steps).await;
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
-async fn play(ex: &mut dyn Exchange, steps: Vec<Step>) {
-    let headers = vec![
-        ("content-type", "text/event-stream".to_string()),
-        ("cache-control", "no-cache".to_string()),
-    ];
+/// A JSON error answer `{"error": {"code", "message"}}`.
+fn error_reply(status: u16, code: &str, message: impl Into<String>) -> Reply {
+    Reply::json(
+        status,
+        &json!({"error": {"code": code, "message": message.into()}}),
+    )
+}
+
+/// The refusal for agent ids starting with `missing`, `locked` or `secret`.
+fn refusal(agent: &str) -> Option<Reply> {
+    [
+        ("missing", 404, "agent_not_found"),
+        ("locked", 401, "unauthorized"),
+        ("secret", 403, "forbidden"),
+    ]
+    .into_iter()
+    .find(|(prefix, _, _)| agent.starts_with(prefix))
+    .map(|(_, status, code)| {
+        error_reply(
+            status,
+            code,
+            format!("agent {agent} is not available to this organisation"),
+        )
+    })
+}
+
+async fn play(ex: &mut dyn Exchange, headers: Vec<(&'static str, String)>, steps: Vec<Step>) {
     if ex.start_stream(200, headers).await.is_err() {
         return;
     }
@@ -171,20 +264,19 @@ impl LocalApp for MockAgent {
     async fn handle(&self, ex: &mut dyn Exchange) -> &'static str {
         let path = ex.path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let agentflow = self.dialect == Dialect::AgentFlow;
         match (ex.method(), segments.as_slice()) {
-            ("POST", ["agents", agent, "run"]) => {
-                let refusal = [("missing", 404), ("locked", 401), ("secret", 403)]
-                    .into_iter()
-                    .find(|(prefix, _)| agent.starts_with(prefix));
-                match refusal {
-                    Some((_, code)) => {
-                        let msg = format!("agent {agent} is not available to this organisation");
-                        let _ = ex
-                            .respond(Reply::json(code, &json!({"error": {"message": msg}})))
-                            .await;
-                    }
-                    None => self.run(ex).await,
+            ("POST", ["agents", agent, "run"]) if agentflow => match refusal(agent) {
+                Some(reply) => {
+                    let _ = ex.respond(reply).await;
                 }
+                None => self.run(ex).await,
+            },
+            ("POST", ["api", "invokeAgent"]) if !agentflow => self.invoke_agent(ex).await,
+            ("GET", ["api", "getConversation"]) if !agentflow => {
+                self.polls.fetch_add(1, Ordering::SeqCst);
+                let reply = self.threads.conversation(ex.query());
+                let _ = ex.respond(reply).await;
             }
             ("GET", ["mock", "requests"]) => {
                 let list: Vec<Value> = self
@@ -201,8 +293,10 @@ impl LocalApp for MockAgent {
                 let _ = ex.respond(Reply::json(200, &jwks)).await;
             }
             ("GET", ["mock", "active"]) => {
-                let n = self.active.load(std::sync::atomic::Ordering::SeqCst);
-                let _ = ex.respond(Reply::json(200, &json!({"active": n}))).await;
+                let n = self.active.load(Ordering::SeqCst);
+                let polls = self.polls.load(Ordering::SeqCst);
+                let body = json!({"active": n, "polls": polls});
+                let _ = ex.respond(Reply::json(200, &body)).await;
             }
             ("GET", ["healthz"]) => {
                 let _ = ex.respond(Reply::json(200, &json!({"ok": true}))).await;

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::api::{Api, Exchange};
 use crate::config::Config;
-use crate::ingest::agentflow::{AgentFlowAdapter, AgentFlowSettings};
+use crate::ingest::route::Routes;
 use crate::ingest::Ingestor;
 use crate::metrics;
 use crate::store::memory::{MemoryLimits, MemoryStore};
@@ -84,12 +84,7 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
         retention: config.store.retention.0,
         retry_after: config.store.full_retry_after.0,
     }));
-    let adapter = Arc::new(AgentFlowAdapter::new(AgentFlowSettings {
-        upstreams: config.upstream_urls(),
-        connect_timeout: config.upstream.connect_timeout.0,
-        idle_timeout: config.upstream.idle_timeout.0,
-        max_event_bytes: config.upstream.max_event_bytes,
-    }));
+    let adapter = Arc::new(Routes::from_config(&config));
     let ingest = Ingestor::new(store.clone(), adapter, config.upstream.run_timeout.0);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let api = Arc::new(Api {

@@ -141,6 +141,67 @@ pub fn mock_agent() -> Proc {
     spawn(&["mock-agent", "--listen", "127.0.0.1:0"], 1, None)
 }
 
+/// A mock agent backend speaking `dialect` (`agentflow`, `ui-message` or `poll`).
+pub fn mock_agent_speaking(dialect: &str) -> Proc {
+    spawn(
+        &[
+            "mock-agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--dialect",
+            dialect,
+        ],
+        1,
+        None,
+    )
+}
+
+/// The three backend dialects.
+pub const DIALECTS: [&str; 3] = ["agentflow", "ui-message", "poll"];
+
+/// A mock agent speaking `dialect` and a gateway configured for it (polling every 20 to 100 ms),
+/// with `upstream_extra` added to `[upstream]`.
+pub fn over(dialect: &str, upstream_extra: &str) -> (Proc, Gateway) {
+    let mock = mock_agent_speaking(dialect);
+    let gw = gateway_with(
+        &mock.addrs[0],
+        &format!(
+            "dialect = \"{dialect}\"\npoll_interval_min = \"20ms\"\n\
+             poll_interval_max = \"100ms\"\n{upstream_extra}"
+        ),
+        "",
+    );
+    (mock, gw)
+}
+
+/// Rename every `id` value (any depth) by order of first appearance, so that values built by
+/// runs with different ids compare by structure.
+pub fn normalize_ids(values: &[Value]) -> Vec<Value> {
+    fn walk(v: &mut Value, seen: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    if let (true, Value::String(s)) = (k == "id", &mut *x) {
+                        let n = seen.iter().position(|p| p == s).unwrap_or_else(|| {
+                            seen.push(s.clone());
+                            seen.len() - 1
+                        });
+                        *s = format!("#{n}");
+                    } else {
+                        walk(x, seen);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, seen)),
+            _ => {}
+        }
+    }
+    let mut seen = Vec::new();
+    let mut out = values.to_vec();
+    out.iter_mut().for_each(|v| walk(v, &mut seen));
+    out
+}
+
 /// The requests a mock agent at `addr` received (`GET /mock/requests`).
 pub async fn mock_requests(http: &reqwest::Client, addr: &str) -> Vec<Value> {
     let v: Value = http
@@ -453,6 +514,31 @@ pub fn reduce_ui(chunks: &[Value]) -> Result<Value, String> {
                     parts[i]["state"] = json!("output-error");
                     parts[i]["errorText"] = c["errorText"].clone();
                 }
+            }
+            "tool-input-delta" => {
+                let call = c["toolCallId"].as_str().ok_or("no toolCallId")?;
+                tools
+                    .get(call)
+                    .ok_or(format!("{t} before tool-input-start"))?;
+                c["inputTextDelta"].as_str().ok_or("no inputTextDelta")?;
+            }
+            "source-url" => {
+                let mut part = json!({"type": t, "sourceId": c["sourceId"], "url": c["url"]});
+                if let Some(title) = c.get("title") {
+                    part["title"] = title.clone();
+                }
+                parts.push(part);
+            }
+            "source-document" => {
+                let mut part = json!({"type": t, "sourceId": c["sourceId"],
+                                      "mediaType": c["mediaType"], "title": c["title"]});
+                if let Some(f) = c.get("filename") {
+                    part["filename"] = f.clone();
+                }
+                parts.push(part);
+            }
+            "file" => {
+                parts.push(json!({"type": "file", "mediaType": c["mediaType"], "url": c["url"]}))
             }
             "error" | "finish" | "abort" | "message-metadata" => {}
             other if other.starts_with("data-") => {

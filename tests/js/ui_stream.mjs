@@ -1,12 +1,13 @@
 // Reads Sluice's UI-message stream with the AI SDK's own client code (DefaultChatTransport +
-// readUIMessageStream), in a current ai@5 and in ai@5.0.100, whose chunk schemas are strict
-// (any extra key or unknown chunk type fails). For each prompt, the message the SDK rebuilds
+// readUIMessageStream), in a current ai@5, in ai@5.0.100, whose chunk schemas are strict
+// (any extra key or unknown chunk type fails), and in ai@6 (the newest that runs on Node 20). For each prompt, the message the SDK rebuilds
 // must equal the assistant message of Sluice's snapshot.
 //
 // usage: node ui_stream.mjs BASE_URL PROMPT...      prints one JSON line per check; exit 1 on failure
 
 import * as current from 'ai';
 import * as strict from 'ai-strict';
+import * as v6 from 'ai6';
 
 const [base, ...prompts] = process.argv.slice(2);
 let failed = false;
@@ -65,5 +66,6 @@ function canonical(json) {
 for (const prompt of prompts) {
   await check('ai@5-current', current, prompt);
   await check('ai@5.0.100-strict', strict, prompt);
+  await check('ai@6', v6, prompt);
 }
 process.exit(failed ? 1 : 0);

@@ -1,0 +1,111 @@
+//! Reading a backend's answer to a run request, shared by the adapters: the status line (a
+//! non-2xx answer becomes the run's refusal, with the backend's error text), and an SSE body
+//! decoded in batches, each read bounded by `upstream.idle_timeout` and each event by
+//! `upstream.max_event_bytes`.
+
+use std::time::Duration;
+
+use pingora::protocols::http::client::HttpSession;
+
+use super::{Admission, Failure, RunSink};
+use crate::client;
+use crate::sse::{Decoder, SseEvent};
+
+/// Most bytes of a non-2xx answer kept as its error text.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// Read the answer's status line and tell the run's starter (`sink.admit`). A non-2xx answer is
+/// the run's failure, with the backend's error text.
+pub async fn admit(http: &mut HttpSession, idle: Duration, sink: &RunSink) -> Result<u16, Failure> {
+    match tokio::time::timeout(idle, http.read_response_header()).await {
+        Err(_) => return Err(Failure::IdleTimeout(idle)),
+        Ok(Err(e)) => return Err(Failure::Dropped(e.to_string().trim().to_string())),
+        Ok(Ok(())) => {}
+    }
+    let status = http.response_header().map_or(0, |h| h.status.as_u16());
+    if !(200..300).contains(&status) {
+        let body = client::read_body(http, ERROR_BODY_LIMIT, idle)
+            .await
+            .unwrap_or_default();
+        let text = error_text(&body);
+        sink.admit(Admission::Refused(status, text.clone()));
+        return Err(Failure::Status(status, text));
+    }
+    sink.admit(Admission::Accepted);
+    Ok(status)
+}
+
+/// The message of an error body: a JSON error's message (`{"error":{"message"}}`,
+/// `{"error":"…"}`, `{"message":"…"}`, `{"detail":"…"}`), or the start of the text.
+pub fn error_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+        let pick = v
+            .pointer("/error/message")
+            .or_else(|| v.get("error"))
+            .or_else(|| v.get("message"))
+            .or_else(|| v.get("detail"));
+        if let Some(serde_json::Value::String(s)) = pick {
+            return s.clone();
+        }
+    }
+    text.trim().chars().take(500).collect()
+}
+
+/// An SSE answer body, read in batches.
+pub struct SseBody {
+    decoder: Decoder,
+    idle: Duration,
+    max_event_bytes: usize,
+}
+
+impl SseBody {
+    /// A reader with these limits.
+    pub fn new(idle: Duration, max_event_bytes: usize) -> SseBody {
+        SseBody {
+            decoder: Decoder::new(max_event_bytes),
+            idle,
+            max_event_bytes,
+        }
+    }
+
+    /// Read the next piece of the body and append the events it completes to `out` (maybe
+    /// none). Returns how the body cannot go on, if it cannot: the events already in `out` are
+    /// still to be kept (they came before the problem).
+    pub async fn next(
+        &mut self,
+        http: &mut HttpSession,
+        out: &mut Vec<SseEvent>,
+    ) -> Option<Failure> {
+        let chunk = match tokio::time::timeout(self.idle, http.read_response_body()).await {
+            Err(_) => return Some(Failure::IdleTimeout(self.idle)),
+            Ok(Err(e)) => return Some(Failure::Dropped(e.to_string().trim().to_string())),
+            Ok(Ok(None)) => {
+                self.decoder.finish();
+                return Some(Failure::Dropped(
+                    "the stream closed without the run's end event".into(),
+                ));
+            }
+            Ok(Ok(Some(chunk))) => chunk,
+        };
+        match self.decoder.feed(&chunk, out) {
+            Ok(()) => None,
+            Err(_) => Some(Failure::EventTooLarge(self.max_event_bytes)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_texts() {
+        assert_eq!(error_text(br#"{"error":{"message":"m"}}"#), "m");
+        assert_eq!(error_text(br#"{"error":"e"}"#), "e");
+        assert_eq!(error_text(br#"{"message":"x"}"#), "x");
+        assert_eq!(error_text(br#"{"detail":"d"}"#), "d");
+        assert_eq!(error_text(b"  plain text \n"), "plain text");
+        assert_eq!(error_text(&[b'a'; 900]).len(), 500);
+    }
+}

@@ -1,0 +1,468 @@
+//! Every upstream adapter behind every client dialect: the mock agent plays the same scenario as
+//! an AgentFlow backend, a UI-message backend and a poll-only backend, and clients must not be
+//! able to tell which one ran: same snapshot, same stream, same resume and long-poll behaviour.
+//! Then what only a poll backend does: back-off, 429, rewrites, lost runs, bounded connections.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A UI-message stream reduced to what every adapter can show: transient chunks (a poll backend
+/// has none to show) and streamed tool input left out, a part's deltas merged into its first
+/// (polls see text grow in steps), consecutive updates of one data part reduced to the last,
+/// ids by order of appearance.
+fn stream_shape(chunks: &[Value]) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    for c in chunks {
+        let ty = c["type"].as_str().unwrap_or("");
+        if c["transient"] == json!(true) || ty == "tool-input-delta" {
+            continue;
+        }
+        if ty == "text-delta" || ty == "reasoning-delta" {
+            // All of an open part's text in its first delta: a poll backend cannot tell
+            // where, among other parts, the text grew.
+            if let Some(first) = out
+                .iter_mut()
+                .find(|p| p["type"] == c["type"] && p["id"] == c["id"])
+            {
+                let joined = format!(
+                    "{}{}",
+                    first["delta"].as_str().unwrap_or(""),
+                    c["delta"].as_str().unwrap_or("")
+                );
+                first["delta"] = json!(joined);
+                continue;
+            }
+        }
+        if let Some(last) = out.last_mut() {
+            if ty.starts_with("data-") && last["type"] == c["type"] && last["id"] == c["id"] {
+                *last = c.clone();
+                continue;
+            }
+        }
+        let mut c = c.clone();
+        if ty == "start" {
+            // Each run's own assistant message id.
+            c["messageId"] = json!("<message>");
+        }
+        out.push(c);
+    }
+    normalize_ids(&out)
+}
+
+/// What a client sees of one run: the snapshot's assistant message (ids normalised), its status
+/// and error text, the stream's shape, and the stream reduced by an independent AI SDK-style
+/// reducer.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    message: Value,
+    status: Value,
+    error: Value,
+    stream: Vec<Value>,
+}
+
+async fn see(gw: &Gateway, prompt: &str) -> Seen {
+    let streamed = stream_invoke(gw, prompt, None).await;
+    let chunks = streamed.chunks();
+    let snap = gw.wait_terminal(&streamed.thread).await;
+    let message = snap["messages"][1].clone();
+    let reduced = reduce_ui(&chunks).unwrap_or_else(|e| panic!("{prompt}: {e}"));
+    assert_eq!(
+        reduced, message,
+        "{prompt}: the stream rebuilds the snapshot"
+    );
+    Seen {
+        message: normalize_ids(&[message]).remove(0),
+        status: snap["streamStatus"].clone(),
+        error: snap["errorText"].clone(),
+        stream: stream_shape(&chunks),
+    }
+}
+
+#[tokio::test]
+async fn the_same_scenario_gives_the_same_snapshot_and_stream_over_every_adapter() {
+    let prompts = [
+        "Hello there",
+        "scenario:reasoning",
+        "scenario:tools",
+        "scenario:rich",
+        "scenario:error",
+        "scenario:text upper=1",
+    ];
+    let mut seen: Vec<Vec<Seen>> = Vec::new();
+    for dialect in DIALECTS {
+        let (_mock, gw) = over(dialect, "");
+        let mut runs = Vec::new();
+        for p in prompts {
+            runs.push(see(&gw, p).await);
+        }
+        seen.push(runs);
+    }
+    for (i, prompt) in prompts.iter().enumerate() {
+        let reference = &seen[0][i];
+        let want_status = if prompt.contains("error") {
+            "error"
+        } else {
+            "completed"
+        };
+        assert_eq!(reference.status, json!(want_status), "{prompt}");
+        for (d, dialect) in DIALECTS.iter().enumerate().skip(1) {
+            assert_eq!(
+                seen[d][i], *reference,
+                "{prompt}: the {dialect} upstream differs from agentflow"
+            );
+        }
+    }
+    // The rich scenario really carried sources, files and data parts through.
+    let rich = &seen[2][3].message;
+    let types: Vec<&str> = rich["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["type"].as_str())
+        .collect();
+    for t in ["source-url", "source-document", "file", "data-weather"] {
+        assert!(types.contains(&t), "{t} missing from {rich}");
+    }
+}
+
+async fn get_stream(gw: &Gateway, thread: &str, last: Option<&str>, query: &str) -> (u16, String) {
+    let mut req = gw
+        .http
+        .get(gw.url(&format!("/api/threads/{thread}/stream{query}")));
+    if let Some(id) = last {
+        req = req.header("last-event-id", id);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn resume_and_long_poll_work_over_every_adapter() {
+    for dialect in DIALECTS {
+        let (_mock, gw) = over(dialect, "");
+        let (thread, _) = gw.start("scenario:tools", None).await;
+        // Long-poll: held until the log passes afterSeq=1 (the run has just started).
+        let resp = gw
+            .http
+            .get(gw.url("/api/getConversation"))
+            .query(&[
+                ("threadId", thread.as_str()),
+                ("afterSeq", "1"),
+                ("wait", "10"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{dialect}");
+        let first: Value = resp.json().await.unwrap();
+        assert!(first["lastSeq"].as_u64().unwrap() > 1, "{dialect}: {first}");
+        let snap = gw.wait_terminal(&thread).await;
+        assert_eq!(snap["streamStatus"], "completed", "{dialect}");
+        for format in ["", "&format=agentflow"] {
+            let (status, body) =
+                get_stream(&gw, &thread, None, &format!("?afterSeq=0{format}")).await;
+            assert_eq!(status, 200, "{dialect}{format}");
+            let (full, _) = parse_sse(&body);
+            let n = full.len() - usize::from(format.is_empty());
+            for i in (0..n).step_by(2) {
+                let id = full[i].id.clone().unwrap();
+                let (status, body) =
+                    get_stream(&gw, &thread, Some(&id), &format!("?x=1{format}")).await;
+                let rest: Vec<Sse> = full[i + 1..].to_vec();
+                if rest.iter().all(|e| e.data == "[DONE]") {
+                    assert_eq!(status, 204, "{dialect}{format} after {id}");
+                    continue;
+                }
+                assert_eq!(status, 200, "{dialect}{format} after {id}: {body}");
+                assert_eq!(
+                    parse_sse(&body).0,
+                    rest,
+                    "{dialect}{format}: resume after {id}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_poll_only_backend_streams_with_latency_bounded_by_the_poll_interval() {
+    // 15 tokens, one every 100 ms; the gateway polls every 20 ms to 100 ms.
+    let (_mock, gw) = over("poll", "");
+    let mut resp = gw
+        .invoke("scenario:slow tokens=15 delay_ms=100", None, false)
+        .await;
+    assert_eq!(resp.status(), 200);
+    let started = Instant::now();
+    let mut body = String::new();
+    let mut arrivals: Vec<Duration> = Vec::new();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        let text = String::from_utf8_lossy(&chunk);
+        let deltas = text.matches("\"text-delta\"").count();
+        arrivals.extend(std::iter::repeat_n(started.elapsed(), deltas));
+        body.push_str(&text);
+    }
+    let (events, _) = parse_sse(&body);
+    assert_eq!(events.last().unwrap().data, "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter(|c| c["type"] == "text-delta")
+        .map(|c| c["delta"].as_str().unwrap())
+        .collect();
+    let want: String = (0..15).map(|i| format!("token{i} ")).collect();
+    assert_eq!(text, want);
+    // Streamed as it grew, not in one piece at the end: the text came in many deltas, and no
+    // gap between them is much longer than one token plus one poll interval (generous margin
+    // for a loaded machine).
+    assert!(
+        arrivals.len() >= 5,
+        "only {} deltas: {body}",
+        arrivals.len()
+    );
+    let longest = arrivals.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(longest < Duration::from_millis(1500), "a {longest:?} gap");
+}
+
+async fn stream_agentflow_text(gw: &Gateway, thread: &str) -> Vec<Value> {
+    let (status, body) = get_stream(gw, thread, None, "?afterSeq=0&format=agentflow").await;
+    assert_eq!(status, 200);
+    parse_sse(&body)
+        .0
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rewritten_snapshot_is_a_replacement_not_an_append() {
+    let (_mock, gw) = over("poll", "");
+    let (thread, _) = gw.start("scenario:rewrite", None).await;
+    let snap = gw.wait_terminal(&thread).await;
+    assert_eq!(snap["streamStatus"], "completed");
+    let final_text = text_of(&snap["messages"][1]);
+    // The same scenario over a streaming backend: the text as finally written.
+    let (_m2, af) = over("agentflow", "");
+    let (t2, _) = af.start("scenario:rewrite", None).await;
+    let want = text_of(&af.wait_terminal(&t2).await["messages"][1]);
+    assert_eq!(final_text, want);
+    // The log holds the rewrite as a replacement, for AgentFlow clients too…
+    let events = stream_agentflow_text(&gw, &thread).await;
+    assert!(
+        events.iter().any(|e| e["type"] == "text_replace"),
+        "{events:?}"
+    );
+    // …and UI-message clients are told with a transient data-text-replace.
+    let (_, body) = get_stream(&gw, &thread, None, "?afterSeq=0").await;
+    assert!(body.contains("\"type\":\"data-text-replace\""), "{body}");
+}
+
+#[tokio::test]
+async fn a_throttling_backend_is_polled_after_its_retry_after() {
+    let (mock, gw) = over("poll", "");
+    let (thread, _) = gw
+        .start("scenario:slow tokens=6 delay_ms=100 throttle=3", None)
+        .await;
+    let snap = gw.wait_terminal(&thread).await;
+    assert_eq!(snap["streamStatus"], "completed", "{snap}");
+    let want: String = (0..6).map(|i| format!("token{i} ")).collect();
+    assert_eq!(text_of(&snap["messages"][1]), want);
+    let metrics = gw.metrics().await;
+    let throttled = metrics
+        .lines()
+        .find(|l| l.starts_with("sluice_upstream_polls_total{outcome=\"throttled\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(throttled >= 1.0, "{metrics}");
+    let _ = mock;
+}
+
+#[tokio::test]
+async fn a_run_the_backend_loses_ends_with_error() {
+    let (_mock, gw) = over("poll", "");
+    let (thread, _) = gw
+        .start(
+            "scenario:slow tokens=50 delay_ms=50 lose_after_ms=300",
+            None,
+        )
+        .await;
+    let snap = gw.wait_terminal(&thread).await;
+    assert_eq!(snap["streamStatus"], "error", "{snap}");
+    assert!(
+        snap["errorText"].as_str().unwrap().contains("lost"),
+        "{snap}"
+    );
+    // What was seen before the loss is kept.
+    assert!(
+        text_of(&snap["messages"][1]).starts_with("token0 "),
+        "{snap}"
+    );
+}
+
+#[tokio::test]
+async fn many_polled_runs_share_a_few_backend_connections() {
+    let (_mock, gw) = over("poll", "poll_max_connections = 2\n");
+    let mut threads = Vec::new();
+    for i in 0..12 {
+        let (t, _) = gw
+            .start(&format!("scenario:slow tokens=4 delay_ms=50 run={i}"), None)
+            .await;
+        threads.push(t);
+    }
+    let want: String = (0..4).map(|i| format!("token{i} ")).collect();
+    for t in threads {
+        let snap = gw.wait_terminal(&t).await;
+        assert_eq!(snap["streamStatus"], "completed");
+        assert_eq!(text_of(&snap["messages"][1]), want);
+    }
+}
+
+#[tokio::test]
+async fn unknown_chunks_from_newer_ai_sdks_are_kept_not_fatal() {
+    let (_mock, gw) = over("ui-message", "");
+    let streamed = stream_invoke(&gw, "scenario:future", None).await;
+    let snap = gw.wait_terminal(&streamed.thread).await;
+    assert_eq!(snap["streamStatus"], "completed", "{snap}");
+    assert!(!text_of(&snap["messages"][1]).is_empty());
+    let chunks = streamed.chunks();
+    let opaque: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| c["type"] == "data-agentflow" && c["data"]["type"] == "ui_chunk")
+        .collect();
+    let kinds: Vec<&str> = opaque
+        .iter()
+        .filter_map(|c| c["data"]["content"]["type"].as_str())
+        .collect();
+    for k in [
+        "tool-approval-request",
+        "custom",
+        "reasoning-file",
+        "reset-step",
+    ] {
+        assert!(kinds.contains(&k), "{k} not kept: {kinds:?}");
+    }
+    reduce_ui(&chunks).expect("only v5 chunks reach the client");
+}
+
+#[tokio::test]
+async fn a_malformed_ui_message_stream_ends_the_run_with_error() {
+    let (_mock, gw) = over("ui-message", "");
+    let (thread, _) = gw.start("scenario:malformed", None).await;
+    let snap = gw.wait_terminal(&thread).await;
+    assert_eq!(snap["streamStatus"], "error", "{snap}");
+    assert!(
+        text_of(&snap["messages"][1]).starts_with("Fine so far."),
+        "{snap}"
+    );
+}
+
+#[tokio::test]
+async fn threads_continue_on_the_backends_own_thread() {
+    for dialect in ["ui-message", "poll"] {
+        let (mock, gw) = over(dialect, "");
+        let (thread, _) = gw.start("first", None).await;
+        gw.wait_terminal(&thread).await;
+        let (again, _) = gw.start("second", Some(&thread)).await;
+        assert_eq!(again, thread);
+        let snap = gw.wait_terminal(&thread).await;
+        assert_eq!(snap["messages"].as_array().unwrap().len(), 4, "{snap}");
+        assert_eq!(
+            text_of(&snap["messages"][3]),
+            expected_answer("second", 2),
+            "{dialect}"
+        );
+        let reqs = mock_requests(&gw.http, &mock.addrs[0]).await;
+        let invokes: Vec<&Value> = reqs
+            .iter()
+            .filter(|r| r["path"] == "/api/invokeAgent")
+            .collect();
+        assert_eq!(invokes.len(), 2, "{dialect}: {reqs:?}");
+        assert!(invokes[0]["body"].get("threadId").is_none());
+        assert!(
+            invokes[1]["body"]["threadId"].is_string(),
+            "{dialect}: {reqs:?}"
+        );
+        assert_eq!(invokes[1]["body"]["message"]["parts"][0]["text"], "second");
+        assert_eq!(
+            invokes[0]["headers"]["x-sluice-thread-id"].as_str(),
+            Some(thread.as_str())
+        );
+        if dialect == "poll" {
+            assert_eq!(invokes[0]["headers"]["x-stream-response"], "false");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_agentflow_dialect_runs_over_the_other_adapters() {
+    for dialect in ["ui-message", "poll"] {
+        let (_mock, gw) = over(dialect, "");
+        let resp = gw
+            .http
+            .post(gw.url("/agents/7/run"))
+            .json(
+                &json!({"message": "scenario:tools", "conversation_id": "c-1",
+                          "message_id": format!("m-{dialect}"), "stream": false}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{dialect}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["status"], "completed", "{dialect}: {v}");
+        assert!(
+            v["response"]
+                .as_str()
+                .unwrap()
+                .contains("It is sunny in Paris."),
+            "{dialect}: {v}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn routes_send_agents_to_their_own_backends() {
+    let af = mock_agent_speaking("agentflow");
+    let poll = mock_agent_speaking("poll");
+    let gw = gateway_with(
+        &af.addrs[0],
+        &format!(
+            "poll_interval_min = \"20ms\"\npoll_interval_max = \"100ms\"\n\
+             [[upstream.routes]]\nagents = [\"legacy-*\"]\nurls = [\"http://{}\"]\ndialect = \"poll\"\n",
+            poll.addrs[0]
+        ),
+        "",
+    );
+    let resp = gw
+        .http
+        .post(gw.url("/api/invokeAgent"))
+        .header("x-stream-response", "false")
+        .json(&invoke_body(json!("legacy-bot"), "hello", None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let thread = resp.headers()["x-thread-id"].to_str().unwrap().to_string();
+    let snap = gw.wait_terminal(&thread).await;
+    assert_eq!(text_of(&snap["messages"][1]), expected_answer("hello", 1));
+    let (t2, _) = gw.start("hello", None).await;
+    gw.wait_terminal(&t2).await;
+    let invokes = |reqs: Vec<Value>| -> Vec<Value> {
+        reqs.into_iter()
+            .filter(|r| r["path"] != "/api/getConversation")
+            .collect()
+    };
+    let polled = invokes(mock_requests(&gw.http, &poll.addrs[0]).await);
+    let streamed = invokes(mock_requests(&gw.http, &af.addrs[0]).await);
+    assert_eq!(polled.len(), 1, "{polled:?}");
+    assert_eq!(polled[0]["body"]["agentId"], "legacy-bot");
+    assert_eq!(streamed.len(), 1, "{streamed:?}");
+    assert_eq!(streamed[0]["path"], "/agents/1/run");
+}
