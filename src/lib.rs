@@ -8,11 +8,12 @@
 //! The data flows ingest → store → render → api:
 //!
 //! - [`ingest`]: upstream adapters; background tasks that own backend connections and append
-//!   events to run logs (the AgentFlow SSE adapter today).
+//!   events to run logs: AgentFlow SSE, the AI SDK UI-message stream, or a poll-only backend,
+//!   chosen per upstream and per agent.
 //! - [`store`]: threads, runs, and the append-only per-run log with a gapless `seq`; the
 //!   [`store::Store`] trait and the embedded [`store::memory::MemoryStore`].
-//! - [`render`]: pure renderers over the log: the AI SDK v5 UI-message stream and the snapshot
-//!   fold into `UIMessage`s.
+//! - [`render`]: pure renderers over the log: the AI SDK v5 UI-message stream, the AgentFlow
+//!   dialect, and the snapshot fold into `UIMessage`s (`docs/transcoding.md` maps them).
 //! - [`api`]: the client routes (dialect A), written against the [`api::Exchange`] trait.
 //!
 //! Beside them: [`event`] (the log's unit), [`agentflow`] (the AgentFlow event model), [`sse`]

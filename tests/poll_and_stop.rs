@@ -144,16 +144,9 @@ async fn stopping_a_run_keeps_the_partial_answer_and_ends_its_streams() {
     // A silent backend: the stop itself closes its connection (not the next event, nor the
     // idle timeout).
     let active = || async {
-        let v: Value = gw
-            .http
-            .get(format!("http://{}/mock/active", mock.addrs[0]))
-            .send()
-            .await
+        mock_active(&gw.http, &mock.addrs[0]).await["active"]
+            .as_u64()
             .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["active"].as_u64().unwrap()
     };
     let (silent, _) = gw.start("scenario:hang", None).await;
     let deadline = Instant::now() + Duration::from_secs(5);

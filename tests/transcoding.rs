@@ -9,6 +9,9 @@
 //! 4. for rows marked `yes`, a snapshot holding the parts, diffed by the poll adapter, folds to
 //!    the same parts.
 
+mod common;
+
+use common::normalize_ids;
 use serde_json::{json, Value};
 
 use sluice::event::{Event, NewEvent};
@@ -104,38 +107,6 @@ fn parts(events: &[Event]) -> Vec<Value> {
     parts[1..].to_vec()
 }
 
-/// Rename every `id` value by order of first appearance.
-fn normalize(values: &[Value]) -> Vec<Value> {
-    fn walk(v: &mut Value, seen: &mut Vec<String>) {
-        match v {
-            Value::Object(m) => {
-                for (k, x) in m.iter_mut() {
-                    if k == "id" {
-                        if let Value::String(s) = x {
-                            let n = match seen.iter().position(|p| p == s) {
-                                Some(n) => n,
-                                None => {
-                                    seen.push(s.clone());
-                                    seen.len() - 1
-                                }
-                            };
-                            *s = format!("#{n}");
-                            continue;
-                        }
-                    }
-                    walk(x, seen);
-                }
-            }
-            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, seen)),
-            _ => {}
-        }
-    }
-    let mut seen = Vec::new();
-    let mut out = values.to_vec();
-    out.iter_mut().for_each(|v| walk(v, &mut seen));
-    out
-}
-
 /// The log a UI-message backend sending `chunks` leaves (with the closing event the adapter's
 /// supervisor appends after an `abort`).
 fn ingest_chunks(chunks: &[Value]) -> Vec<Event> {
@@ -175,13 +146,13 @@ fn every_row_renders_folds_and_round_trips() {
         let reread = ingest_chunks(&row.chunks);
         check(
             "ui-message upstream, chunks",
-            normalize(&render(&reread)),
-            &normalize(&row.chunks),
+            normalize_ids(&render(&reread)),
+            &normalize_ids(&row.chunks),
         );
         check(
             "ui-message upstream, parts",
-            normalize(&parts(&reread)),
-            &normalize(&row.parts),
+            normalize_ids(&parts(&reread)),
+            &normalize_ids(&row.parts),
         );
         if row.poll {
             let ev = Events::new("r");
@@ -192,8 +163,8 @@ fn every_row_renders_folds_and_round_trips() {
             log.extend(SnapshotDiff::new(ev).diff(&message));
             check(
                 "poll upstream, parts",
-                normalize(&parts(&numbered(log))),
-                &normalize(&row.parts),
+                normalize_ids(&parts(&numbered(log))),
+                &normalize_ids(&row.parts),
             );
         }
     }

@@ -466,3 +466,32 @@ async fn routes_send_agents_to_their_own_backends() {
     assert_eq!(streamed.len(), 1, "{streamed:?}");
     assert_eq!(streamed[0]["path"], "/agents/1/run");
 }
+
+#[tokio::test]
+async fn a_backend_slow_to_update_streams_in_coarse_steps_and_loses_nothing() {
+    // Tokens every 50 ms for 1.5 s, but the backend's snapshot only changes every 500 ms.
+    let (mock, gw) = over("poll", "");
+    let streamed = stream_invoke(
+        &gw,
+        "scenario:slow tokens=30 delay_ms=50 update_ms=500",
+        None,
+    )
+    .await;
+    let chunks = streamed.chunks();
+    let deltas: Vec<&str> = chunks
+        .iter()
+        .filter(|c| c["type"] == "text-delta")
+        .map(|c| c["delta"].as_str().unwrap())
+        .collect();
+    let want: String = (0..30).map(|i| format!("token{i} ")).collect();
+    assert_eq!(deltas.concat(), want);
+    // One delta per snapshot change, not per token.
+    assert!(
+        (1..=6).contains(&deltas.len()),
+        "{} deltas: {deltas:?}",
+        deltas.len()
+    );
+    // The gateway kept polling meanwhile (and backed off between changes).
+    let active = mock_active(&gw.http, &mock.addrs[0]).await;
+    assert!(active["polls"].as_u64().unwrap() >= 4, "{active}");
+}

@@ -16,12 +16,12 @@ use pingora::protocols::http::client::HttpSession;
 
 pub use super::answer::error_text;
 use super::answer::{self, SseBody};
+use super::invoke;
 use super::{Adapter, Ending, Failure, RunJob, RunSink};
 use crate::agentflow::{self, Terminal};
 use crate::client::{self, SendError};
 use crate::config::UpstreamUrl;
 use crate::event::NewEvent;
-use crate::sse::SseEvent;
 
 /// Settings for [`AgentFlowAdapter`].
 #[derive(Clone, Debug)]
@@ -61,18 +61,9 @@ impl AgentFlowAdapter {
     async fn open(&self, job: &RunJob) -> Result<HttpSession, Failure> {
         let up = self.pick();
         let body = Bytes::from(serde_json::to_vec(&job.body).unwrap_or_default());
-        let run = &job.run;
-        let mut headers = vec![
-            ("content-type", "application/json".to_string()),
-            ("accept", "text/event-stream".to_string()),
-            ("x-sluice-org-id", run.org_id.clone()),
-            ("x-sluice-user-id", run.user_id.clone()),
-            ("x-sluice-run-id", run.run_id.0.clone()),
-            ("x-sluice-thread-id", run.thread_id.0.clone()),
-        ];
-        if let Some(token) = &job.bearer {
-            headers.push(("authorization", format!("Bearer {token}")));
-        }
+        let mut headers = invoke::identity_headers(job);
+        headers.push(("content-type", "application/json".to_string()));
+        headers.push(("accept", "text/event-stream".to_string()));
         let path = format!("/agents/{}/run", job.agent_path);
         client::send(
             &self.connector,
@@ -94,46 +85,21 @@ impl AgentFlowAdapter {
         let idle = self.settings.idle_timeout;
         let mut http = self.open(job).await?;
         answer::admit(&mut http, idle, sink).await?;
-        let mut body = SseBody::new(idle, self.settings.max_event_bytes);
-        let mut decoded: Vec<SseEvent> = Vec::new();
-        loop {
-            decoded.clear();
-            let problem = body.next(&mut http, &mut decoded).await;
-            let mut batch = Vec::with_capacity(decoded.len());
-            let mut ending = None;
-            for ev in decoded.drain(..) {
-                if ev.data == "[DONE]" {
-                    continue;
-                }
-                let parsed = match agentflow::parse(ev.data.as_bytes()) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        if let Err(end) = sink.append(batch).await {
-                            return Ok(end);
-                        }
-                        return Err(Failure::Malformed(e.to_string()));
-                    }
-                };
-                let terminal = agentflow::terminal(&parsed);
-                batch.push(NewEvent::new(Bytes::from(ev.data)));
-                if let Some(t) = terminal {
-                    ending = Some(match t {
-                        Terminal::Completed => Ending::Completed,
-                        Terminal::Error(text) => Ending::AgentError(text),
-                    });
-                    break;
-                }
+        let body = SseBody::new(idle, self.settings.max_event_bytes);
+        body.pump(&mut http, sink, |ev, batch| {
+            if ev.data == "[DONE]" {
+                return Ok(None);
             }
-            if let Err(end) = sink.append(batch).await {
-                return Ok(end);
-            }
-            if let Some(end) = ending {
-                return Ok(end);
-            }
-            if let Some(failure) = problem {
-                return Err(failure);
-            }
-        }
+            let parsed = agentflow::parse(ev.data.as_bytes())
+                .map_err(|e| Failure::Malformed(e.to_string()))?;
+            let terminal = agentflow::terminal(&parsed);
+            batch.push(NewEvent::new(Bytes::from(ev.data)));
+            Ok(terminal.map(|t| match t {
+                Terminal::Completed => Ending::Completed,
+                Terminal::Error(text) => Ending::AgentError(text),
+            }))
+        })
+        .await
     }
 }
 

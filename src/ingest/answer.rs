@@ -1,14 +1,15 @@
 //! Reading a backend's answer to a run request, shared by the adapters: the status line (a
 //! non-2xx answer becomes the run's refusal, with the backend's error text), and an SSE body
 //! decoded in batches, each read bounded by `upstream.idle_timeout` and each event by
-//! `upstream.max_event_bytes`.
+//! `upstream.max_event_bytes`, appended to the run batch by batch ([`SseBody::pump`]).
 
 use std::time::Duration;
 
 use pingora::protocols::http::client::HttpSession;
 
-use super::{Admission, Failure, RunSink};
+use super::{Admission, Ending, Failure, RunSink};
 use crate::client;
+use crate::event::NewEvent;
 use crate::sse::{Decoder, SseEvent};
 
 /// Most bytes of a non-2xx answer kept as its error text.
@@ -91,6 +92,54 @@ impl SseBody {
         match self.decoder.feed(&chunk, out) {
             Ok(()) => None,
             Err(_) => Some(Failure::EventTooLarge(self.max_event_bytes)),
+        }
+    }
+}
+
+impl SseBody {
+    /// Read the whole body: each SSE event goes to `on_event`, which appends the log events it
+    /// makes to the batch and says whether the run ended there (or that the event is
+    /// malformed). Each piece's batch is appended to the run before the next read; the events
+    /// before a malformed one are kept. Returns how the run ended.
+    pub async fn pump<F>(
+        mut self,
+        http: &mut HttpSession,
+        sink: &RunSink,
+        mut on_event: F,
+    ) -> Result<Ending, Failure>
+    where
+        F: FnMut(SseEvent, &mut Vec<NewEvent>) -> Result<Option<Ending>, Failure> + Send,
+    {
+        let mut decoded: Vec<SseEvent> = Vec::new();
+        loop {
+            decoded.clear();
+            let problem = self.next(http, &mut decoded).await;
+            let mut batch = Vec::with_capacity(decoded.len());
+            let mut ending = None;
+            for ev in decoded.drain(..) {
+                match on_event(ev, &mut batch) {
+                    Ok(None) => {}
+                    Ok(Some(end)) => {
+                        ending = Some(end);
+                        break;
+                    }
+                    Err(failure) => {
+                        if let Err(end) = sink.append(batch).await {
+                            return Ok(end);
+                        }
+                        return Err(failure);
+                    }
+                }
+            }
+            if let Err(end) = sink.append(batch).await {
+                return Ok(end);
+            }
+            if let Some(end) = ending {
+                return Ok(end);
+            }
+            if let Some(failure) = problem {
+                return Err(failure);
+            }
         }
     }
 }

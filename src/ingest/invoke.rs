@@ -3,7 +3,9 @@
 //!
 //! The backend keeps its own thread ids. The first run of a Sluice thread goes without
 //! `threadId`; the id the backend answers with (`X-Thread-ID`, or `threadId` in a JSON body) is
-//! remembered in [`BackendThreads`] so that later runs of the thread continue the backend's
+//! remembered in [`BackendThreads`], with the backend it lives on, so that later runs of the
+//! thread go to that backend and continue its conversation. The map is this process's memory:
+//! after a restart (or on another instance) a thread's next run starts a new backend
 //! conversation.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,25 +26,26 @@ use crate::store::ThreadId;
 /// thread start a new backend conversation, which the backend answers like any other).
 const THREADS_REMEMBERED: usize = 100_000;
 
-/// Sluice thread → the backend's thread id.
+/// Sluice thread → the backend (its index in the upstream list) and its thread id there.
 #[derive(Debug, Default)]
-pub struct BackendThreads(DashMap<ThreadId, String>);
+pub struct BackendThreads(DashMap<ThreadId, (usize, String)>);
 
 impl BackendThreads {
-    /// The backend thread of a Sluice thread, if one is known.
-    pub fn get(&self, thread: &ThreadId) -> Option<String> {
+    /// The backend and backend thread of a Sluice thread, if known.
+    pub fn get(&self, thread: &ThreadId) -> Option<(usize, String)> {
         self.0.get(thread).map(|t| t.clone())
     }
 
-    /// Remember the backend thread of a Sluice thread.
-    pub fn remember(&self, thread: &ThreadId, backend: &str) {
+    /// Remember the backend thread of a Sluice thread, on backend `upstream`.
+    pub fn remember(&self, thread: &ThreadId, upstream: usize, backend: &str) {
         if backend.is_empty() {
             return;
         }
         if self.0.len() >= THREADS_REMEMBERED {
             self.0.clear();
         }
-        self.0.insert(thread.clone(), backend.to_owned());
+        self.0
+            .insert(thread.clone(), (upstream, backend.to_owned()));
     }
 }
 
@@ -76,10 +79,31 @@ impl InvokeTarget {
         }
     }
 
-    /// The next backend, round robin.
-    pub fn pick(&self) -> &UpstreamUrl {
+    /// The backend for a run of `thread`: the one its conversation lives on, else the next
+    /// one, round robin.
+    pub fn pick_for(&self, thread: &ThreadId) -> &UpstreamUrl {
+        if let Some(up) = self
+            .threads
+            .get(thread)
+            .and_then(|(i, _)| self.upstreams.get(i))
+        {
+            return up;
+        }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.upstreams.len().max(1);
         &self.upstreams[i]
+    }
+
+    /// Remember that `thread`'s conversation is `backend` on `up`.
+    pub fn remember(&self, thread: &ThreadId, up: &UpstreamUrl, backend: &str) {
+        if let Some(i) = self.upstreams.iter().position(|u| u == up) {
+            self.threads.remember(thread, i, backend);
+        }
+    }
+
+    /// The backend thread to continue on `up`, if `thread` has one there.
+    fn backend_thread(&self, thread: &ThreadId, up: &UpstreamUrl) -> Option<String> {
+        let (i, backend) = self.threads.get(thread)?;
+        (self.upstreams.get(i) == Some(up)).then_some(backend)
     }
 
     /// Send the run's invoke request to `up`. `stream: false` adds `X-Stream-Response: false`
@@ -91,7 +115,7 @@ impl InvokeTarget {
         job: &RunJob,
         stream: bool,
     ) -> Result<HttpSession, Failure> {
-        let backend_thread = self.threads.get(&job.run.thread_id);
+        let backend_thread = self.backend_thread(&job.run.thread_id, up);
         let body = request_body(job, backend_thread.as_deref());
         let body = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
         let mut headers = identity_headers(job);
@@ -226,6 +250,25 @@ mod tests {
     }
 
     #[test]
+    fn a_thread_stays_on_the_backend_its_conversation_lives_on() {
+        let ups: Vec<UpstreamUrl> = ["http://a:1", "http://b:2", "http://c:3"]
+            .iter()
+            .map(|u| UpstreamUrl::parse(u).unwrap())
+            .collect();
+        let target = InvokeTarget::new(ups.clone(), "/i".into(), Duration::from_secs(1));
+        let (t, other) = (ThreadId("t".into()), ThreadId("o".into()));
+        let first = target.pick_for(&t).clone();
+        target.remember(&t, &first, "bt");
+        for _ in 0..5 {
+            assert_eq!(target.pick_for(&t), &first);
+            target.pick_for(&other);
+        }
+        assert_eq!(target.backend_thread(&t, &first).as_deref(), Some("bt"));
+        let elsewhere = ups.iter().find(|u| **u != first).unwrap();
+        assert_eq!(target.backend_thread(&t, elsewhere), None);
+    }
+
+    #[test]
     fn backend_threads_come_from_the_header_or_the_body() {
         assert_eq!(backend_thread(Some(" t1 "), None), Some("t1".into()));
         assert_eq!(
@@ -237,9 +280,9 @@ mod tests {
         let threads = BackendThreads::default();
         let t = ThreadId("a".into());
         assert_eq!(threads.get(&t), None);
-        threads.remember(&t, "");
+        threads.remember(&t, 0, "");
         assert_eq!(threads.get(&t), None);
-        threads.remember(&t, "b");
-        assert_eq!(threads.get(&t), Some("b".into()));
+        threads.remember(&t, 1, "b");
+        assert_eq!(threads.get(&t), Some((1, "b".into())));
     }
 }

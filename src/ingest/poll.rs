@@ -233,20 +233,46 @@ fn role(m: &Value) -> Option<&str> {
     m.get("role").and_then(Value::as_str)
 }
 
-/// Which of a snapshot's messages answers the run: the first assistant message after the user
-/// message whose `id` is `user_message_id` (and before the next user message); when that id is
-/// not found, the assistant message after the last user message.
-pub fn our_message(messages: &[Value], user_message_id: Option<&str>) -> Option<usize> {
+/// The text parts of a message, joined.
+fn text_of(m: &Value) -> String {
+    m.get("parts")
+        .and_then(Value::as_array)
+        .map(|parts| {
+            parts
+                .iter()
+                .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+/// Where the run's user message `ours` is in a snapshot: the last user message with its `id`;
+/// or, for a backend that renames messages, the last user message if it has the same text.
+/// Never an earlier turn's message: until the backend shows the run's own message (its first
+/// snapshots may still be the previous turn's), the answer is `None`.
+pub fn our_user_message(messages: &[Value], ours: &Value) -> Option<usize> {
     let is_user = |m: &Value| role(m) == Some("user");
-    let by_id = user_message_id.and_then(|id| {
+    let id = ours.get("id").and_then(Value::as_str);
+    let by_id = id.and_then(|id| {
         messages
             .iter()
             .rposition(|m| is_user(m) && m.get("id").and_then(Value::as_str) == Some(id))
     });
-    let after = by_id.or_else(|| messages.iter().rposition(is_user))?;
+    by_id.or_else(|| {
+        let last = messages.iter().rposition(is_user)?;
+        (text_of(&messages[last]) == text_of(ours)).then_some(last)
+    })
+}
+
+/// Which of a snapshot's messages answers the run: the first assistant message after the run's
+/// user message ([`our_user_message`]) and before the next user message.
+pub fn our_message(messages: &[Value], ours: &Value) -> Option<usize> {
+    let after = our_user_message(messages, ours)?;
     messages[after + 1..]
         .iter()
-        .take_while(|m| !is_user(m))
+        .take_while(|m| role(m) != Some("user"))
         .position(|m| role(m) == Some("assistant"))
         .map(|i| after + 1 + i)
 }
@@ -598,7 +624,7 @@ impl PollAdapter {
                     .into(),
             )));
         };
-        self.target.threads.remember(&job.run.thread_id, &thread);
+        self.target.remember(&job.run.thread_id, up, &thread);
         sink.admit(Admission::Accepted);
         Ok(thread)
     }
@@ -653,7 +679,7 @@ impl PollAdapter {
             .checked_add(s.timeout)
             .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
         let events = Events::new(job.run.run_id.0.clone());
-        let up = self.target.pick();
+        let up = self.target.pick_for(&job.run.thread_id);
         let thread = match self.start(up, job, sink, deadline).await {
             Ok(t) => t,
             Err(ending) => return ending,
@@ -664,11 +690,15 @@ impl PollAdapter {
         let path = format!("{}?threadId={}", s.conversation_path, path_segment(&thread));
         let mut headers = identity_headers(job);
         headers.push(("accept", "application/json".to_string()));
-        let user_message_id = job.run.user_message.get("id").and_then(Value::as_str);
+        let ours = &job.run.user_message;
         let mut diff = SnapshotDiff::new(events.clone());
         let mut backoff = Backoff::of(s);
         let mut last: Option<Value> = None;
         let mut failures = 0u32;
+        // Whether a snapshot has shown the run's user message yet; until then a 404 or a
+        // terminal status may be the backend catching up (or the previous turn's status).
+        let mut seen = false;
+        let mut unseen_terminal = 0u32;
         let mut wait = backoff.current();
         loop {
             let wake = Instant::now().checked_add(wait).unwrap_or(deadline);
@@ -683,11 +713,25 @@ impl PollAdapter {
             match answer {
                 Answer::Snapshot(mut snapshot) => {
                     failures = 0;
-                    let state = backend_state(&snapshot);
-                    let message = snapshot
-                        .get_mut("messages")
-                        .and_then(Value::as_array_mut)
-                        .and_then(|ms| our_message(ms, user_message_id).map(|i| ms[i].take()));
+                    let mut state = backend_state(&snapshot);
+                    let messages = snapshot.get_mut("messages").and_then(Value::as_array_mut);
+                    seen = seen
+                        || messages
+                            .as_deref()
+                            .is_some_and(|ms| our_user_message(ms, ours).is_some());
+                    if !seen && state != BackendState::Running {
+                        // Not this run's status: the backend does not show the run yet.
+                        unseen_terminal += 1;
+                        if unseen_terminal >= s.max_failures.max(1) {
+                            count("failed");
+                            return Ending::Failed(Failure::Lost(
+                                "the backend's conversation does not show this run".into(),
+                            ));
+                        }
+                        state = BackendState::Running;
+                    }
+                    let message =
+                        messages.and_then(|ms| our_message(ms, ours).map(|i| ms[i].take()));
                     let mut batch = message.as_ref().map(|m| diff.diff(m)).unwrap_or_default();
                     let changed = !batch.is_empty() || message != last;
                     last = message;
@@ -711,6 +755,15 @@ impl PollAdapter {
                 Answer::Throttled(retry_after) => {
                     count("throttled");
                     wait = backoff.after_throttle(retry_after.as_deref());
+                }
+                Answer::Lost(text) if !seen => {
+                    // The backend may not have created the thread yet: an ordinary failure.
+                    count("failed");
+                    failures += 1;
+                    if failures >= s.max_failures.max(1) {
+                        return Ending::Failed(Failure::Lost(text));
+                    }
+                    wait = backoff.after_quiet();
                 }
                 Answer::Lost(text) => {
                     count("failed");
@@ -953,7 +1006,7 @@ mod tests {
             }
             let snapshot = json!({"streamStatus": "in_progress", "messages": messages});
             let ms = snapshot["messages"].as_array().unwrap();
-            let _ = our_message(ms, Some("p1"));
+            let _ = our_message(ms, &json!({"id": "p1"}));
             let _ = backend_state(&snapshot);
         }
 
@@ -1133,23 +1186,27 @@ mod tests {
 
     #[test]
     fn our_message_follows_the_runs_user_message() {
+        let user = |id: &str, text: &str| json!({"id": id, "role": "user", "parts": [{"type": "text", "text": text}]});
         let ms = json!([
-            {"id": "u0", "role": "user"}, {"id": "a0", "role": "assistant"},
-            {"id": "u1", "role": "user"}, {"id": "s", "role": "system"},
+            user("u0", "hi"), {"id": "a0", "role": "assistant"},
+            user("u1", "again"), {"id": "s", "role": "system"},
             {"id": "a1", "role": "assistant"}, {"id": "a1b", "role": "assistant"},
-            {"id": "u2", "role": "user"},
+            user("u2", "third"),
         ]);
         let ms = ms.as_array().unwrap();
-        assert_eq!(our_message(ms, Some("u0")), Some(1));
-        assert_eq!(our_message(ms, Some("u1")), Some(4));
+        assert_eq!(our_message(ms, &user("u0", "hi")), Some(1));
+        assert_eq!(our_message(ms, &user("u1", "again")), Some(4));
         // The run's own message has no answer yet: not the next turn's.
-        assert_eq!(our_message(ms, Some("u2")), None);
-        // Unknown id: the answer to the last user message (none yet).
-        assert_eq!(our_message(ms, Some("zz")), None);
-        assert_eq!(our_message(&ms[..6], None), Some(4));
-        assert_eq!(our_message(&ms[..6], Some("zz")), Some(4));
-        assert_eq!(our_message(&[], Some("u1")), None);
-        assert_eq!(our_message(&ms[1..2], None), None);
+        assert_eq!(our_message(ms, &user("u2", "third")), None);
+        assert_eq!(our_user_message(ms, &user("u2", "third")), Some(6));
+        // A backend that renamed the message: the last user message, if it says the same.
+        assert_eq!(our_message(&ms[..6], &user("zz", "again")), Some(4));
+        // Not yet shown (the snapshot still ends at the previous turn): never that turn's answer.
+        assert_eq!(our_user_message(&ms[..6], &user("zz", "new")), None);
+        assert_eq!(our_message(&ms[..6], &user("zz", "new")), None);
+        assert_eq!(our_message(&ms[..6], &json!({})), None);
+        assert_eq!(our_message(&[], &user("u1", "again")), None);
+        assert_eq!(our_message(&ms[1..2], &user("x", "")), None);
     }
 
     #[test]
@@ -1508,7 +1565,55 @@ mod tests {
             let r = r.to_lowercase();
             assert!(r.contains("accept: application/json") && r.contains("x-sluice-run-id: run_"));
         }
-        assert_eq!(a.target.threads.get(&out.thread).as_deref(), Some("bt 1"));
+        assert_eq!(
+            a.target.threads.get(&out.thread).map(|(_, t)| t).as_deref(),
+            Some("bt 1")
+        );
+    }
+
+    /// A snapshot from before the backend stored the run's message: the previous turn only.
+    fn previous_turn(status: &str) -> String {
+        let body = json!({
+            "threadId": "bt 1", "streamStatus": status,
+            "messages": [
+                {"id": "u0", "role": "user", "parts": [{"type": "text", "text": "before"}]},
+                {"id": "a0", "role": "assistant", "parts": [{"type": "text", "text": "old"}]},
+            ],
+        });
+        http(200, "content-type: application/json\r\n", &body.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_previous_turn_is_never_taken_for_this_run() {
+        let st = store();
+        // The thread is not there yet (404), then only the previous, completed turn shows:
+        // neither ends the run nor lends it the old answer.
+        let up = scripted(vec![
+            accepted(),
+            http(404, "", r#"{"error":"no such thread"}"#),
+            previous_turn("completed"),
+            previous_turn("completed"),
+            snapshot("in_progress", "New"),
+            snapshot("completed", "New answer"),
+        ])
+        .await;
+        let out = run(&adapter(&up, settings()), &st, "u1").await;
+        assert_eq!(out.ending, Ending::Completed);
+        let text: String = out
+            .events
+            .iter()
+            .filter(|e| e["type"] == "delta")
+            .map(|e| e["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(text, "New answer");
+        // A backend that never shows the run's message: lost after max_failures polls.
+        let up = scripted(vec![accepted(), previous_turn("completed")]).await;
+        let out = run(&adapter(&up, settings()), &st, "u1").await;
+        assert!(
+            matches!(&out.ending, Ending::Failed(Failure::Lost(m)) if m.contains("does not show")),
+            "{:?}",
+            out.ending
+        );
     }
 
     #[tokio::test]

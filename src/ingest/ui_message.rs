@@ -27,8 +27,8 @@ use super::answer::{self, SseBody};
 use super::events::Events;
 use super::invoke::{self, InvokeTarget};
 use super::{Adapter, Ending, Failure, RunJob, RunSink};
+use crate::agentflow::AfKind;
 use crate::event::NewEvent;
-use crate::sse::SseEvent;
 use crate::store::RunStatus;
 
 /// How a chunk ended the run.
@@ -254,18 +254,32 @@ impl ChunkMapper {
                     let part = self.named.get(&(reasoning, id.to_owned()))?;
                     Some((part, reasoning))
                 });
-                if let (Some((part, reasoning)), Some(text)) = (named, s(&data, "text")) {
-                    return self.ev.text_replace(part, text, reasoning);
-                }
+                return match (named, s(&data, "text")) {
+                    (Some((part, reasoning)), Some(text)) => {
+                        self.ev.text_replace(part, text, reasoning)
+                    }
+                    // Naming no part of this run: not Sluice's; kept opaque, never applied.
+                    _ => self.ev.ui_chunk(chunk.clone()),
+                };
             }
+            // Only the event type each name stands for is read back, and `data-agentflow`
+            // only for types Sluice does not know: a backend's data can never pose as a
+            // start, text, end or error of the run.
             (
                 "tool-progress"
                 | "tool-result-delta"
                 | "artifact-progress"
-                | "artifact-result-delta"
-                | "agentflow",
+                | "artifact-result-delta",
                 true,
-            ) if payload_type.is_some() => return self.ev.raw(data),
+            ) if payload_type.is_some_and(|t| t.eq_ignore_ascii_case(&name.replace('-', "_"))) => {
+                return self.ev.raw(data)
+            }
+            ("agentflow", true)
+                if payload_type
+                    .is_some_and(|t| matches!(AfKind::from_type(t), AfKind::Other(_))) =>
+            {
+                return self.ev.raw(data)
+            }
             ("call-delta", true) => {
                 if let (Some(call), Some(delta)) = (s(&data, "callId"), s(&data, "delta")) {
                     return self.ev.raw(json!({
@@ -323,59 +337,36 @@ impl UiMessageAdapter {
 
     async fn consume(&self, job: &RunJob, sink: &RunSink) -> Result<Ending, Failure> {
         let idle = self.settings.idle_timeout;
-        let up = self.target.pick();
+        let up = self.target.pick_for(&job.run.thread_id);
         let mut http = self.target.send(&self.connector, up, job, true).await?;
         answer::admit(&mut http, idle, sink).await?;
         if let Some(t) = invoke::thread_header(&http) {
-            self.target.threads.remember(&job.run.thread_id, &t);
+            self.target.remember(&job.run.thread_id, up, &t);
         }
         let mut mapper = ChunkMapper::new(job.run.run_id.0.clone());
-        let mut body = SseBody::new(idle, self.settings.max_event_bytes);
-        let mut decoded: Vec<SseEvent> = Vec::new();
-        loop {
-            decoded.clear();
-            let problem = body.next(&mut http, &mut decoded).await;
-            let mut batch = Vec::with_capacity(decoded.len());
-            let mut ending = None;
-            for ev in decoded.drain(..) {
-                let end = if ev.data == "[DONE]" {
-                    Some(mapper.done(&mut batch))
-                } else {
-                    let chunk = serde_json::from_str::<Value>(&ev.data)
-                        .map_err(|e| format!("a UI-message chunk is not JSON: {e}"))
-                        .and_then(|chunk| mapper.map(&chunk, &mut batch));
-                    match chunk {
-                        Ok(end) => end,
-                        Err(e) => {
-                            if let Err(end) = sink.append(batch).await {
-                                return Ok(end);
-                            }
-                            return Err(Failure::Malformed(e));
-                        }
-                    }
-                };
-                if let Some(end) = end {
-                    ending = Some(match end {
-                        ChunkEnd::Finished => Ending::Completed,
-                        ChunkEnd::Error(text) => Ending::AgentError(text),
-                        ChunkEnd::Aborted => Ending::Backend(
-                            RunStatus::Stopped,
-                            "the agent backend aborted the run".into(),
-                        ),
-                    });
-                    break;
+        let body = SseBody::new(idle, self.settings.max_event_bytes);
+        body.pump(&mut http, sink, |ev, batch| {
+            let end = if ev.data == "[DONE]" {
+                mapper.done(batch)
+            } else {
+                let chunk = serde_json::from_str::<Value>(&ev.data).map_err(|e| {
+                    Failure::Malformed(format!("a UI-message chunk is not JSON: {e}"))
+                })?;
+                match mapper.map(&chunk, batch).map_err(Failure::Malformed)? {
+                    Some(end) => end,
+                    None => return Ok(None),
                 }
-            }
-            if let Err(end) = sink.append(batch).await {
-                return Ok(end);
-            }
-            if let Some(end) = ending {
-                return Ok(end);
-            }
-            if let Some(failure) = problem {
-                return Err(failure);
-            }
-        }
+            };
+            Ok(Some(match end {
+                ChunkEnd::Finished => Ending::Completed,
+                ChunkEnd::Error(text) => Ending::AgentError(text),
+                ChunkEnd::Aborted => Ending::Backend(
+                    RunStatus::Stopped,
+                    "the agent backend aborted the run".into(),
+                ),
+            }))
+        })
+        .await
     }
 }
 
@@ -537,6 +528,23 @@ mod tests {
             json!({"type":"data-artifact","id":"a2","data":{"artifactId":"a2","status":"odd"}}),
             json!({"type":"data-tool-progress","data":{"no":"type"},"transient":true}),
         ]);
+        // Data cannot pose as the run's own events.
+        let forged = [
+            json!({"type":"data-tool-progress","data":{"type":"error","content":"x"},"transient":true}),
+            json!({"type":"data-agentflow","data":{"type":"END"},"transient":true}),
+            json!({"type":"data-agentflow","data":{"type":"text_replace","content":"x"},"transient":true}),
+            json!({"type":"data-text-replace","data":{"id":"nope","text":"x"},"transient":true}),
+        ];
+        let (fv, end) = map_all(&forged);
+        assert_eq!(end, None);
+        for v in &fv[1..] {
+            assert!(
+                matches!(v["type"].as_str(), Some("data" | "ui_chunk")),
+                "{v}"
+            );
+            let ev = crate::agentflow::parse(v.to_string().as_bytes()).unwrap();
+            assert!(crate::agentflow::terminal(&ev).is_none());
+        }
         assert_eq!(vs[1], progress);
         assert_eq!(
             vs[2],

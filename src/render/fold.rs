@@ -180,7 +180,7 @@ impl Part {
 ///   state, input?}` in the current step; `tool-output-available` / `-error` update the call's
 ///   part (`output` / `errorText`);
 /// - `tool-input-delta` accumulates the input's text; the part's `input` is that text parsed,
-///   once it parses (the client shows a partial parse meanwhile);
+///   once it parses as an object or array (the client shows a partial parse meanwhile);
 /// - `source-url`, `source-document` and `file` push their parts;
 /// - non-transient `data-<name>` replaces the `data` of the part with the same type and id, or
 ///   is pushed as `{type, id?, data}`.
@@ -353,7 +353,12 @@ impl MessageBuilder {
                     .entry(tool_call_id.clone())
                     .or_default();
                 text.push_str(input_text_delta);
-                let parsed = serde_json::from_str::<Value>(text).ok();
+                // Only a piece that closes an object or array can complete the input: parsing
+                // after every piece would be quadratic in the input's length.
+                let closes = input_text_delta.trim_end().ends_with(['}', ']']);
+                let parsed = closes
+                    .then(|| serde_json::from_str::<Value>(text).ok())
+                    .flatten();
                 if let Some(i) = self.tool_anywhere(tool_call_id) {
                     if let Part::Tool { input, .. } = &mut self.parts[i] {
                         if parsed.is_some() {

@@ -1120,10 +1120,18 @@ id: 2\ndata: {\"type\":\"finish\"}\n\n"
         }
     }
 
+    /// Events built by `crate::ingest::events`, as JSON values.
+    fn values(events: &[crate::event::NewEvent]) -> Vec<Value> {
+        events
+            .iter()
+            .map(|e| serde_json::from_slice(&e.data).expect("JSON"))
+            .collect()
+    }
+
     #[test]
     fn named_parts_open_and_replace() {
         let b = crate::ingest::events::Events::new("r");
-        let vs: Vec<Value> = [
+        let vs = values(&[
             b.delta("p1", "Hel", false),
             b.delta("p1", "lo", false),
             b.delta("p2", "More", false),
@@ -1131,10 +1139,7 @@ id: 2\ndata: {\"type\":\"finish\"}\n\n"
             b.text_replace("p3", "Fresh", false),
             b.delta("p4", "hm", true),
             b.text_replace("p4", "hmm!", true),
-        ]
-        .iter()
-        .map(|e| serde_json::from_slice(&e.data).unwrap())
-        .collect();
+        ]);
         let got = per_event(&vs);
         assert_eq!(
             got[1],
@@ -1174,16 +1179,13 @@ id: 2\ndata: {\"type\":\"finish\"}\n\n"
     #[test]
     fn streamed_tool_input_then_available() {
         let b = crate::ingest::events::Events::new("r");
-        let vs: Vec<Value> = [
+        let vs = values(&[
             b.delta("p0", "x", false),
             b.tool_input_delta("c1", "search", "{\"q\":"),
             b.tool_input_delta("c1", "search", "1}"),
             b.tool_start("c1", "search", json!({"q":1})),
             b.tool_end("c1", json!("ok")),
-        ]
-        .iter()
-        .map(|e| serde_json::from_slice(&e.data).unwrap())
-        .collect();
+        ]);
         let got = per_event(&vs);
         assert_eq!(
             got[1],
@@ -1213,16 +1215,13 @@ id: 2\ndata: {\"type\":\"finish\"}\n\n"
     #[test]
     fn sources_files_and_data() {
         let b = crate::ingest::events::Events::new("r");
-        let mut vs: Vec<Value> = [
+        let mut vs = values(&[
             b.source_url("s1", "https://e.x", Some("E")),
             b.source_document("d1", "application/pdf", "Doc", Some("d.pdf")),
             b.file("data:image/png;base64,AA==", "image/png"),
             b.data("weather", Some("w"), json!({"t":21}), false),
             b.data("ping", None, json!(1), true),
-        ]
-        .iter()
-        .map(|e| serde_json::from_slice(&e.data).unwrap())
-        .collect();
+        ]);
         // Without the fields they need: kept opaque.
         vs.push(json!({"type":"source","content":{"source_id":"x"}}));
         vs.push(json!({"type":"file","content":{"url":"u"}}));

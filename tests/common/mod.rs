@@ -202,17 +202,27 @@ pub fn normalize_ids(values: &[Value]) -> Vec<Value> {
     out
 }
 
-/// The requests a mock agent at `addr` received (`GET /mock/requests`).
-pub async fn mock_requests(http: &reqwest::Client, addr: &str) -> Vec<Value> {
-    let v: Value = http
-        .get(format!("http://{addr}/mock/requests"))
+/// `GET http://{addr}{path}` as JSON (the mock agent's own routes).
+pub async fn get_json(http: &reqwest::Client, addr: &str, path: &str) -> Value {
+    http.get(format!("http://{addr}{path}"))
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The requests a mock agent at `addr` received (`GET /mock/requests`).
+pub async fn mock_requests(http: &reqwest::Client, addr: &str) -> Vec<Value> {
+    let v = get_json(http, addr, "/mock/requests").await;
     v.as_array().cloned().unwrap_or_default()
+}
+
+/// What a mock agent at `addr` is doing: `{"active": <streams playing>, "polls": <conversation
+/// requests answered>}` (`GET /mock/active`).
+pub async fn mock_active(http: &reqwest::Client, addr: &str) -> Value {
+    get_json(http, addr, "/mock/active").await
 }
 
 /// A gateway in front of `upstream` with extra TOML appended to a minimal config (auth disabled).
