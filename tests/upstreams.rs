@@ -495,3 +495,39 @@ async fn a_backend_slow_to_update_streams_in_coarse_steps_and_loses_nothing() {
     let active = mock_active(&gw.http, &mock.addrs[0]).await;
     assert!(active["polls"].as_u64().unwrap() >= 4, "{active}");
 }
+
+#[tokio::test]
+async fn stopping_a_run_works_over_every_adapter() {
+    for dialect in DIALECTS {
+        let (mock, gw) = over(dialect, "");
+        let (thread, _) = gw.start("scenario:slow tokens=200 delay_ms=20", None).await;
+        // Wait until some text arrived, then stop.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, snap) = gw.conversation(&thread).await;
+            if !text_of(&snap["messages"][1]).is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{dialect}: no text came");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let resp = gw
+            .http
+            .post(gw.url(&format!("/api/threads/{thread}/stop")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{dialect}");
+        let snap = gw.wait_terminal(&thread).await;
+        assert_eq!(snap["streamStatus"], "stopped", "{dialect}");
+        let kept = text_of(&snap["messages"][1]);
+        assert!(kept.starts_with("token0 "), "{dialect}: {kept}");
+        // The stream ends with an abort, and the backend is no longer read.
+        let (_, body) = get_stream(&gw, &thread, None, "?afterSeq=0").await;
+        assert!(body.contains("{\"type\":\"abort\"}"), "{dialect}: {body}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (_, later) = gw.conversation(&thread).await;
+        assert_eq!(text_of(&later["messages"][1]), kept, "{dialect}");
+        let _ = mock;
+    }
+}

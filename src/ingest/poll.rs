@@ -12,13 +12,15 @@
 //!
 //! Polling backs off while nothing changes ([`Backoff`]): the interval starts at
 //! `interval_min`, grows by `backoff` after each quiet poll up to `interval_max`, and returns to
-//! `interval_min` after a change. `429`/`503` answers are waited out (`Retry-After`), other
-//! failures are retried until `max_failures` in a row, a `404` means the backend lost the run.
-//! All runs of one adapter share `max_connections` connection permits, held only during a
-//! request, never while waiting.
+//! `interval_min` after a change. `429`/`503` answers are waited out (`Retry-After`, seconds or
+//! an HTTP date), other failures are retried until `max_failures` in a row, and a `404` once the
+//! run has shown means the backend lost it. Until a snapshot shows the run's own user message,
+//! a terminal `streamStatus` (the previous turn's) and a `404` (a thread not created yet) are
+//! not taken as this run's end. All runs of one adapter share `max_connections` connection
+//! permits, held only during a request, never while waiting.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -138,22 +140,24 @@ impl Backoff {
         self.current
     }
 
-    /// The backend asked us to slow down (`429`/`503`): wait its `Retry-After` (delta-seconds,
-    /// at least `min`), or, for an HTTP date, nonsense or none, the current wait grown as after
-    /// a quiet poll. The caller caps the wait by the run's time left.
-    pub fn after_throttle(&mut self, retry_after: Option<&str>) -> Duration {
-        match retry_after.and_then(parse_retry_after) {
+    /// The backend asked us to slow down (`429`/`503`): wait its `Retry-After` (delta-seconds
+    /// or an HTTP date, read at `now`; at least `min`), or, for nonsense or none, the current
+    /// wait grown as after a quiet poll. The caller caps the wait by the run's time left.
+    pub fn after_throttle(&mut self, retry_after: Option<&str>, now: SystemTime) -> Duration {
+        match retry_after.and_then(|v| parse_retry_after(v, now)) {
             Some(d) => d.max(self.min),
             None => self.after_quiet(),
         }
     }
 }
 
-/// A `Retry-After` value in delta-seconds; `None` for an HTTP date or anything else.
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
+/// A `Retry-After` value (RFC 9110 §10.2.3): delta-seconds, or an HTTP date, which is read as
+/// the time from `now` until then (zero when it has passed); `None` for anything else.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
     if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
+        let at = httpdate::parse_http_date(v).ok()?;
+        return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
     }
     // An absurdly large number is still a (long) wait: the caller caps it by the time left.
     Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)))
@@ -754,7 +758,7 @@ impl PollAdapter {
                 }
                 Answer::Throttled(retry_after) => {
                     count("throttled");
-                    wait = backoff.after_throttle(retry_after.as_deref());
+                    wait = backoff.after_throttle(retry_after.as_deref(), SystemTime::now());
                 }
                 Answer::Lost(text) if !seen => {
                     // The backend may not have created the thread yet: an ordinary failure.
@@ -1281,18 +1285,24 @@ mod tests {
         assert_eq!(quiet, [375, 562, 843, 1265, 1898, 2847, 4271, 5000, 5000]);
         assert_eq!(b.after_change(), ms(250));
         assert_eq!(b.after_quiet(), ms(375));
-        // Throttles: a delta-seconds value is waited (at least min) without changing the curve;
-        // anything else grows the wait as a quiet poll would.
-        assert_eq!(b.after_throttle(Some("3")), ms(3000));
-        assert_eq!(b.after_throttle(Some("0")), ms(250));
+        // Throttles: a delta-seconds value or a date is waited (at least min) without changing
+        // the curve; anything else grows the wait as a quiet poll would.
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        assert_eq!(b.after_throttle(Some("3"), now), ms(3000));
+        assert_eq!(b.after_throttle(Some("0"), now), ms(250));
         assert_eq!(b.current(), ms(375));
         assert_eq!(
-            b.after_throttle(Some("Wed, 21 Oct 2015 07:28:00 GMT"))
-                .as_millis(),
-            562
+            b.after_throttle(Some("Wed, 21 Oct 2015 07:28:07 GMT"), now),
+            ms(7000)
         );
-        assert_eq!(b.after_throttle(None).as_millis(), 843);
-        assert_eq!(b.after_throttle(Some("-1")).as_millis(), 1265);
+        assert_eq!(
+            b.after_throttle(Some("Wed, 21 Oct 2015 07:27:00 GMT"), now),
+            ms(250)
+        );
+        assert_eq!(b.current(), ms(375));
+        assert_eq!(b.after_throttle(Some("soon"), now).as_millis(), 562);
+        assert_eq!(b.after_throttle(None, now).as_millis(), 843);
+        assert_eq!(b.after_throttle(Some("-1"), now).as_millis(), 1265);
         // Odd settings stay sane.
         let mut flat = Backoff::new(ms(100), ms(10), f64::NAN);
         assert_eq!((flat.after_quiet(), flat.after_quiet()), (ms(100), ms(100)));
@@ -1302,24 +1312,23 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_is_delta_seconds_only() {
-        assert_eq!(parse_retry_after("5"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_retry_after(" 12 "), Some(Duration::from_secs(12)));
-        assert_eq!(parse_retry_after("0"), Some(Duration::ZERO));
+    fn retry_after_is_delta_seconds_or_an_http_date() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        let p = |v: &str| parse_retry_after(v, now);
+        assert_eq!(p("5"), Some(Duration::from_secs(5)));
+        assert_eq!(p(" 12 "), Some(Duration::from_secs(12)));
+        assert_eq!(p("0"), Some(Duration::ZERO));
         assert_eq!(
-            parse_retry_after("99999999999999999999999"),
+            p("99999999999999999999999"),
             Some(Duration::from_secs(u64::MAX))
         );
-        for bad in [
-            "",
-            "1.5",
-            "-1",
-            "+3",
-            "soon",
-            "Wed, 21 Oct 2015 07:28:00 GMT",
-            "1 2",
-        ] {
-            assert_eq!(parse_retry_after(bad), None, "{bad}");
+        assert_eq!(
+            p("Wed, 21 Oct 2015 07:29:30 GMT"),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(p("Tue, 20 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        for bad in ["", "1.5", "-1", "+3", "soon", "1 2", "Wed, 99 Oct 2015"] {
+            assert_eq!(p(bad), None, "{bad}");
         }
     }
 
