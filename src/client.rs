@@ -1,6 +1,6 @@
 //! Outbound HTTP through Pingora's own client (plain HTTP, or HTTPS with rustls): connect to a
 //! configured base URL and send one request. Used by the ingest adapters and the JWKS fetcher;
-//! reading the answer is left to the caller.
+//! reading the answer is left to the caller, who may [`release`] the session to the pool.
 
 use std::time::Duration;
 
@@ -27,7 +27,32 @@ fn text(e: Box<pingora::Error>) -> String {
     e.to_string().trim().to_string()
 }
 
-/// Open a connection to `base` and send `method base.path+path` with `headers` and `body`.
+/// How Pingora reaches `base` (equal peers share pooled connections).
+fn peer(base: &UpstreamUrl, connect_timeout: Duration) -> HttpPeer {
+    let mut peer = HttpPeer::new(base.address(), base.tls, base.host.clone());
+    peer.options.connection_timeout = Some(connect_timeout);
+    peer.options.total_connection_timeout = Some(connect_timeout);
+    peer
+}
+
+/// How long a released connection may wait in the pool for its next request.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+
+/// Give a session whose answer was read to the end back to the connector's pool, so that the
+/// next request to `base` (sent with the same `connect_timeout`) reuses its connection.
+/// A session that cannot be reused (body not read to its end, `connection: close`) is closed.
+pub async fn release(
+    connector: &Connector,
+    http: HttpSession,
+    base: &UpstreamUrl,
+    connect_timeout: Duration,
+) {
+    connector
+        .release_http_session(http, &peer(base, connect_timeout), Some(POOL_IDLE))
+        .await;
+}
+
+/// Open a connection to `base` (or reuse a pooled one) and send `method base.path+path` with `headers` and `body`.
 /// Returns the session, ready for `read_response_header`.
 pub async fn send(
     connector: &Connector,
@@ -38,9 +63,7 @@ pub async fn send(
     headers: &[(&str, String)],
     body: Bytes,
 ) -> Result<HttpSession, SendError> {
-    let mut peer = HttpPeer::new(base.address(), base.tls, base.host.clone());
-    peer.options.connection_timeout = Some(connect_timeout);
-    peer.options.total_connection_timeout = Some(connect_timeout);
+    let peer = peer(base, connect_timeout);
     let (mut http, _reused) = connector
         .get_http_session(&peer)
         .await

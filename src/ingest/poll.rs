@@ -604,8 +604,10 @@ impl PollAdapter {
         deadline: Instant,
     ) -> Result<String, Ending> {
         let request = async {
-            let http = self.target.send(&self.connector, up, job, false).await?;
-            read_reply(http, ERROR_BODY_LIMIT).await
+            let mut http = self.target.send(&self.connector, up, job, false).await?;
+            let reply = read_reply(&mut http, ERROR_BODY_LIMIT).await?;
+            client::release(&self.connector, http, up, self.target.connect_timeout).await;
+            Ok(reply)
         };
         let reply = match self.bounded(deadline, request).await {
             Bounded::Done(Ok(r)) => r,
@@ -642,7 +644,7 @@ impl PollAdapter {
         deadline: Instant,
     ) -> Option<Answer> {
         let request = async {
-            let http = client::send(
+            let mut http = client::send(
                 &self.connector,
                 up,
                 self.target.connect_timeout,
@@ -653,7 +655,10 @@ impl PollAdapter {
             )
             .await
             .map_err(send_failure)?;
-            read_reply(http, SNAPSHOT_LIMIT).await
+            let reply = read_reply(&mut http, SNAPSHOT_LIMIT).await?;
+            // The next poll of this backend reuses the connection.
+            client::release(&self.connector, http, up, self.target.connect_timeout).await;
+            Ok(reply)
         };
         let reply = match self.bounded(deadline, request).await {
             Bounded::Done(Ok(r)) => r,
@@ -802,7 +807,7 @@ fn count(outcome: &str) {
 
 /// Read an answer whole: header, then the body (at most `limit` bytes when 2xx; the first
 /// [`ERROR_BODY_LIMIT`] bytes, best effort, otherwise). The caller bounds the time.
-async fn read_reply(mut http: HttpSession, limit: usize) -> Result<Reply, Failure> {
+async fn read_reply(http: &mut HttpSession, limit: usize) -> Result<Reply, Failure> {
     let dropped = |e: Box<pingora::Error>| Failure::Dropped(e.to_string().trim().to_string());
     http.read_response_header().await.map_err(dropped)?;
     let Some(head) = http.response_header() else {
