@@ -248,17 +248,6 @@ pub enum UpstreamDialect {
     Poll,
 }
 
-impl UpstreamDialect {
-    /// The config spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UpstreamDialect::Agentflow => "agentflow",
-            UpstreamDialect::UiMessage => "ui-message",
-            UpstreamDialect::Poll => "poll",
-        }
-    }
-}
-
 /// `[upstream]`
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -286,9 +275,10 @@ pub struct UpstreamSection {
     pub poll_interval_max: Dur,
     /// `poll`: the interval grows by this factor after each poll that saw no change.
     pub poll_backoff: f64,
-    /// `poll`: a run still in progress after this long ends with `timeout`.
+    /// `poll`: a run still in progress after this long ends with `timeout` (`run_timeout`
+    /// applies too: the shorter wins).
     pub poll_timeout: Dur,
-    /// `poll`: most requests in flight to the backend at once, over all runs.
+    /// `poll`: most requests in flight at once to one backend (or route), over all its runs.
     pub poll_max_connections: usize,
     /// `poll`: this many failed polls in a row end the run with `error`.
     pub poll_max_failures: u32,

@@ -147,7 +147,13 @@ async fn commands_work_against_the_demo_over(dialect: &str) {
     for cmd in &commands {
         // A finished thread, so that examples continuing or resuming a thread have one.
         let (thread, _) = gw.start_as(&admin_token, "readme thread", None).await;
-        gw.wait_terminal_as(&admin_token, &thread).await;
+        let snap = gw.wait_terminal_as(&admin_token, &thread).await;
+        assert_eq!(snap["streamStatus"], "completed", "{dialect}: {snap}");
+        assert_eq!(
+            text_of(&snap["messages"][1]),
+            expected_answer("readme thread", 1),
+            "{dialect}"
+        );
         let (api, admin, cmd, tokens) = (api.clone(), admin.clone(), cmd.clone(), tokens.clone());
         let (cmd, status) = tokio::task::spawn_blocking(move || {
             let status = run(&cmd, &api, &admin, &thread, &tokens);

@@ -6,8 +6,8 @@
 //! 2. the events fold to exactly the parts (after the opening `step-start`);
 //! 3. the chunks, read by the UI-message adapter's mapper and rendered again, give the same
 //!    chunks and parts (ids compared by order of appearance);
-//! 4. for rows marked `yes`, a snapshot holding the parts, diffed by the poll adapter, folds to
-//!    the same parts.
+//! 4. for rows marked `yes`, the snapshots a poll backend would show after each of the row's
+//!    events, diffed in turn by the poll adapter, fold to the same parts.
 
 mod common;
 
@@ -155,12 +155,15 @@ fn every_row_renders_folds_and_round_trips() {
             &normalize_ids(&row.parts),
         );
         if row.poll {
+            // The backend's snapshot after each of the row's events (its fold so far), diffed
+            // in turn: growth, rewrites, tool states and data updates go through the diff.
             let ev = Events::new("r");
-            let mut message_parts = vec![json!({"type":"step-start"})];
-            message_parts.extend(row.parts.iter().cloned());
-            let message = json!({"id":"up","role":"assistant","parts": message_parts});
+            let mut diff = SnapshotDiff::new(ev.clone());
             let mut log = vec![ev.start()];
-            log.extend(SnapshotDiff::new(ev).diff(&message));
+            for n in 1..=events.len() {
+                let message = fold("up", &events[..n]);
+                log.extend(diff.diff(&message));
+            }
             check(
                 "poll upstream, parts",
                 normalize_ids(&parts(&numbered(log))),

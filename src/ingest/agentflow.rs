@@ -14,7 +14,6 @@ use bytes::Bytes;
 use pingora::connectors::http::Connector;
 use pingora::protocols::http::client::HttpSession;
 
-pub use super::answer::error_text;
 use super::answer::{self, SseBody};
 use super::invoke;
 use super::{Adapter, Ending, Failure, RunJob, RunSink};

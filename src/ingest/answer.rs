@@ -17,7 +17,7 @@ const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
 /// Read the answer's status line and tell the run's starter (`sink.admit`). A non-2xx answer is
 /// the run's failure, with the backend's error text.
-pub async fn admit(http: &mut HttpSession, idle: Duration, sink: &RunSink) -> Result<u16, Failure> {
+pub async fn admit(http: &mut HttpSession, idle: Duration, sink: &RunSink) -> Result<(), Failure> {
     match tokio::time::timeout(idle, http.read_response_header()).await {
         Err(_) => return Err(Failure::IdleTimeout(idle)),
         Ok(Err(e)) => return Err(Failure::Dropped(e.to_string().trim().to_string())),
@@ -33,7 +33,7 @@ pub async fn admit(http: &mut HttpSession, idle: Duration, sink: &RunSink) -> Re
         return Err(Failure::Status(status, text));
     }
     sink.admit(Admission::Accepted);
-    Ok(status)
+    Ok(())
 }
 
 /// The message of an error body: a JSON error's message (`{"error":{"message"}}`,

@@ -30,7 +30,8 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::agentflow::{error_text, path_segment};
+use super::agentflow::path_segment;
+use super::answer::error_text;
 use super::events::Events;
 use super::invoke::{backend_thread, identity_headers, send_failure, InvokeTarget};
 use super::{Adapter, Admission, Ending, Failure, RunJob, RunSink};
@@ -562,11 +563,6 @@ impl PollAdapter {
             settings,
             connector: Connector::new(None),
         }
-    }
-
-    /// The settings.
-    pub fn settings(&self) -> &PollSettings {
-        &self.settings
     }
 
     fn run_timeout(&self) -> Ending {

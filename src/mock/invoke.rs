@@ -15,7 +15,8 @@
 //!   (`msg_<thread>_<turn>`) appears with the run's first published update.
 //! - Poll options from the message: `update_ms=N` publishes the snapshot at most every N ms
 //!   (in bursts), `throttle=K` answers every K-th getConversation of the thread with `429`
-//!   (`Retry-After: 1`, code `rate_limited`), `lose_after_ms=N` loses the run N ms after it
+//!   (`Retry-After: 1`, code `rate_limited`), `poll_delay_ms=N` makes each getConversation of the
+//!   thread take N ms, `lose_after_ms=N` loses the run N ms after it
 //!   started (404 from then on, as `scenario:drop` does at once). `scenario:hang` stays
 //!   `in_progress`. Unknown threads answer 404 `thread_not_found`.
 
@@ -47,6 +48,8 @@ struct Thread {
     lost: bool,
     lose_at: Option<Instant>,
     throttle: u64,
+    /// How long each getConversation of the thread takes to answer.
+    poll_delay: Duration,
     polls: u64,
 }
 
@@ -212,6 +215,14 @@ fn message_text(message: &Value) -> Option<String> {
 }
 
 impl Threads {
+    /// How long a `GET /api/getConversation` with this query string takes (the thread's
+    /// `poll_delay_ms`).
+    pub fn poll_delay(&self, query: Option<&str>) -> Duration {
+        crate::api::query_param(query, "threadId")
+            .and_then(|id| self.map.get(&id).map(|t| t.poll_delay))
+            .unwrap_or(Duration::ZERO)
+    }
+
     /// Answer `GET /api/getConversation` with this query string.
     pub fn conversation(&self, query: Option<&str>) -> Reply {
         let Some(id) = crate::api::query_param(query, "threadId").filter(|t| !t.is_empty()) else {
@@ -327,6 +338,7 @@ impl MockAgent {
                     lost: false,
                     lose_at: None,
                     throttle: 0,
+                    poll_delay: Duration::ZERO,
                     polls: 0,
                 });
             t.turns = turn;
@@ -335,6 +347,7 @@ impl MockAgent {
             t.error_text = None;
             t.updated_at = stamp;
             t.throttle = o.num("throttle", 0);
+            t.poll_delay = Duration::from_millis(o.num("poll_delay_ms", 0));
             if let Some(ms) = o.kv.get("lose_after_ms").and_then(|v| v.parse().ok()) {
                 t.lose_at = Some(Instant::now() + Duration::from_millis(ms));
             }

@@ -14,9 +14,9 @@
 //! routes live in [`invoke`].
 //!
 //! It also answers `GET /mock/active` with `{"active": <streams being played>, "polls":
-//! <getConversation requests>}`, and `GET /mock/requests` with the last run requests it received
-//! (path, `x-sluice-*`, `authorization`, `accept`, `content-type`, `x-stream-response` headers,
-//! body), so tests can check what the gateway sent, and, in the demo, serves the demo identity's
+//! <getConversation requests>, "polls_in_flight_max": <the most answered at once>}`, and
+//! `GET /mock/requests` with the last run requests it received (path, `x-sluice-*`,
+//! `authorization`, `accept`, `content-type`, `x-stream-response` headers, body), so tests can check what the gateway sent, and, in the demo, serves the demo identity's
 //! JWKS. Agent ids starting with `missing`, `locked` or `secret` answer 404, 401 and 403, as a
 //! backend does for an agent the caller may not use.
 
@@ -75,6 +75,9 @@ pub struct MockAgent {
     active: AtomicUsize,
     /// `getConversation` requests answered.
     polls: AtomicU64,
+    /// getConversation requests being answered now, and the most at once.
+    polls_in_flight: AtomicUsize,
+    polls_in_flight_max: AtomicUsize,
     turns: DashMap<String, u64>,
     /// Dialect A's threads (shared with the runs playing in the background).
     threads: Arc<invoke::Threads>,
@@ -92,11 +95,6 @@ impl MockAgent {
     pub fn with_dialect(mut self, dialect: Dialect) -> Self {
         self.dialect = dialect;
         self
-    }
-
-    /// The dialect it speaks.
-    pub fn dialect(&self) -> Dialect {
-        self.dialect
     }
 
     /// Also serve this JWKS at `GET /.well-known/jwks.json` (the demo's identity provider).
@@ -275,7 +273,15 @@ impl LocalApp for MockAgent {
             ("POST", ["api", "invokeAgent"]) if !agentflow => self.invoke_agent(ex).await,
             ("GET", ["api", "getConversation"]) if !agentflow => {
                 self.polls.fetch_add(1, Ordering::SeqCst);
+                let in_flight = self.polls_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.polls_in_flight_max
+                    .fetch_max(in_flight, Ordering::SeqCst);
+                let delay = self.threads.poll_delay(ex.query());
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
                 let reply = self.threads.conversation(ex.query());
+                self.polls_in_flight.fetch_sub(1, Ordering::SeqCst);
                 let _ = ex.respond(reply).await;
             }
             ("GET", ["mock", "requests"]) => {
@@ -295,7 +301,8 @@ impl LocalApp for MockAgent {
             ("GET", ["mock", "active"]) => {
                 let n = self.active.load(Ordering::SeqCst);
                 let polls = self.polls.load(Ordering::SeqCst);
-                let body = json!({"active": n, "polls": polls});
+                let most = self.polls_in_flight_max.load(Ordering::SeqCst);
+                let body = json!({"active": n, "polls": polls, "polls_in_flight_max": most});
                 let _ = ex.respond(Reply::json(200, &body)).await;
             }
             ("GET", ["healthz"]) => {

@@ -28,9 +28,9 @@
 //!
 //! Options: `framing=crlf|cr`, `bom=1`, `upper=1` (legacy `DELTA` events with a `delta` field),
 //! `event_lines=1` (AgentFlow `event:` lines), `delay_ms=N` (pause after each event; 2 by
-//! default, 150 for `rewrite`), and per scenario `tokens`, `rate`, `events`, `bytes`,
-//! `hang_ms`, `code`. The poll dialect's own options (`update_ms`, `throttle`,
-//! `lose_after_ms`) are read by `super::invoke`.
+//! default, 100 for `slow`, 0 for `long`, 150 for `rewrite`), and per scenario `tokens`, `rate`,
+//! `events`, `bytes`, `hang_ms`, `code`. The poll dialect's own options (`update_ms`,
+//! `throttle`, `poll_delay_ms`, `lose_after_ms`) are read by `super::invoke`.
 
 use std::collections::HashMap;
 

@@ -2,7 +2,9 @@
 //!
 //! [`MessageBuilder`] applies UI-message chunks the way the AI SDK v5 client does
 //! (`processUIMessageStream` in ai 5.0.x; research/protocols.md §1.3, §1.5), so a snapshot equals
-//! what a `useChat` client holds after reading the same stream. [`fold`] and [`Fold`] run the
+//! what a `useChat` client holds after reading the same stream, but for the two departures its
+//! documentation lists (Sluice's `data-text-replace` is applied; streamed tool input shows once
+//! it parses whole). [`fold`] and [`Fold`] run the
 //! log through [`UiRenderer`] and that builder: the snapshot at `lastSeq = n` is the fold of
 //! events `1..n` (DESIGN §3 invariant 2), whether computed at once or as events arrive.
 //!
