@@ -6,23 +6,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-async fn get_stream(
-    gw: &Gateway,
-    thread: &str,
-    last_event_id: Option<&str>,
-    query: &str,
-) -> (u16, String) {
-    let mut req = gw
-        .http
-        .get(gw.url(&format!("/api/threads/{thread}/stream{query}")));
-    if let Some(id) = last_event_id {
-        req = req.header("last-event-id", id);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.text().await.unwrap())
-}
-
 #[tokio::test]
 async fn every_cursor_resumes_with_exactly_the_rest_of_the_stream() {
     let mock = mock_agent();

@@ -169,17 +169,6 @@ async fn the_same_scenario_gives_the_same_snapshot_and_stream_over_every_adapter
     }
 }
 
-async fn get_stream(gw: &Gateway, thread: &str, last: Option<&str>, query: &str) -> (u16, String) {
-    let mut req = gw
-        .http
-        .get(gw.url(&format!("/api/threads/{thread}/stream{query}")));
-    if let Some(id) = last {
-        req = req.header("last-event-id", id);
-    }
-    let resp = req.send().await.unwrap();
-    (resp.status().as_u16(), resp.text().await.unwrap())
-}
-
 #[tokio::test]
 async fn resume_and_long_poll_work_over_every_adapter() {
     for dialect in DIALECTS {

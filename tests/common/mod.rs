@@ -574,6 +574,24 @@ pub fn reduce_ui(chunks: &[Value]) -> Result<Value, String> {
     Ok(json!({"id": id, "role": "assistant", "parts": parts}))
 }
 
+/// `GET /api/threads/{thread}/stream{query}`, with `Last-Event-ID: last` when given; the status
+/// and the whole body.
+pub async fn get_stream(
+    gw: &Gateway,
+    thread: &str,
+    last: Option<&str>,
+    query: &str,
+) -> (u16, String) {
+    let mut req = gw
+        .http
+        .get(gw.url(&format!("/api/threads/{thread}/stream{query}")));
+    if let Some(id) = last {
+        req = req.header("last-event-id", id);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
 /// Stream an invoke to its end; returns (threadId, runId, events, comments, headers).
 pub async fn stream_invoke(gw: &Gateway, text: &str, thread: Option<&str>) -> Streamed {
     let resp = gw
