@@ -13,7 +13,7 @@ use crate::event::NewEvent;
 use crate::sse::{Decoder, SseEvent};
 
 /// Most bytes of a non-2xx answer kept as its error text.
-const ERROR_BODY_LIMIT: usize = 64 * 1024;
+pub const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
 /// Read the answer's status line and tell the run's starter (`sink.admit`). A non-2xx answer is
 /// the run's failure, with the backend's error text.

@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::agentflow::path_segment;
-use super::answer::error_text;
+use super::answer::{error_text, ERROR_BODY_LIMIT};
 use super::events::Events;
 use super::invoke::{backend_thread, identity_headers, send_failure, InvokeTarget};
 use super::{Adapter, Admission, Ending, Failure, RunJob, RunSink};
@@ -43,8 +43,6 @@ use crate::store::RunStatus;
 
 /// Most bytes of one conversation snapshot (the whole thread's messages).
 const SNAPSHOT_LIMIT: usize = 16 * 1024 * 1024;
-/// Most bytes kept of a non-2xx answer (its error text), or of the invoke's answer.
-const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
 /// Settings for [`PollAdapter`].
 #[derive(Clone, Debug)]
@@ -545,15 +543,6 @@ enum Answer {
     Failed(Failure),
 }
 
-/// A bounded request's outcome.
-enum Bounded<T> {
-    Done(T),
-    /// The request took longer than `idle_timeout`.
-    Idle,
-    /// The run's time is up.
-    Deadline,
-}
-
 impl PollAdapter {
     /// An adapter starting runs on `target` and polling them as `settings` say.
     pub fn new(target: InvokeTarget, settings: PollSettings) -> Self {
@@ -569,25 +558,38 @@ impl PollAdapter {
         Ending::Failed(Failure::RunTimeout(self.settings.timeout))
     }
 
-    /// Run `request` holding a connection permit, within `idle_timeout` and the run's deadline.
-    /// Waiting for the permit counts against the deadline only.
-    async fn bounded<F: std::future::Future>(
+    /// Send a request with `send`, holding a connection permit, and read its answer whole, within
+    /// `idle_timeout` (else `Failure::IdleTimeout`) and the run's deadline (else `None`). Waiting
+    /// for the permit counts against the deadline only. A fully read connection goes back to
+    /// the pool for the next request to `up`.
+    async fn exchange<F>(
         &self,
         deadline: Instant,
-        request: F,
-    ) -> Bounded<F::Output> {
+        up: &UpstreamUrl,
+        limit: usize,
+        send: F,
+    ) -> Option<Result<Reply, Failure>>
+    where
+        F: std::future::Future<Output = Result<HttpSession, Failure>>,
+    {
         let _permit = tokio::select! {
             p = self.permits.acquire() => p.ok(),
-            _ = tokio::time::sleep_until(deadline) => return Bounded::Deadline,
+            _ = tokio::time::sleep_until(deadline) => return None,
+        };
+        let request = async {
+            let mut http = send.await?;
+            let reply = read_reply(&mut http, limit).await?;
+            client::release(&self.connector, http, up, self.target.connect_timeout).await;
+            Ok(reply)
         };
         let idle = Instant::now()
             .checked_add(self.settings.idle_timeout)
             .unwrap_or(deadline);
         let end = idle.min(deadline);
         match tokio::time::timeout_at(end, request).await {
-            Ok(v) => Bounded::Done(v),
-            Err(_) if end == deadline => Bounded::Deadline,
-            Err(_) => Bounded::Idle,
+            Ok(reply) => Some(reply),
+            Err(_) if end == deadline => None,
+            Err(_) => Some(Err(Failure::IdleTimeout(self.settings.idle_timeout))),
         }
     }
 
@@ -599,21 +601,11 @@ impl PollAdapter {
         sink: &RunSink,
         deadline: Instant,
     ) -> Result<String, Ending> {
-        let request = async {
-            let mut http = self.target.send(&self.connector, up, job, false).await?;
-            let reply = read_reply(&mut http, ERROR_BODY_LIMIT).await?;
-            client::release(&self.connector, http, up, self.target.connect_timeout).await;
-            Ok(reply)
-        };
-        let reply = match self.bounded(deadline, request).await {
-            Bounded::Done(Ok(r)) => r,
-            Bounded::Done(Err(f)) => return Err(Ending::Failed(f)),
-            Bounded::Idle => {
-                return Err(Ending::Failed(Failure::IdleTimeout(
-                    self.settings.idle_timeout,
-                )))
-            }
-            Bounded::Deadline => return Err(self.run_timeout()),
+        let send = self.target.send(&self.connector, up, job, false);
+        let reply = match self.exchange(deadline, up, ERROR_BODY_LIMIT, send).await {
+            Some(Ok(r)) => r,
+            Some(Err(f)) => return Err(Ending::Failed(f)),
+            None => return Err(self.run_timeout()),
         };
         if !(200..300).contains(&reply.status) {
             let text = error_text(&reply.body);
@@ -639,8 +631,8 @@ impl PollAdapter {
         headers: &[(&str, String)],
         deadline: Instant,
     ) -> Option<Answer> {
-        let request = async {
-            let mut http = client::send(
+        let send = async {
+            client::send(
                 &self.connector,
                 up,
                 self.target.connect_timeout,
@@ -650,21 +642,11 @@ impl PollAdapter {
                 Bytes::new(),
             )
             .await
-            .map_err(send_failure)?;
-            let reply = read_reply(&mut http, SNAPSHOT_LIMIT).await?;
-            // The next poll of this backend reuses the connection.
-            client::release(&self.connector, http, up, self.target.connect_timeout).await;
-            Ok(reply)
+            .map_err(send_failure)
         };
-        let reply = match self.bounded(deadline, request).await {
-            Bounded::Done(Ok(r)) => r,
-            Bounded::Done(Err(f)) => return Some(Answer::Failed(f)),
-            Bounded::Idle => {
-                return Some(Answer::Failed(Failure::IdleTimeout(
-                    self.settings.idle_timeout,
-                )))
-            }
-            Bounded::Deadline => return None,
+        let reply = match self.exchange(deadline, up, SNAPSHOT_LIMIT, send).await? {
+            Ok(r) => r,
+            Err(f) => return Some(Answer::Failed(f)),
         };
         Some(match reply.status {
             200..=299 => match parse_snapshot(&reply.body) {

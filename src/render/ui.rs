@@ -315,17 +315,17 @@ impl UiRenderer {
         if text.is_empty() {
             return;
         }
-        let part = af.part_id().map(str::to_owned);
+        let part = af.part_id();
         let delta = text.to_owned();
         if reasoning {
             let id = match &self.reasoning {
-                Some(id) if self.reasoning_part == part => id.clone(),
+                Some(id) if self.reasoning_part.as_deref() == part => id.clone(),
                 _ => {
                     self.close_parts(out);
                     let id = format!("reasoning-{seq}");
-                    self.open_named(true, &part, &id);
+                    self.open_named(true, part, &id);
                     self.reasoning = Some(id.clone());
-                    self.reasoning_part = part;
+                    self.reasoning_part = part.map(str::to_owned);
                     out.push(Chunk::ReasoningStart { id: id.clone() });
                     id
                 }
@@ -334,13 +334,13 @@ impl UiRenderer {
         } else {
             self.root_text = true;
             let id = match &self.text {
-                Some(id) if self.text_part == part => id.clone(),
+                Some(id) if self.text_part.as_deref() == part => id.clone(),
                 _ => {
                     self.close_parts(out);
                     let id = format!("text-{seq}");
-                    self.open_named(false, &part, &id);
+                    self.open_named(false, part, &id);
                     self.text = Some(id.clone());
-                    self.text_part = part;
+                    self.text_part = part.map(str::to_owned);
                     out.push(Chunk::TextStart { id: id.clone() });
                     id
                 }
@@ -349,9 +349,9 @@ impl UiRenderer {
         }
     }
 
-    fn open_named(&mut self, reasoning: bool, part: &Option<String>, id: &str) {
+    fn open_named(&mut self, reasoning: bool, part: Option<&str>, id: &str) {
         if let Some(p) = part {
-            self.named.insert((reasoning, p.clone()), id.to_owned());
+            self.named.insert((reasoning, p.to_owned()), id.to_owned());
         }
     }
 
