@@ -14,6 +14,7 @@ fn store() -> MemoryStore {
         max_bytes_per_run: 1 << 34,
         max_total_bytes: 1 << 36,
         retention: Duration::from_secs(3600),
+        thread_retention: Duration::from_secs(3600),
         retry_after: Duration::from_secs(5),
     })
 }

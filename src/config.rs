@@ -248,6 +248,19 @@ pub enum UpstreamDialect {
     Poll,
 }
 
+/// Which conversation id an AgentFlow backend is sent for a dialect-B run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConversationIds {
+    /// Sluice's thread id (a UUID, unique per organisation): two organisations that choose the
+    /// same `conversation_id` never reach one backend conversation.
+    #[default]
+    Thread,
+    /// The client's own `conversation_id`, unchanged: only for backends that scope
+    /// conversations by the `X-Sluice-Org-Id` header themselves.
+    Client,
+}
+
 /// `[upstream]`
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -286,6 +299,9 @@ pub struct UpstreamSection {
     /// takes the run; other agents go to `urls`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<UpstreamRoute>,
+    /// `POST /agents/{id}/run`: the `conversation_id` the backend sees, `thread` (Sluice's
+    /// thread id, scoped per organisation) or `client` (the client's, passed through).
+    pub conversation_ids: ConversationIds,
 }
 
 impl Default for UpstreamSection {
@@ -306,6 +322,7 @@ impl Default for UpstreamSection {
             poll_max_connections: 64,
             poll_max_failures: 5,
             routes: Vec::new(),
+            conversation_ids: ConversationIds::Thread,
         }
     }
 }
@@ -391,6 +408,10 @@ pub struct StoreSection {
     pub backend: StoreBackend,
     /// How long a finished run is kept (it may go sooner under memory pressure).
     pub retention: Dur,
+    /// How long a thread's record (organisation, agent, backend thread, which seqs its evicted
+    /// runs held) is kept once its runs are all evicted: the conversation can be continued
+    /// and its old cursors answer `410` until then.
+    pub thread_retention: Dur,
     /// `Retry-After` sent with 503 when the store is full.
     pub full_retry_after: Dur,
 }
@@ -400,6 +421,7 @@ impl Default for StoreSection {
         StoreSection {
             backend: StoreBackend::Memory,
             retention: Dur(Duration::from_secs(3600)),
+            thread_retention: Dur(Duration::from_secs(7 * 86_400)),
             full_retry_after: Dur(Duration::from_secs(5)),
         }
     }
@@ -567,6 +589,7 @@ impl Config {
             ));
         }
         positive("store.retention", self.store.retention)?;
+        positive("store.thread_retention", self.store.thread_retention)?;
         if self.store.full_retry_after.0 < Duration::from_secs(1) {
             return Err(invalid("store.full_retry_after", "must be at least 1s"));
         }

@@ -5,6 +5,11 @@
 //! Prometheus conventions (`sluice_` prefix, `_total` counters, `_seconds`, `_bytes`) and labels
 //! only ever take values from closed sets (route names, status codes, run statuses, error
 //! kinds), never ids or raw paths.
+//!
+//! This module depends on no other layer of the crate: the closed label sets that belong to a
+//! layer (terminal run statuses, authentication failure reasons, upstream error kinds) are
+//! handed in as `&'static str` names by the server wiring through [`LabelSets`] at [`init`];
+//! the layers, in turn, record into the metrics defined here.
 
 use std::sync::LazyLock;
 
@@ -179,16 +184,32 @@ pub static STUCK_READERS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-/// Touch every metric so that each appears on `/metrics` from the start (with zeroes).
-pub fn init() {
+/// Outcomes of `sluice_resumes_total{outcome}`.
+const RESUME_OUTCOMES: [&str; 3] = ["replayed", "live", "gone"];
+
+/// Outcomes of `sluice_upstream_polls_total{outcome}`.
+const POLL_OUTCOMES: [&str; 4] = ["changed", "unchanged", "throttled", "failed"];
+
+/// The closed label sets owned by other layers, handed in by the wiring so that this module
+/// imports none of them. Every value is pre-registered by [`init`].
+pub struct LabelSets<'a> {
+    /// Terminal run statuses (wire names): `sluice_runs_ended_total{status}`.
+    pub run_statuses: &'a [&'static str],
+    /// Authentication failure reasons: `sluice_auth_failures_total{reason}`.
+    pub auth_failures: &'a [&'static str],
+    /// Backend failure kinds: `sluice_upstream_errors_total{kind}`.
+    pub upstream_errors: &'a [&'static str],
+}
+
+/// Touch every metric so that each appears on `/metrics` from the start (with zeroes), including
+/// one series per value of each closed label set in `labels`.
+pub fn init(labels: &LabelSets<'_>) {
     LazyLock::force(&HTTP_REQUESTS);
     LazyLock::force(&HTTP_DURATION);
     LazyLock::force(&SSE_STREAMS_ACTIVE);
     LazyLock::force(&RUNS_STARTED);
-    for s in crate::store::RunStatus::ALL {
-        if s.is_terminal() {
-            RUNS_ENDED.with_label_values(&[s.as_str()]);
-        }
+    for status in labels.run_statuses {
+        RUNS_ENDED.with_label_values(&[status]);
     }
     LazyLock::force(&EVENTS_INGESTED);
     LazyLock::force(&EVENT_BYTES_INGESTED);
@@ -197,18 +218,18 @@ pub fn init() {
     LazyLock::force(&LONG_POLLS_WAITING);
     LazyLock::force(&RUNS_STOPPED);
     LazyLock::force(&IDEMPOTENT_REATTACHES);
-    for outcome in ["replayed", "live", "gone"] {
+    for outcome in RESUME_OUTCOMES {
         RESUMES.with_label_values(&[outcome]);
     }
     LazyLock::force(&EVENTS_REPLAYED);
     LazyLock::force(&STUCK_READERS);
-    for reason in crate::auth::AuthError::REASONS {
+    for reason in labels.auth_failures {
         AUTH_FAILURES.with_label_values(&[reason]);
     }
-    for kind in crate::ingest::Failure::KINDS {
+    for kind in labels.upstream_errors {
         UPSTREAM_ERRORS.with_label_values(&[kind]);
     }
-    for outcome in ["changed", "unchanged", "throttled", "failed"] {
+    for outcome in POLL_OUTCOMES {
         UPSTREAM_POLLS.with_label_values(&[outcome]);
     }
 }

@@ -77,7 +77,8 @@ async fn streams_events_as_received_and_every_retry_resumes_exactly() {
     assert_eq!(runs[0]["path"], "/agents/7/run");
     assert_eq!(runs[0]["body"]["temperature"], json!(0.3));
     assert_eq!(runs[0]["body"]["knowledge_bases"], json!(["kb1"]));
-    assert_eq!(runs[0]["body"]["conversation_id"], "conv-1");
+    // The backend's conversation is Sluice's thread (unique per organisation), not the client's id.
+    assert_eq!(runs[0]["body"]["conversation_id"], json!(thread));
     assert_eq!(runs[0]["body"]["stream"], true);
     // And the snapshot of the thread folds the same events.
     let snap = gw.wait_terminal(&thread).await;
@@ -89,7 +90,7 @@ async fn streams_events_as_received_and_every_retry_resumes_exactly() {
 async fn verbose_false_hides_nested_calls() {
     let mock = mock_agent();
     let gw = gateway(&mock.addrs[0]);
-    let body = json!({"message": "scenario:tools", "message_id": "m-2", "verbose": false});
+    let body = json!({"message": "scenario:tools", "message_id": "m-2", "conversation_id": "c-2", "verbose": false});
     let events = payloads(&run(&gw, &body, None).await.text().await.unwrap());
     assert!(!events.is_empty());
     assert!(
@@ -132,7 +133,8 @@ async fn stream_false_answers_the_final_result_and_202_the_ids() {
     for bad in [
         json!({"message": "x"}),
         json!({"message_id": "m"}),
-        json!({"message": "x", "message_id": "m", "stream": "no"}),
+        json!({"message": "x", "message_id": "m", "conversation_id": "c", "stream": "no"}),
+        json!({"message": "x", "message_id": "m"}),
     ] {
         let resp = gw
             .http

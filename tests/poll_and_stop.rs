@@ -35,12 +35,40 @@ async fn long_poll_returns_on_the_next_event_and_times_out_at_wait() {
     let (_, snap2, took) = long_poll(&gw, &thread, "&afterSeq=999").await;
     assert!(took < Duration::from_millis(500));
     assert!(snap2["lastSeq"].is_u64());
-    // A terminal run answers at once.
+    // A finished thread: a cursor short of its end answers at once, and without a cursor too.
     let done = gw.wait_terminal(&thread).await;
     let last = done["lastSeq"].as_u64().unwrap();
-    let (_, snap, took) = long_poll(&gw, &thread, &format!("&afterSeq={last}&wait=10")).await;
+    let (_, snap, took) =
+        long_poll(&gw, &thread, &format!("&afterSeq={}&wait=10", last - 1)).await;
     assert!(took < Duration::from_millis(500), "{took:?}");
     assert_eq!(snap, done);
+    let (_, snap, took) = long_poll(&gw, &thread, "&wait=10").await;
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert_eq!(snap, done);
+    // At its end, the poll waits for the thread's next turn and wakes when it starts.
+    let waiting = {
+        let (gw_http, url) = (
+            gw.http.clone(),
+            gw.url(&format!("/api/getConversation?threadId={thread}&afterSeq={last}&wait=10")),
+        );
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let v: Value = gw_http.get(url).send().await.unwrap().json().await.unwrap();
+            (v, t0.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!waiting.is_finished(), "answered before the next turn");
+    gw.start("next turn", Some(&thread)).await;
+    let (next, took) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the long-poll woke for the next run")
+        .unwrap();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_ne!(next["runId"], done["runId"], "{next}");
+    assert_eq!(next["streamStatus"], "in_progress");
+    assert_eq!(next["messages"][2]["parts"][0]["text"], "next turn", "{next}");
+    assert!(next["lastSeq"].as_u64().unwrap() >= last);
 
     // A silent run: the poll times out at `wait` with the unchanged snapshot...
     let (thread, _) = gw.start("scenario:hang", None).await;

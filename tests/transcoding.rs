@@ -118,7 +118,10 @@ fn ingest_chunks(chunks: &[Value]) -> Vec<Event> {
     ];
     for c in opening.iter().chain(chunks) {
         let end = mapper.map(c, &mut out).expect("the row's chunks are valid");
-        if end == Some(ChunkEnd::Aborted) {
+        if let Some(closing) = end.as_ref().and_then(ChunkEnd::closing) {
+            out.push(closing.clone());
+        }
+        if matches!(end, Some(ChunkEnd::Aborted)) {
             let closing = sluice::agentflow::synthetic_error("stopped", "aborted");
             out.push(NewEvent::new(closing));
         }

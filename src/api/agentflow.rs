@@ -1,9 +1,12 @@
 //! The AgentFlow dialect (DESIGN.md §1 B): `POST /agents/{id}/run` with the backend's own body.
 //!
-//! The body goes to the backend untouched (every advanced field kept; `stream` is forced on,
-//! since Sluice always consumes the stream). The client's `conversation_id` names one thread
-//! per organisation, and `(organisation, conversation_id, message_id)` is the idempotency key:
-//! a retry re-attaches to the run it started, resuming after `Last-Event-ID` when given.
+//! The body goes to the backend with every advanced field kept, except: `stream` is forced on
+//! (Sluice always consumes the stream); `conversation_id` becomes Sluice's thread id, unique per
+//! organisation, unless `upstream.conversation_ids = "client"`; and fields that name an identity
+//! ([`IDENTITY_FIELDS`]) are removed: the verified identity travels in the `X-Sluice-*`
+//! headers only. The client's `conversation_id` (required) names one thread per organisation,
+//! and `(organisation, conversation_id, message_id)` is the idempotency key: a retry re-attaches
+//! to the run it started, resuming after `Last-Event-ID` when given.
 //!
 //! - `stream: true` (default): the run's events in AgentFlow form, each with `id: <seq>`;
 //!   `verbose: false` leaves out nested calls.
@@ -15,6 +18,7 @@ use serde_json::{json, Map, Value};
 use super::invoke::{agent_allowed, wants_no_stream};
 use super::stream::{self, Dialect};
 use super::{Api, ApiError, Exchange, Identity, Reply};
+use crate::config::ConversationIds;
 use crate::ingest::agentflow::path_segment;
 use crate::ingest::RunJob;
 use crate::metrics;
@@ -31,13 +35,28 @@ pub struct RunRequest {
     pub message: String,
     /// `message_id`.
     pub message_id: String,
-    /// `conversation_id`, if given.
-    pub conversation_id: Option<String>,
+    /// `conversation_id`.
+    pub conversation_id: String,
     /// The client's `stream` (default `true`).
     pub stream: bool,
     /// The client's `verbose` (default `true`).
     pub verbose: bool,
 }
+
+/// Body fields that name an identity. A backend that reads one could be told another user or
+/// organisation than the verified one, so they are never forwarded.
+pub const IDENTITY_FIELDS: &[&str] = &[
+    "user_id",
+    "userId",
+    "org_id",
+    "orgId",
+    "organization_id",
+    "organizationId",
+    "organisation_id",
+    "organisationId",
+    "tenant_id",
+    "tenantId",
+];
 
 fn bad(msg: &str) -> ApiError {
     ApiError::InvalidRequest(msg.into())
@@ -59,8 +78,12 @@ pub fn parse_run(body: &[u8]) -> Result<RunRequest, ApiError> {
         }
     };
     let conversation_id = match body.get("conversation_id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(c)) if !c.is_empty() && c.len() <= 256 => Some(c.clone()),
+        Some(Value::String(c)) if !c.is_empty() && c.len() <= 256 => c.clone(),
+        None | Some(Value::Null) => {
+            return Err(bad(
+                "`conversation_id` is required: the id of the conversation this message continues",
+            ))
+        }
         Some(_) => return Err(bad("`conversation_id` must be a non-empty string")),
     };
     let flag = |name: &str| match body.get(name) {
@@ -70,6 +93,9 @@ pub fn parse_run(body: &[u8]) -> Result<RunRequest, ApiError> {
     };
     let (stream, verbose) = (flag("stream")?, flag("verbose")?);
     body.insert("stream".into(), Value::Bool(true));
+    for field in IDENTITY_FIELDS {
+        body.remove(*field);
+    }
     Ok(RunRequest {
         body,
         message,
@@ -100,10 +126,11 @@ pub async fn run_agent(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Resu
     if !agent_allowed(&api.config.auth.org_agents, &who.org_id, &agent_id) {
         return Err(ApiError::AgentNotFound);
     }
+    // Before anything is started: a malformed cursor is refused with nothing done.
+    let client_cursor = stream::cursor_of(ex)?;
     let key = format!(
         "agentflow\u{1f}{}\u{1f}{}",
-        req.conversation_id.as_deref().unwrap_or(""),
-        req.message_id
+        req.conversation_id, req.message_id
     );
     let started = api
         .store
@@ -115,7 +142,7 @@ pub async fn run_agent(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Resu
             user_message: json!({"id": req.message_id, "role": "user",
                                  "parts": [{"type": "text", "text": req.message}]}),
             idempotency_key: Some(key.clone()),
-            conversation: req.conversation_id.clone(),
+            conversation: Some(req.conversation_id.clone()),
         })
         .await?;
     let run = started.run.clone();
@@ -127,11 +154,16 @@ pub async fn run_agent(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Resu
         metrics::IDEMPOTENT_REATTACHES.inc();
         ids.push(("x-sluice-reattached", "true".into()));
     } else {
+        let mut body = req.body.clone();
+        if api.config.upstream.conversation_ids == ConversationIds::Thread {
+            body.insert("conversation_id".into(), json!(run.thread_id.0));
+        }
         let job = RunJob {
             run: run.clone(),
             agent_path: path_segment(&agent),
-            body: Value::Object(req.body.clone()),
+            body: Value::Object(body),
             bearer: who.token.clone(),
+            backend_thread: api.store.backend_thread(&run.thread_id).await,
         };
         if let Some(err) = super::invoke::admit(api, job).await {
             api.store.forget_key(&who.org_id, &key, &run.run_id).await;
@@ -149,12 +181,10 @@ pub async fn run_agent(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Resu
     if !req.stream {
         return final_result(api, ex, &run, &req, ids).await;
     }
-    let cursor = match stream::cursor_of(ex)? {
-        Some(c) if started.existing => c,
-        _ => Cursor {
-            seq: 0,
-            chunk: None,
-        },
+    // A re-attaching client continues after its cursor when the cursor is inside the run.
+    let cursor = match client_cursor {
+        Some(c) if started.existing && c.seq >= run.first_seq => c,
+        _ => Cursor::after(run.first_seq - 1),
     };
     let dialect = Dialect::AgentFlow {
         verbose: req.verbose,
@@ -179,8 +209,7 @@ async fn final_result(
         }
         info = api.store.run(&run.run_id).await?;
     }
-    let events =
-        super::conversation::read_events(api.store.as_ref(), &run.run_id, info.last_seq).await?;
+    let events = super::conversation::read_events(api.store.as_ref(), &info).await?;
     let message = fold(&info.assistant_message_id, &events);
     let text: String = message["parts"]
         .as_array()
@@ -225,7 +254,19 @@ mod tests {
         assert_eq!(r.body["stream"], json!(true));
         assert_eq!(r.body["temperature"], json!(0.2));
         assert_eq!(r.body["knowledge_bases"], json!(["kb"]));
-        assert_eq!(r.conversation_id.as_deref(), Some("c1"));
+        assert_eq!(r.conversation_id, "c1");
+    }
+
+    #[test]
+    fn identity_fields_never_reach_the_backend() {
+        let r = parse_run(
+            br#"{"message":"hi","message_id":"m1","conversation_id":"c1","user_id":"admin","org_id":"other","organizationId":"x","tenant_id":"t","topic":"kept"}"#,
+        )
+        .unwrap();
+        for field in IDENTITY_FIELDS {
+            assert!(!r.body.contains_key(*field), "{field}");
+        }
+        assert_eq!(r.body["topic"], json!("kept"));
     }
 
     #[test]
@@ -233,12 +274,14 @@ mod tests {
         assert_eq!(parse_run(b"{").unwrap_err().code(), "invalid_json");
         for body in [
             r#"[]"#,
-            r#"{"message_id":"m"}"#,
-            r#"{"message":"","message_id":"m"}"#,
-            r#"{"message":"hi"}"#,
-            r#"{"message":"hi","message_id":7}"#,
+            r#"{"message_id":"m","conversation_id":"c"}"#,
+            r#"{"message":"","message_id":"m","conversation_id":"c"}"#,
+            r#"{"message":"hi","conversation_id":"c"}"#,
+            r#"{"message":"hi","message_id":7,"conversation_id":"c"}"#,
             r#"{"message":"hi","message_id":"m","conversation_id":5}"#,
-            r#"{"message":"hi","message_id":"m","stream":"yes"}"#,
+            r#"{"message":"hi","message_id":"m"}"#,
+            r#"{"message":"hi","message_id":"m","conversation_id":""}"#,
+            r#"{"message":"hi","message_id":"m","conversation_id":"c","stream":"yes"}"#,
         ] {
             assert_eq!(
                 parse_run(body.as_bytes()).unwrap_err().code(),

@@ -25,8 +25,9 @@ pub enum ApiError {
     /// No such run in this thread.
     #[error("run not found in this thread")]
     RunNotFound,
-    /// The log no longer holds the events after the client's cursor (the run was evicted).
-    #[error("the events after this cursor are no longer retained (run {0} was evicted); read the conversation snapshot at /api/getConversation instead")]
+    /// The log no longer holds the events after the client's cursor (its run was evicted); the
+    /// text names the cursor or the run.
+    #[error("the events after {0} are no longer retained (its run was evicted); read the conversation snapshot at /api/getConversation instead")]
     CursorExpired(String),
     /// The thread's latest run is still in progress.
     #[error("the thread's run {0} is still in progress")]

@@ -177,17 +177,15 @@ pub async fn invoke_agent(
         let _ = ex.respond(reply).await;
         return Ok(());
     }
-    // A re-attaching stream continues after the client's last event when it says which.
+    // A re-attaching stream continues after the client's last event when it says which (and
+    // that event is in this run).
     let last_seq = api.store.run(&run.run_id).await.map_or(0, |r| r.last_seq);
     let cursor = ex
         .header("last-event-id")
         .filter(|_| started.existing)
         .and_then(|v| Cursor::parse(v.trim()))
-        .filter(|c| c.seq <= last_seq)
-        .unwrap_or(Cursor {
-            seq: 0,
-            chunk: None,
-        });
+        .filter(|c| c.seq >= run.first_seq && c.seq <= last_seq)
+        .unwrap_or(Cursor::after(run.first_seq - 1));
     stream::stream_run(api, ex, &run, stream::Dialect::UiMessage, cursor, ids).await
 }
 
@@ -223,6 +221,7 @@ async fn start_upstream(
             agent_path,
             body,
             bearer: who.token.clone(),
+            backend_thread: api.store.backend_thread(&run.thread_id).await,
         },
     )
     .await

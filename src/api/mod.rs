@@ -6,6 +6,7 @@ pub mod agentflow;
 pub mod conversation;
 pub mod error;
 pub mod invoke;
+pub mod locate;
 pub mod route;
 pub mod stop;
 pub mod stream;

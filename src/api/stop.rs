@@ -15,11 +15,27 @@ use crate::store::{RunStatus, ThreadId};
 pub async fn stop(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<(), ApiError> {
     let thread_id = super::route::thread_of(ex.path(), "/stop").ok_or(ApiError::NotFound)?;
     let thread = api.store.thread(&who.org_id, &ThreadId(thread_id)).await?;
-    let run = match query_param(ex.query(), "runId") {
-        Some(id) => thread.runs.iter().find(|r| r.run_id.0 == id),
+    let wanted = query_param(ex.query(), "runId");
+    let run = match &wanted {
+        Some(id) => thread.runs.iter().find(|r| r.run_id.0 == *id),
         None => thread.latest(),
-    }
-    .ok_or(ApiError::RunNotFound)?;
+    };
+    let Some(run) = run else {
+        // Every run of the thread was evicted: the latest one ended long ago.
+        return match (&wanted, &thread.latest_evicted) {
+            (None, Some(o)) => {
+                let body = json!({
+                    "threadId": thread.thread_id.0,
+                    "runId": o.run_id.0,
+                    "status": o.status.as_str(),
+                    "lastSeq": thread.last_seq(),
+                });
+                let _ = ex.respond(Reply::json(200, &body)).await;
+                Ok(())
+            }
+            _ => Err(ApiError::RunNotFound),
+        };
+    };
     if !run.status.is_terminal() {
         let closing = agentflow::synthetic_error("stopped", "stopped by the client");
         let stopped = api

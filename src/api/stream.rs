@@ -14,6 +14,7 @@
 
 use bytes::Bytes;
 
+use super::locate::{locate, within, Located, Span};
 use super::{query_param, Api, ApiError, Exchange, Gone, Identity, Reply};
 use crate::event::Event;
 use crate::metrics::{self, Gauged};
@@ -120,9 +121,11 @@ pub fn cursor_of(ex: &dyn Exchange) -> Result<Option<Cursor>, ApiError> {
 /// `GET /api/threads/{threadId}/stream[?runId=&afterSeq=&format=ui-message|agentflow&verbose=]`
 /// with an optional `Last-Event-ID`.
 ///
-/// No cursor: the whole run from its first event while it is in progress (what the AI SDK's
-/// `resume` expects), `204` once it has ended. With a cursor: the events after it, then live
-/// events, then the end; `204` when the cursor is already at the end of a finished run.
+/// No cursor: the latest run from its first event while it is in progress (what the AI SDK's
+/// `resume` expects), `204` once it has ended. With a cursor (a position in the thread): the run
+/// holding the next event, from after the cursor, then live events, then that run's end; `204`
+/// when nothing follows the cursor and no run is in progress; `410` for a cursor into evicted
+/// runs. `?runId=` names the run explicitly (the cursor must then lie inside it).
 pub async fn resume(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<(), ApiError> {
     let thread_id = super::route::thread_of(ex.path(), "/stream").ok_or(ApiError::NotFound)?;
     let dialect = match query_param(ex.query(), "format").as_deref() {
@@ -136,43 +139,63 @@ pub async fn resume(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<
             )))
         }
     };
-    let thread = api.store.thread(&who.org_id, &ThreadId(thread_id)).await?;
-    let wanted = query_param(ex.query(), "runId");
-    let run = match &wanted {
-        Some(id) => thread.runs.iter().find(|r| r.run_id.0 == *id),
-        None => thread.latest(),
-    };
     let cursor = cursor_of(ex)?;
-    let Some(run) = run.cloned() else {
-        let evicted = wanted
-            .as_ref()
-            .is_some_and(|id| thread.evicted.iter().any(|r| r.0 == *id));
-        if evicted {
-            metrics::RESUMES.with_label_values(&["gone"]).inc();
-            return Err(ApiError::CursorExpired(wanted.unwrap_or_default()));
-        }
-        return Err(ApiError::RunNotFound);
+    let thread = api.store.thread(&who.org_id, &ThreadId(thread_id)).await?;
+    let spans: Vec<Span> = thread
+        .runs
+        .iter()
+        .map(|r| Span {
+            first_seq: r.first_seq,
+            last_seq: r.last_seq,
+            in_progress: !r.status.is_terminal(),
+        })
+        .collect();
+    let located = match query_param(ex.query(), "runId") {
+        Some(id) => match thread.runs.iter().position(|r| r.run_id.0 == id) {
+            Some(i) => match cursor {
+                Some(c) if !within(c, &spans[i]) => {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "cursor `{c}` is not in run {id} (its events are {}..={})",
+                        spans[i].first_seq, spans[i].last_seq
+                    )));
+                }
+                Some(c) if c.chunk.is_none() && c.seq == spans[i].last_seq && !spans[i].in_progress => {
+                    Located::NothingLeft
+                }
+                None if !spans[i].in_progress => Located::NothingLeft,
+                _ => Located::Run(i),
+            },
+            None if thread.evicted.iter().any(|r| r.0 == id) => Located::Expired,
+            None => return Err(ApiError::RunNotFound),
+        },
+        None => locate(cursor, &spans, thread.evicted_through),
     };
-    let finished = run.status.is_terminal();
-    let nothing_left = match cursor {
-        None => finished,
-        Some(c) if c.seq > run.last_seq => {
+    let run = match located {
+        Located::Run(i) => thread.runs[i].clone(),
+        Located::NothingLeft => {
+            metrics::RESUMES.with_label_values(&["gone"]).inc();
+            let _ = ex.respond(Reply::empty(204)).await;
+            return Ok(());
+        }
+        Located::Expired => {
+            metrics::RESUMES.with_label_values(&["gone"]).inc();
+            return Err(ApiError::CursorExpired(match cursor {
+                Some(c) => format!("cursor `{c}`"),
+                None => "this run".into(),
+            }));
+        }
+        Located::Beyond => {
             return Err(ApiError::InvalidRequest(format!(
-                "cursor `{c}` is beyond the end of run {} (last event {})",
-                run.run_id, run.last_seq
+                "cursor `{}` is beyond the end of the thread (last event {})",
+                cursor.map(|c| c.to_string()).unwrap_or_default(),
+                thread.last_seq()
             )));
         }
-        Some(c) => finished && c.seq == run.last_seq && c.chunk.is_none(),
     };
-    if nothing_left {
-        metrics::RESUMES.with_label_values(&["gone"]).inc();
-        let _ = ex.respond(Reply::empty(204)).await;
-        return Ok(());
-    }
-    let cursor = cursor.unwrap_or(Cursor {
-        seq: 0,
-        chunk: None,
-    });
+    // From the run's start unless the cursor is inside it.
+    let cursor = cursor
+        .filter(|c| c.seq >= run.first_seq)
+        .unwrap_or(Cursor::after(run.first_seq - 1));
     let outcome = if cursor.seq < run.last_seq {
         "replayed"
     } else {
@@ -210,9 +233,9 @@ pub async fn stream_run(
     let mut buf = Vec::with_capacity(16 * 1024);
     sse::encode_retry(&mut buf, cfg.retry_hint.0.as_millis() as u64);
 
-    // Every event goes through the renderer from seq 1: those the cursor covers only rebuild
-    // its state (a resuming UI-message client must not get a second `start`).
-    let mut at = 0;
+    // Every event of the run goes through the renderer from its first: those the cursor covers
+    // only rebuild its state (a resuming UI-message client must not get a second `start`).
+    let mut at = run.first_seq - 1;
     loop {
         let batch = match store.read_after(&run.run_id, at, READ_BATCH).await {
             Ok(b) => b,
@@ -280,7 +303,7 @@ async fn send(
 }
 
 /// Resolves once the process starts shutting down (never, if nobody can tell it so).
-async fn shutting_down(rx: &mut tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn shutting_down(rx: &mut tokio::sync::watch::Receiver<bool>) {
     if rx.wait_for(|down| *down).await.is_err() {
         std::future::pending::<()>().await;
     }

@@ -91,12 +91,16 @@ impl AgentFlowAdapter {
             }
             let parsed = agentflow::parse(ev.data.as_bytes())
                 .map_err(|e| Failure::Malformed(e.to_string()))?;
-            let terminal = agentflow::terminal(&parsed);
-            batch.push(NewEvent::new(Bytes::from(ev.data)));
-            Ok(terminal.map(|t| match t {
-                Terminal::Completed => Ending::Completed,
-                Terminal::Error(text) => Ending::AgentError(text),
-            }))
+            let event = NewEvent::new(Bytes::from(ev.data));
+            // The closing event goes to the supervisor, which logs it with the run's status.
+            Ok(match agentflow::terminal(&parsed) {
+                None => {
+                    batch.push(event);
+                    None
+                }
+                Some(Terminal::Completed) => Some(Ending::Completed(event)),
+                Some(Terminal::Error(text)) => Some(Ending::AgentError(text, event)),
+            })
         })
         .await
     }

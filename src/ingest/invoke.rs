@@ -3,16 +3,14 @@
 //!
 //! The backend keeps its own thread ids. The first run of a Sluice thread goes without
 //! `threadId`; the id the backend answers with (`X-Thread-ID`, or `threadId` in a JSON body) is
-//! remembered in [`BackendThreads`], with the backend it lives on, so that later runs of the
-//! thread go to that backend and continue its conversation. The map is this process's memory:
-//! after a restart (or on another instance) a thread's next run starts a new backend
-//! conversation.
+//! recorded in the thread's record in the store ([`crate::store::BackendThread`], with the
+//! backend it lives on), so that later runs of the thread go to that backend and continue its
+//! conversation, for as long as the thread's record is kept.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use pingora::connectors::http::Connector;
 use pingora::protocols::http::client::HttpSession;
 use serde_json::{json, Value};
@@ -20,34 +18,7 @@ use serde_json::{json, Value};
 use super::{Failure, RunJob};
 use crate::client::{self, SendError};
 use crate::config::UpstreamUrl;
-use crate::store::ThreadId;
-
-/// Most backend threads remembered; past it the map is cleared (later runs of a forgotten
-/// thread start a new backend conversation, which the backend answers like any other).
-const THREADS_REMEMBERED: usize = 100_000;
-
-/// Sluice thread → the backend (its index in the upstream list) and its thread id there.
-#[derive(Debug, Default)]
-pub struct BackendThreads(DashMap<ThreadId, (usize, String)>);
-
-impl BackendThreads {
-    /// The backend and backend thread of a Sluice thread, if known.
-    pub fn get(&self, thread: &ThreadId) -> Option<(usize, String)> {
-        self.0.get(thread).map(|t| t.clone())
-    }
-
-    /// Remember the backend thread of a Sluice thread, on backend `upstream`.
-    pub fn remember(&self, thread: &ThreadId, upstream: usize, backend: &str) {
-        if backend.is_empty() {
-            return;
-        }
-        if self.0.len() >= THREADS_REMEMBERED {
-            self.0.clear();
-        }
-        self.0
-            .insert(thread.clone(), (upstream, backend.to_owned()));
-    }
-}
+use crate::store::BackendThread;
 
 /// Where and how runs are started on a dialect-A backend.
 #[derive(Debug)]
@@ -58,8 +29,6 @@ pub struct InvokeTarget {
     pub invoke_path: String,
     /// Connect timeout.
     pub connect_timeout: Duration,
-    /// Backend thread ids.
-    pub threads: BackendThreads,
     next: AtomicUsize,
 }
 
@@ -74,36 +43,18 @@ impl InvokeTarget {
             upstreams,
             invoke_path,
             connect_timeout,
-            threads: BackendThreads::default(),
             next: AtomicUsize::new(0),
         }
     }
 
-    /// The backend for a run of `thread`: the one its conversation lives on, else the next
-    /// one, round robin.
-    pub fn pick_for(&self, thread: &ThreadId) -> &UpstreamUrl {
-        if let Some(up) = self
-            .threads
-            .get(thread)
-            .and_then(|(i, _)| self.upstreams.get(i))
-        {
+    /// The backend for a run of a thread whose conversation is `backend` (if known): the one
+    /// it lives on, else the next one, round robin.
+    pub fn pick_for(&self, backend: Option<&BackendThread>) -> &UpstreamUrl {
+        if let Some(up) = backend.and_then(|b| self.upstreams.iter().find(|u| u.to_string() == b.upstream)) {
             return up;
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.upstreams.len().max(1);
         &self.upstreams[i]
-    }
-
-    /// Remember that `thread`'s conversation is `backend` on `up`.
-    pub fn remember(&self, thread: &ThreadId, up: &UpstreamUrl, backend: &str) {
-        if let Some(i) = self.upstreams.iter().position(|u| u == up) {
-            self.threads.remember(thread, i, backend);
-        }
-    }
-
-    /// The backend thread to continue on `up`, if `thread` has one there.
-    fn backend_thread(&self, thread: &ThreadId, up: &UpstreamUrl) -> Option<String> {
-        let (i, backend) = self.threads.get(thread)?;
-        (self.upstreams.get(i) == Some(up)).then_some(backend)
     }
 
     /// Send the run's invoke request to `up`. `stream: false` adds `X-Stream-Response: false`
@@ -115,8 +66,7 @@ impl InvokeTarget {
         job: &RunJob,
         stream: bool,
     ) -> Result<HttpSession, Failure> {
-        let backend_thread = self.backend_thread(&job.run.thread_id, up);
-        let body = request_body(job, backend_thread.as_deref());
+        let body = request_body(job, backend_thread_on(job, up));
         let body = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
         let mut headers = identity_headers(job);
         headers.push(("content-type", "application/json".to_string()));
@@ -138,6 +88,14 @@ impl InvokeTarget {
         .await
         .map_err(send_failure)
     }
+}
+
+/// The backend thread to continue on `up`, if the job's thread has one there.
+pub fn backend_thread_on<'a>(job: &'a RunJob, up: &UpstreamUrl) -> Option<&'a str> {
+    job.backend_thread
+        .as_ref()
+        .filter(|b| b.upstream == up.to_string())
+        .map(|b| b.id.as_str())
 }
 
 /// A send error as the run's failure.
@@ -207,7 +165,7 @@ pub fn thread_header(http: &HttpSession) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{RunId, RunInfo, RunStatus};
+    use crate::store::{RunId, RunInfo, RunStatus, ThreadId};
     use std::time::SystemTime;
 
     fn job(body: Value) -> RunJob {
@@ -220,6 +178,7 @@ mod tests {
                 agent_id: json!(7),
                 status: RunStatus::InProgress,
                 error: None,
+                first_seq: 1,
                 last_seq: 0,
                 bytes: 0,
                 created_at: SystemTime::UNIX_EPOCH,
@@ -231,6 +190,7 @@ mod tests {
             agent_path: "7".into(),
             body,
             bearer: Some("tok".into()),
+            backend_thread: None,
         }
     }
 
@@ -256,16 +216,26 @@ mod tests {
             .map(|u| UpstreamUrl::parse(u).unwrap())
             .collect();
         let target = InvokeTarget::new(ups.clone(), "/i".into(), Duration::from_secs(1));
-        let (t, other) = (ThreadId("t".into()), ThreadId("o".into()));
-        let first = target.pick_for(&t).clone();
-        target.remember(&t, &first, "bt");
+        let first = target.pick_for(None).clone();
+        let known = BackendThread {
+            upstream: first.to_string(),
+            id: "bt".into(),
+        };
         for _ in 0..5 {
-            assert_eq!(target.pick_for(&t), &first);
-            target.pick_for(&other);
+            assert_eq!(target.pick_for(Some(&known)), &first);
+            target.pick_for(None);
         }
-        assert_eq!(target.backend_thread(&t, &first).as_deref(), Some("bt"));
+        let mut j = job(json!({}));
+        j.backend_thread = Some(known);
+        assert_eq!(backend_thread_on(&j, &first), Some("bt"));
         let elsewhere = ups.iter().find(|u| **u != first).unwrap();
-        assert_eq!(target.backend_thread(&t, elsewhere), None);
+        assert_eq!(backend_thread_on(&j, elsewhere), None);
+        // A backend no longer configured: round robin, no backend thread.
+        let gone = BackendThread {
+            upstream: "http://gone:9".into(),
+            id: "x".into(),
+        };
+        assert!(ups.contains(target.pick_for(Some(&gone))));
     }
 
     #[test]
@@ -277,12 +247,5 @@ mod tests {
         );
         assert_eq!(backend_thread(None, Some(b"nope")), None);
         assert_eq!(backend_thread(None, Some(br#"{"threadId":""}"#)), None);
-        let threads = BackendThreads::default();
-        let t = ThreadId("a".into());
-        assert_eq!(threads.get(&t), None);
-        threads.remember(&t, 0, "");
-        assert_eq!(threads.get(&t), None);
-        threads.remember(&t, 1, "b");
-        assert_eq!(threads.get(&t), Some((1, "b".into())));
     }
 }

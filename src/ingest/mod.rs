@@ -33,8 +33,11 @@ pub struct RunJob {
     pub agent_path: String,
     /// The request body for the backend (AgentFlow `run` request).
     pub body: serde_json::Value,
-    /// The caller's bearer token, when `auth.forward_token` is on.
+    /// The caller's bearer token, when `auth.forward_token` is on (sent with the run's request
+    /// only, never with later polls: it may expire long before the run does).
     pub bearer: Option<String>,
+    /// Where the thread's conversation lives on a backend with its own thread ids, if known.
+    pub backend_thread: Option<crate::store::BackendThread>,
 }
 
 /// Why a run ended other than by the backend's own end or error event.
@@ -133,10 +136,13 @@ impl Failure {
 /// How a run ended, as the adapter saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ending {
-    /// The backend's root `end` event is in the log.
-    Completed,
-    /// The backend's root `error` event (with this text) is in the log.
-    AgentError(String),
+    /// The backend's root `end` event, not yet in the log: the supervisor appends it and
+    /// records `completed` in one store operation, so that nothing (a stop, a timeout) can come
+    /// between the answer's end and the run's status.
+    Completed(NewEvent),
+    /// The backend's root `error` event (with this text), not yet in the log: appended with the
+    /// `error` status in one store operation, like [`Ending::Completed`].
+    AgentError(String, NewEvent),
     /// The backend reported that the run ended with this status (`error`, `stopped` or
     /// `timeout`) and message, without an event saying so in the log: the supervisor appends
     /// the closing event.
@@ -145,6 +151,16 @@ pub enum Ending {
     Failed(Failure),
     /// The run was already closed by someone else (a stop).
     Closed,
+}
+
+impl Ending {
+    /// The backend's closing event this ending carries (to be logged with the status).
+    pub fn closing_event(&self) -> Option<&NewEvent> {
+        match self {
+            Ending::Completed(e) | Ending::AgentError(_, e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// What the backend said when it answered the run's request (before any event).
@@ -174,6 +190,24 @@ impl RunSink {
         if let Some(tx) = tx {
             let _ = tx.send(admission);
         }
+    }
+
+    /// Record the backend thread the run's conversation lives on (`id` on backend `up`), for
+    /// the thread's later runs.
+    pub async fn remember_backend_thread(
+        &self,
+        thread: &crate::store::ThreadId,
+        up: &crate::config::UpstreamUrl,
+        id: &str,
+    ) {
+        if id.is_empty() {
+            return;
+        }
+        let backend = crate::store::BackendThread {
+            upstream: up.to_string(),
+            id: id.to_owned(),
+        };
+        self.store.set_backend_thread(thread, backend).await;
     }
 
     /// Append a batch. A store refusal becomes the [`Ending`] the adapter should return.
@@ -296,14 +330,14 @@ impl Ingestor {
         };
         self.running.remove(run);
         let closed = match &ending {
-            Ending::Completed => {
+            Ending::Completed(event) => {
                 self.store
-                    .finish(run, RunStatus::Completed, None, None)
+                    .finish(run, RunStatus::Completed, None, Some(event.clone()))
                     .await
             }
-            Ending::AgentError(text) => {
+            Ending::AgentError(text, event) => {
                 self.store
-                    .finish(run, RunStatus::Error, Some(text.clone()), None)
+                    .finish(run, RunStatus::Error, Some(text.clone()), Some(event.clone()))
                     .await
             }
             Ending::Backend(status, message) => {

@@ -34,12 +34,22 @@ use crate::store::RunStatus;
 /// How a chunk ended the run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChunkEnd {
-    /// `finish`: a root `end` was written.
-    Finished,
-    /// `error`: a root `error` with this text was written.
-    Error(String),
+    /// `finish`: the run's root `end` (not written to the batch: it closes the run).
+    Finished(NewEvent),
+    /// `error`: the run's root `error` with this text (not written to the batch either).
+    Error(String, NewEvent),
     /// `abort`: nothing was written; the run ends `stopped`.
     Aborted,
+}
+
+impl ChunkEnd {
+    /// The event that closes the run, if the ending has one.
+    pub fn closing(&self) -> Option<&NewEvent> {
+        match self {
+            ChunkEnd::Finished(e) | ChunkEnd::Error(_, e) => Some(e),
+            ChunkEnd::Aborted => None,
+        }
+    }
 }
 
 /// Rewrites one run's UI-message chunks into log events. Pure.
@@ -218,12 +228,10 @@ impl ChunkMapper {
             },
             "error" => {
                 let text = s(chunk, "errorText").unwrap_or("the agent backend reported an error");
-                out.push(self.ev.error(text));
-                return Ok(Some(ChunkEnd::Error(text.to_owned())));
+                return Ok(Some(ChunkEnd::Error(text.to_owned(), self.ev.error(text))));
             }
             "finish" => {
-                out.push(self.ev.end());
-                return Ok(Some(ChunkEnd::Finished));
+                return Ok(Some(ChunkEnd::Finished(self.ev.end())));
             }
             "abort" => return Ok(Some(ChunkEnd::Aborted)),
             _ => match ty.strip_prefix("data-") {
@@ -237,8 +245,7 @@ impl ChunkMapper {
     /// The stream ended with `[DONE]` before `finish`: the run is complete.
     pub fn done(&mut self, out: &mut Vec<NewEvent>) -> ChunkEnd {
         self.ensure_started(out);
-        out.push(self.ev.end());
-        ChunkEnd::Finished
+        ChunkEnd::Finished(self.ev.end())
     }
 
     /// A `data-<name>` chunk: Sluice's own renderings of AgentFlow events are read back into
@@ -337,11 +344,11 @@ impl UiMessageAdapter {
 
     async fn consume(&self, job: &RunJob, sink: &RunSink) -> Result<Ending, Failure> {
         let idle = self.settings.idle_timeout;
-        let up = self.target.pick_for(&job.run.thread_id);
+        let up = self.target.pick_for(job.backend_thread.as_ref());
         let mut http = self.target.send(&self.connector, up, job, true).await?;
         answer::admit(&mut http, idle, sink).await?;
         if let Some(t) = invoke::thread_header(&http) {
-            self.target.remember(&job.run.thread_id, up, &t);
+            sink.remember_backend_thread(&job.run.thread_id, up, &t).await;
         }
         let mut mapper = ChunkMapper::new(job.run.run_id.0.clone());
         let body = SseBody::new(idle, self.settings.max_event_bytes);
@@ -358,8 +365,8 @@ impl UiMessageAdapter {
                 }
             };
             Ok(Some(match end {
-                ChunkEnd::Finished => Ending::Completed,
-                ChunkEnd::Error(text) => Ending::AgentError(text),
+                ChunkEnd::Finished(event) => Ending::Completed(event),
+                ChunkEnd::Error(text, event) => Ending::AgentError(text, event),
                 ChunkEnd::Aborted => Ending::Backend(
                     RunStatus::Stopped,
                     "the agent backend aborted the run".into(),
@@ -394,7 +401,8 @@ mod tests {
         let mut end = None;
         for c in chunks {
             end = m.map(c, &mut out).expect("valid chunk");
-            if end.is_some() {
+            if let Some(e) = &end {
+                out.extend(e.closing().cloned());
                 break;
             }
         }
@@ -409,7 +417,8 @@ mod tests {
         let mut m = ChunkMapper::new("root");
         let mut out = Vec::new();
         for c in chunks {
-            if m.map(c, &mut out).expect("valid").is_some() {
+            if let Some(e) = m.map(c, &mut out).expect("valid") {
+                out.extend(e.closing().cloned());
                 break;
             }
         }
@@ -463,13 +472,13 @@ mod tests {
             ])
         );
         let (_, end) = map_all(&chunks);
-        assert_eq!(end, Some(ChunkEnd::Finished));
+        assert!(matches!(end, Some(ChunkEnd::Finished(_))));
     }
 
     #[test]
     fn endings() {
         let (vs, end) = map_all(&[json!({"type":"error","errorText":"no key"})]);
-        assert_eq!(end, Some(ChunkEnd::Error("no key".into())));
+        assert!(matches!(end, Some(ChunkEnd::Error(t, _)) if t == "no key"));
         assert_eq!(vs[0]["type"], "start");
         assert_eq!(vs[1]["content"]["message"], "no key");
         let (vs, end) = map_all(&[
@@ -480,7 +489,9 @@ mod tests {
         assert_eq!(vs.len(), 2);
         let mut m = ChunkMapper::new("r");
         let mut out = Vec::new();
-        assert_eq!(m.done(&mut out), ChunkEnd::Finished);
+        let end = m.done(&mut out);
+        out.extend(end.closing().cloned());
+        assert!(matches!(end, ChunkEnd::Finished(_)));
         assert_eq!(out.len(), 2);
     }
 

@@ -73,7 +73,15 @@ impl LocalApp for Api {
 
 /// Add the gateway's services (client API, admin, housekeeping) to `server`.
 pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Listening> {
-    metrics::init();
+    metrics::init(&metrics::LabelSets {
+        run_statuses: &crate::store::RunStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .map(crate::store::RunStatus::as_str)
+            .collect::<Vec<_>>(),
+        auth_failures: crate::auth::AuthError::REASONS,
+        upstream_errors: &crate::ingest::Failure::KINDS,
+    });
     let api_addr = resolve_listen(&config.server.listen)?;
     let admin_addr = resolve_listen(&config.server.admin_listen)?;
     let config = Arc::new(config);
@@ -82,6 +90,7 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
         max_bytes_per_run: config.limits.max_bytes_per_run,
         max_total_bytes: config.limits.max_total_bytes,
         retention: config.store.retention.0,
+        thread_retention: config.store.thread_retention.0,
         retry_after: config.store.full_retry_after.0,
     }));
     let adapter = Arc::new(Routes::from_config(&config));

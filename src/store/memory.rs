@@ -1,13 +1,16 @@
 //! The embedded store: everything in this process's memory.
 //!
-//! Runs live in a `DashMap` of cells; each cell holds its log behind a mutex and a `watch`
-//! channel that is bumped on every change, so waiters (streams, long polls) sleep on a channel
-//! instead of holding a thread. Memory is bounded by the per-run and total limits: finished runs
-//! are evicted when their retention passes, and first (oldest finished first) under pressure;
-//! new runs are refused once the store is 90% full even after eviction, leaving headroom for
-//! runs already in progress.
+//! Runs live in a `DashMap` of cells; each cell holds its log behind a mutex. Each thread has
+//! one `watch` channel, shared by its runs' cells and bumped on every change (an append, an end,
+//! a new run, an eviction), so waiters (streams, long polls) sleep on a channel instead of
+//! holding a thread. Memory is bounded by the per-run and total limits: finished runs are
+//! evicted when their retention passes, and first (oldest finished first) under pressure; new
+//! runs are refused once the store is 90% full even after eviction, leaving headroom for runs
+//! already in progress. A thread's record (a few hundred bytes, counted in the budget) outlives
+//! its runs for `thread_retention` after its last run was evicted.
 //!
-//! Lock order: a thread entry may be held while a run cell is locked, never the reverse.
+//! Lock order: `keys` → `conversations` → `threads` → a run cell. A thread entry may be held
+//! while a run cell is locked, never the reverse.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,8 +22,8 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 
 use super::{
-    NewRun, ReadBatch, RunId, RunInfo, RunLimit, RunStatus, Started, Store, StoreError, ThreadId,
-    ThreadInfo,
+    BackendThread, NewRun, ReadBatch, RunId, RunInfo, RunLimit, RunOutcome, RunStatus, Started,
+    Store, StoreError, ThreadId, ThreadInfo,
 };
 use crate::event::{Event, NewEvent};
 
@@ -31,13 +34,18 @@ pub struct MemoryLimits {
     pub max_events_per_run: u64,
     /// Most payload bytes per run.
     pub max_bytes_per_run: u64,
-    /// Most payload bytes in all.
+    /// Most bytes in all (payloads and thread records).
     pub max_total_bytes: u64,
     /// How long finished runs are kept.
     pub retention: Duration,
+    /// How long a thread's record is kept once its last run was evicted.
+    pub thread_retention: Duration,
     /// `Retry-After` for [`StoreError::Full`].
     pub retry_after: Duration,
 }
+
+/// What a thread record is charged in the memory budget, besides its ids and texts.
+pub const THREAD_RECORD_BYTES: u64 = 256;
 
 struct RunState {
     info: RunInfo,
@@ -46,18 +54,71 @@ struct RunState {
 
 struct RunCell {
     state: Mutex<RunState>,
-    changed: watch::Sender<u64>,
+    /// The thread's change counter (shared by all its runs).
+    changed: Arc<watch::Sender<u64>>,
+}
+
+impl RunCell {
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
 }
 
 struct ThreadRec {
     org_id: String,
     agent_id: serde_json::Value,
     created_at: SystemTime,
+    /// Retained runs, oldest first.
     runs: Vec<RunId>,
     /// The client's conversation id this thread stands for (AgentFlow dialect).
     conversation: Option<String>,
     /// Recently evicted runs of the thread (at most [`EVICTED_REMEMBERED`]).
     evicted: VecDeque<RunId>,
+    /// How many runs were evicted, and the seq their prefix ends at.
+    evicted_runs: u64,
+    evicted_through: u64,
+    latest_evicted: Option<RunOutcome>,
+    backend: Option<BackendThread>,
+    /// When its last retained run was evicted (its record expires `thread_retention` later).
+    emptied_at: Option<Instant>,
+    /// Bytes this record is charged.
+    bytes: u64,
+    changed: Arc<watch::Sender<u64>>,
+}
+
+impl ThreadRec {
+    fn new(org_id: &str, agent_id: &serde_json::Value, conversation: Option<String>) -> Self {
+        let (changed, _) = watch::channel(0);
+        let mut rec = ThreadRec {
+            org_id: org_id.to_owned(),
+            agent_id: agent_id.clone(),
+            created_at: SystemTime::now(),
+            runs: Vec::new(),
+            conversation,
+            evicted: VecDeque::new(),
+            evicted_runs: 0,
+            evicted_through: 0,
+            latest_evicted: None,
+            backend: None,
+            emptied_at: None,
+            bytes: 0,
+            changed: Arc::new(changed),
+        };
+        rec.bytes = rec.charge();
+        rec
+    }
+
+    /// The record's size for the budget (a fixed overhead plus its texts).
+    fn charge(&self) -> u64 {
+        let texts = self.org_id.len()
+            + self.agent_id.to_string().len()
+            + self.conversation.as_ref().map_or(0, String::len)
+            + self
+                .backend
+                .as_ref()
+                .map_or(0, |b| b.upstream.len() + b.id.len());
+        THREAD_RECORD_BYTES + texts as u64 + self.evicted.len() as u64 * 40
+    }
 }
 
 /// Evicted run ids remembered per thread.
@@ -77,6 +138,8 @@ pub struct MemoryStore {
     finished_bytes: AtomicU64,
     /// Finished runs in the order they finished (oldest first).
     finished: Mutex<VecDeque<(Instant, RunId)>>,
+    /// Threads whose last run was evicted, in that order (their records expire in turn).
+    emptied: Mutex<VecDeque<(Instant, ThreadId)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -97,6 +160,7 @@ impl MemoryStore {
             total_bytes: AtomicU64::new(0),
             finished_bytes: AtomicU64::new(0),
             finished: Mutex::new(VecDeque::new()),
+            emptied: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -132,45 +196,77 @@ impl MemoryStore {
         }
     }
 
+    /// Evict a finished run's events; its thread remembers the seq range it held.
     fn evict(&self, run: &RunId) {
         let Some((_, cell)) = self.runs.remove(run) else {
             return;
         };
-        let (bytes, thread_id, key) = {
-            let st = lock(&cell.state);
-            let key = st
-                .info
-                .idempotency_key
-                .clone()
-                .map(|k| (st.info.org_id.clone(), k));
-            (st.info.bytes, st.info.thread_id.clone(), key)
-        };
-        if let Some(key) = key {
-            self.keys.remove_if(&key, |_, r| r == run);
+        let info = lock(&cell.state).info.clone();
+        if let Some(key) = &info.idempotency_key {
+            self.keys
+                .remove_if(&(info.org_id.clone(), key.clone()), |_, r| r == run);
         }
-        self.total_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        self.total_bytes.fetch_sub(info.bytes, Ordering::AcqRel);
         // Only finished runs are evicted.
-        self.finished_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        // Wake waiters so they notice the run is gone.
-        cell.changed.send_modify(|v| *v += 1);
-        let empty = match self.threads.get_mut(&thread_id) {
+        self.finished_bytes.fetch_sub(info.bytes, Ordering::AcqRel);
+        let emptied = match self.threads.get_mut(&info.thread_id) {
             Some(mut t) => {
                 t.runs.retain(|r| r != run);
                 if t.evicted.len() == EVICTED_REMEMBERED {
                     t.evicted.pop_front();
                 }
                 t.evicted.push_back(run.clone());
+                t.evicted_runs += 1;
+                // A thread's runs finish, and so are evicted, in order: the evicted ones are
+                // always a prefix of the thread.
+                t.evicted_through = t.evicted_through.max(info.last_seq);
+                t.latest_evicted = Some(RunOutcome {
+                    run_id: info.run_id.clone(),
+                    status: info.status,
+                    error: info.error.clone(),
+                    updated_at: info.updated_at,
+                });
+                let bytes = t.charge();
+                self.recharge(&mut t.bytes, bytes);
+                if t.runs.is_empty() {
+                    t.emptied_at = Some(Instant::now());
+                }
                 t.runs.is_empty()
             }
             None => false,
         };
-        if empty {
-            if let Some((_, t)) = self.threads.remove_if(&thread_id, |_, t| t.runs.is_empty()) {
-                if let Some(conv) = t.conversation {
-                    self.conversations
-                        .remove_if(&(t.org_id, conv), |_, th| *th == thread_id);
-                }
-            }
+        // Wake waiters so they notice the run is gone.
+        cell.bump();
+        if emptied {
+            lock(&self.emptied).push_back((Instant::now(), info.thread_id));
+        }
+    }
+
+    /// Change a record's charge from `*held` to `now`.
+    fn recharge(&self, held: &mut u64, now: u64) {
+        if now >= *held {
+            self.total_bytes.fetch_add(now - *held, Ordering::AcqRel);
+        } else {
+            self.total_bytes.fetch_sub(*held - now, Ordering::AcqRel);
+        }
+        *held = now;
+    }
+
+    /// Remove a thread record whose runs were all evicted at least `thread_retention` ago, and
+    /// its conversation mapping.
+    fn forget_thread(&self, thread: &ThreadId, now: Instant) {
+        let keep = self.limits.thread_retention;
+        let expired = |t: &ThreadRec| {
+            t.runs.is_empty() && t.emptied_at.is_some_and(|at| now.duration_since(at) >= keep)
+        };
+        let Some((_, t)) = self.threads.remove_if(thread, |_, t| expired(t)) else {
+            return;
+        };
+        self.total_bytes.fetch_sub(t.bytes, Ordering::AcqRel);
+        t.changed.send_modify(|v| *v += 1);
+        if let Some(conv) = t.conversation {
+            self.conversations
+                .remove_if(&(t.org_id, conv), |_, th| th == thread);
         }
     }
 
@@ -184,109 +280,114 @@ impl MemoryStore {
         if self.total_bytes.load(Ordering::Acquire) >= self.high_water() {
             return Err(self.full());
         }
+        let thread_id = match (&new.thread_id, &new.conversation) {
+            (Some(t), _) => t.clone(),
+            // A client conversation id names a thread of its own organisation, created on first
+            // use; the entry is held until the thread exists, so concurrent first requests of
+            // one conversation get one thread.
+            (None, Some(conv)) => {
+                match self.conversations.entry((new.org_id.clone(), conv.clone())) {
+                    dashmap::Entry::Occupied(e) if self.threads.contains_key(e.get()) => {
+                        e.get().clone()
+                    }
+                    entry => {
+                        let t = ThreadId::generate();
+                        self.insert_thread(&t, &new, Some(conv.clone()));
+                        entry.insert(t.clone());
+                        t
+                    }
+                }
+            }
+            (None, None) => {
+                let t = ThreadId::generate();
+                self.insert_thread(&t, &new, None);
+                t
+            }
+        };
+        let mut thread = match self.threads.get_mut(&thread_id) {
+            Some(t) if t.org_id == new.org_id => t,
+            _ => return Err(StoreError::ThreadNotFound),
+        };
+        if thread.agent_id != new.agent_id {
+            return Err(StoreError::AgentMismatch(agent_label(&thread.agent_id)));
+        }
+        let mut base = thread.evicted_through;
+        if let Some(last) = thread.runs.last() {
+            if let Some(info) = self.info_of(last) {
+                if !info.status.is_terminal() {
+                    return Err(StoreError::RunInProgress(info.run_id));
+                }
+                base = base.max(info.last_seq);
+            }
+        }
         let now = SystemTime::now();
         let run_id = RunId::generate();
-        let make_info = |thread_id: ThreadId| RunInfo {
+        let info = RunInfo {
             assistant_message_id: format!("msg_{}", &run_id.0[4..]),
             run_id: run_id.clone(),
             thread_id,
-            org_id: new.org_id.clone(),
-            user_id: new.user_id.clone(),
-            agent_id: new.agent_id.clone(),
+            org_id: new.org_id,
+            user_id: new.user_id,
+            agent_id: new.agent_id,
             status: RunStatus::InProgress,
             error: None,
-            last_seq: 0,
+            first_seq: base + 1,
+            last_seq: base,
             bytes: 0,
             created_at: now,
             updated_at: now,
-            user_message: new.user_message.clone(),
-            idempotency_key: new.idempotency_key.clone(),
+            user_message: new.user_message,
+            idempotency_key: new.idempotency_key,
         };
-        let insert_run = |info: &RunInfo| {
-            let (changed, _) = watch::channel(0);
-            let cell = RunCell {
-                state: Mutex::new(RunState {
-                    info: info.clone(),
-                    events: Vec::new(),
-                }),
-                changed,
-            };
-            self.runs.insert(info.run_id.clone(), Arc::new(cell));
+        let cell = RunCell {
+            state: Mutex::new(RunState {
+                info: info.clone(),
+                events: Vec::new(),
+            }),
+            changed: thread.changed.clone(),
         };
-        // A client conversation id names a thread of its own organisation, created on first use.
-        let mut thread_id = new.thread_id.clone();
-        if let (None, Some(conv)) = (&thread_id, &new.conversation) {
-            let key = (new.org_id.clone(), conv.clone());
-            let known = self.conversations.get(&key).map(|t| t.clone());
-            match known {
-                Some(t) if self.threads.contains_key(&t) => thread_id = Some(t),
-                _ => {
-                    let t = ThreadId::generate();
-                    self.conversations.insert(key, t.clone());
-                    thread_id = Some(t.clone());
-                    self.threads.insert(
-                        t,
-                        ThreadRec {
-                            org_id: new.org_id.clone(),
-                            agent_id: new.agent_id.clone(),
-                            created_at: now,
-                            runs: Vec::new(),
-                            conversation: Some(conv.clone()),
-                            evicted: VecDeque::new(),
-                        },
-                    );
-                }
-            }
-        }
-        match thread_id {
-            None => {
-                let thread_id = ThreadId::generate();
-                let info = make_info(thread_id.clone());
-                insert_run(&info);
-                self.threads.insert(
-                    thread_id,
-                    ThreadRec {
-                        org_id: new.org_id.clone(),
-                        agent_id: new.agent_id.clone(),
-                        created_at: now,
-                        runs: vec![run_id.clone()],
-                        conversation: None,
-                        evicted: VecDeque::new(),
-                    },
-                );
-                Ok(info)
-            }
-            Some(thread_id) => {
-                let mut thread = match self.threads.get_mut(&thread_id) {
-                    Some(t) if t.org_id == new.org_id => t,
-                    _ => return Err(StoreError::ThreadNotFound),
-                };
-                if thread.agent_id != new.agent_id {
-                    return Err(StoreError::AgentMismatch(agent_label(&thread.agent_id)));
-                }
-                if let Some(last) = thread.runs.last() {
-                    if let Some(info) = self.info_of(last) {
-                        if !info.status.is_terminal() {
-                            return Err(StoreError::RunInProgress(info.run_id));
-                        }
-                    }
-                }
-                let info = make_info(thread_id);
-                insert_run(&info);
-                thread.runs.push(run_id.clone());
-                Ok(info)
-            }
-        }
+        self.runs.insert(run_id.clone(), Arc::new(cell));
+        thread.runs.push(run_id);
+        thread.emptied_at = None;
+        thread.changed.send_modify(|v| *v += 1);
+        Ok(info)
+    }
+
+    fn insert_thread(&self, id: &ThreadId, new: &NewRun, conversation: Option<String>) {
+        let rec = ThreadRec::new(&new.org_id, &new.agent_id, conversation);
+        self.total_bytes.fetch_add(rec.bytes, Ordering::AcqRel);
+        self.threads.insert(id.clone(), rec);
     }
 
     fn info_of(&self, run: &RunId) -> Option<RunInfo> {
         self.runs.get(run).map(|c| lock(&c.state).info.clone())
     }
+
+    /// (last seq, latest run, its status) of a thread of `org_id`.
+    fn position(
+        &self,
+        org_id: &str,
+        thread: &ThreadId,
+    ) -> Result<(u64, Option<(RunId, RunStatus)>), StoreError> {
+        let t = match self.threads.get(thread) {
+            Some(t) if t.org_id == org_id => t,
+            _ => return Err(StoreError::ThreadNotFound),
+        };
+        let latest = t.runs.last().and_then(|r| {
+            let cell = self.runs.get(r)?;
+            let st = lock(&cell.state);
+            Some((st.info.last_seq, st.info.run_id.clone(), st.info.status))
+        });
+        Ok(match latest {
+            Some((last, id, status)) => (last.max(t.evicted_through), Some((id, status))),
+            None => (t.evicted_through, None),
+        })
+    }
 }
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn create_run(&self, new: NewRun) -> Result<Started, StoreError> {
+    async fn create_run(&self, mut new: NewRun) -> Result<Started, StoreError> {
         // Make room first: eviction takes the locks of `keys`, which the entry below holds.
         let high_water = self.high_water();
         self.evict_until(|total| total < high_water);
@@ -302,10 +403,14 @@ impl Store for MemoryStore {
                 if let Some(run) = self.info_of(e.get()) {
                     let same_thread = new.thread_id.as_ref().is_none_or(|t| *t == run.thread_id);
                     if same_thread && run.agent_id == new.agent_id {
-                        return Ok(Started {
-                            run,
-                            existing: true,
-                        });
+                        if !matches!(run.status, RunStatus::Error | RunStatus::Timeout) {
+                            return Ok(Started {
+                                run,
+                                existing: true,
+                            });
+                        }
+                        // A retry after a failure: a new run in the same thread.
+                        new.thread_id = Some(run.thread_id);
                     }
                 }
                 let run = self.create_new(new)?;
@@ -331,7 +436,7 @@ impl Store for MemoryStore {
             .remove_if(&(org_id.to_string(), key.to_string()), |_, r| r == run);
     }
 
-    async fn append(&self, run: &RunId, events: Vec<NewEvent>) -> Result<u64, StoreError> {
+    async fn append(&self, run: &RunId, mut events: Vec<NewEvent>) -> Result<u64, StoreError> {
         let cell = self.cell(run)?;
         let incoming: u64 = events.iter().map(|e| e.data.len() as u64).sum();
         let max_total = self.limits.max_total_bytes;
@@ -340,32 +445,57 @@ impl Store for MemoryStore {
         if st.info.status.is_terminal() {
             return Err(StoreError::Finished);
         }
-        if st.info.last_seq + events.len() as u64 > self.limits.max_events_per_run {
-            return Err(StoreError::RunLimit(RunLimit::Events));
+        // Keep the events that fit the run's limits; refuse the rest.
+        let mut room_events = self
+            .limits
+            .max_events_per_run
+            .saturating_sub(st.info.events());
+        let mut room_bytes = self.limits.max_bytes_per_run.saturating_sub(st.info.bytes);
+        let mut fit = 0;
+        let mut fit_bytes = 0;
+        let mut limit = None;
+        for ev in &events {
+            let n = ev.data.len() as u64;
+            if room_events == 0 {
+                limit = Some(RunLimit::Events);
+                break;
+            }
+            if n > room_bytes {
+                limit = Some(RunLimit::Bytes);
+                break;
+            }
+            room_events -= 1;
+            room_bytes -= n;
+            fit += 1;
+            fit_bytes += n;
         }
-        if st.info.bytes + incoming > self.limits.max_bytes_per_run {
-            return Err(StoreError::RunLimit(RunLimit::Bytes));
-        }
+        events.truncate(fit);
         // Reserve the bytes; refuse if the budget is exhausted even after eviction.
         let reserved = self
             .total_bytes
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-                (t + incoming <= max_total).then_some(t + incoming)
+                (t + fit_bytes <= max_total).then_some(t + fit_bytes)
             });
         if reserved.is_err() {
             return Err(self.full());
         }
+        let appended = !events.is_empty();
         for ev in events {
             st.info.last_seq += 1;
             let seq = st.info.last_seq;
             st.events.push(ev.at(seq));
         }
-        st.info.bytes += incoming;
+        st.info.bytes += fit_bytes;
         st.info.updated_at = SystemTime::now();
         let last = st.info.last_seq;
         drop(st);
-        cell.changed.send_modify(|v| *v += 1);
-        Ok(last)
+        if appended {
+            cell.bump();
+        }
+        match limit {
+            Some(l) => Err(StoreError::RunLimit(l)),
+            None => Ok(last),
+        }
     }
 
     async fn finish(
@@ -401,7 +531,7 @@ impl Store for MemoryStore {
             .fetch_add(st.info.bytes, Ordering::AcqRel);
         drop(st);
         lock(&self.finished).push_back((Instant::now(), run.clone()));
-        cell.changed.send_modify(|v| *v += 1);
+        cell.bump();
         Ok(true)
     }
 
@@ -410,27 +540,62 @@ impl Store for MemoryStore {
     }
 
     async fn thread(&self, org_id: &str, thread: &ThreadId) -> Result<ThreadInfo, StoreError> {
-        let (agent_id, created_at, run_ids, evicted) = match self.threads.get(thread) {
-            Some(t) if t.org_id == org_id => (
-                t.agent_id.clone(),
-                t.created_at,
-                t.runs.clone(),
-                t.evicted.iter().cloned().collect(),
-            ),
+        let t = match self.threads.get(thread) {
+            Some(t) if t.org_id == org_id => t,
             _ => return Err(StoreError::ThreadNotFound),
         };
-        let runs: Vec<RunInfo> = run_ids.iter().filter_map(|r| self.info_of(r)).collect();
-        if runs.is_empty() {
-            return Err(StoreError::ThreadNotFound);
-        }
+        // Lock order allows a run cell under a thread entry.
+        let runs: Vec<RunInfo> = t.runs.iter().filter_map(|r| self.info_of(r)).collect();
         Ok(ThreadInfo {
             thread_id: thread.clone(),
             org_id: org_id.to_string(),
-            agent_id,
-            created_at,
+            agent_id: t.agent_id.clone(),
+            created_at: t.created_at,
             runs,
-            evicted,
+            evicted: t.evicted.iter().cloned().collect(),
+            evicted_runs: t.evicted_runs,
+            evicted_through: t.evicted_through,
+            latest_evicted: t.latest_evicted.clone(),
         })
+    }
+
+    async fn wait_thread(
+        &self,
+        org_id: &str,
+        thread: &ThreadId,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = match self.threads.get(thread) {
+            Some(t) if t.org_id == org_id => t.changed.subscribe(),
+            _ => return Err(StoreError::ThreadNotFound),
+        };
+        // Subscribed before reading, so no change between the read and the wait is missed.
+        let (_, start) = self.position(org_id, thread)?;
+        loop {
+            let (last, latest) = self.position(org_id, thread)?;
+            if last > after || latest != start {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Err(_) => return Ok(()),
+                Ok(Err(_)) => return Err(StoreError::ThreadNotFound),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
+    async fn backend_thread(&self, thread: &ThreadId) -> Option<BackendThread> {
+        self.threads.get(thread).and_then(|t| t.backend.clone())
+    }
+
+    async fn set_backend_thread(&self, thread: &ThreadId, backend: BackendThread) {
+        if let Some(mut t) = self.threads.get_mut(thread) {
+            t.backend = Some(backend);
+            let bytes = t.charge();
+            self.recharge(&mut t.bytes, bytes);
+        }
     }
 
     async fn read_after(
@@ -441,7 +606,7 @@ impl Store for MemoryStore {
     ) -> Result<ReadBatch, StoreError> {
         let cell = self.cell(run)?;
         let st = lock(&cell.state);
-        let first = st.events.first().map_or(1, |e| e.seq);
+        let first = st.info.first_seq;
         let start = (after + 1).saturating_sub(first) as usize;
         let events = st
             .events
@@ -488,21 +653,13 @@ impl Store for MemoryStore {
 
     async fn sweep(&self) -> usize {
         let now = Instant::now();
-        let mut expired = Vec::new();
-        {
-            let mut q = lock(&self.finished);
-            while let Some((at, _)) = q.front() {
-                if now.duration_since(*at) < self.limits.retention {
-                    break;
-                }
-                if let Some((_, run)) = q.pop_front() {
-                    expired.push(run);
-                }
-            }
-        }
+        let expired = drain_expired(&self.finished, now, self.limits.retention);
         let n = expired.len();
         for run in expired {
             self.evict(&run);
+        }
+        for thread in drain_expired(&self.emptied, now, self.limits.thread_retention) {
+            self.forget_thread(&thread, now);
         }
         n
     }
@@ -510,6 +667,18 @@ impl Store for MemoryStore {
     fn bytes_held(&self) -> u64 {
         self.total_bytes.load(Ordering::Acquire)
     }
+}
+
+/// Take the entries of a time-ordered queue older than `keep`.
+fn drain_expired<T>(queue: &Mutex<VecDeque<(Instant, T)>>, now: Instant, keep: Duration) -> Vec<T> {
+    let mut q = lock(queue);
+    let mut out = Vec::new();
+    while q.front().is_some_and(|(at, _)| now.duration_since(*at) >= keep) {
+        if let Some((_, item)) = q.pop_front() {
+            out.push(item);
+        }
+    }
+    out
 }
 
 fn agent_label(v: &serde_json::Value) -> String {
@@ -531,8 +700,14 @@ mod tests {
             max_bytes_per_run: 10_000,
             max_total_bytes: 100_000,
             retention: Duration::from_secs(3600),
+            thread_retention: Duration::from_secs(3600),
             retry_after: Duration::from_secs(5),
         }
+    }
+
+    /// What `n` thread records of the tests' organisation and agent are charged.
+    fn records(n: u64) -> u64 {
+        n * (THREAD_RECORD_BYTES + "o".len() as u64 + "7".len() as u64)
     }
 
     fn new_run(thread: Option<ThreadId>, org: &str) -> NewRun {
@@ -712,62 +887,127 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn per_run_limits_refuse_whole_batches() {
+    async fn per_run_limits_keep_the_events_that_fit() {
         let mut l = limits();
-        l.max_events_per_run = 3;
+        l.max_events_per_run = 4;
         l.max_bytes_per_run = 10;
         let s = MemoryStore::new(l);
         let r = s.create_run(new_run(None, "o")).await.unwrap().run;
         s.append(&r.run_id, vec![ev("12345"), ev("1234")])
             .await
             .unwrap();
+        // Over the byte limit: what fits is kept, the rest refused.
         assert_eq!(
-            s.append(&r.run_id, vec![ev("12")]).await,
+            s.append(&r.run_id, vec![ev(""), ev("12")]).await,
             Err(StoreError::RunLimit(RunLimit::Bytes))
         );
-        s.append(&r.run_id, vec![ev("1")]).await.unwrap();
         assert_eq!(
-            s.append(&r.run_id, vec![ev("")]).await,
+            s.append(&r.run_id, vec![ev("1"), ev("")]).await,
             Err(StoreError::RunLimit(RunLimit::Events))
         );
-        assert_eq!(s.read_after(&r.run_id, 0, 10).await.unwrap().last_seq, 3);
-        assert_eq!(s.bytes_held(), 10);
+        let b = s.read_after(&r.run_id, 0, 10).await.unwrap();
+        assert_eq!(b.last_seq, 4);
+        assert_eq!(
+            b.events.iter().map(|e| &e.data[..]).collect::<Vec<_>>(),
+            [&b"12345"[..], b"1234", b"", b"1"]
+        );
+        assert_eq!(s.bytes_held(), 10 + records(1));
+        // The run's end is still recorded, with its closing event.
+        assert!(s
+            .finish(&r.run_id, RunStatus::Error, None, Some(ev("e")))
+            .await
+            .unwrap());
+        assert_eq!(s.run(&r.run_id).await.unwrap().last_seq, 5);
+    }
+
+    #[tokio::test]
+    async fn a_runs_limit_counts_its_own_events_not_the_threads() {
+        let mut l = limits();
+        l.max_events_per_run = 3;
+        let s = MemoryStore::new(l);
+        let r1 = s.create_run(new_run(None, "o")).await.unwrap().run;
+        s.append(&r1.run_id, vec![ev("a"), ev("b"), ev("c")])
+            .await
+            .unwrap();
+        s.finish(&r1.run_id, RunStatus::Completed, None, None)
+            .await
+            .unwrap();
+        let r2 = s
+            .create_run(new_run(Some(r1.thread_id.clone()), "o"))
+            .await
+            .unwrap()
+            .run;
+        assert_eq!((r2.first_seq, r2.last_seq), (4, 3));
+        assert_eq!(
+            s.append(&r2.run_id, vec![ev("d"), ev("e"), ev("f")])
+                .await,
+            Ok(6)
+        );
+    }
+
+    #[tokio::test]
+    async fn seq_runs_through_the_thread() {
+        let s = MemoryStore::new(limits());
+        let r1 = s.create_run(new_run(None, "o")).await.unwrap().run;
+        let t = r1.thread_id.clone();
+        s.append(&r1.run_id, vec![ev("a"), ev("b")]).await.unwrap();
+        s.finish(&r1.run_id, RunStatus::Completed, None, Some(ev("end")))
+            .await
+            .unwrap();
+        let r2 = s.create_run(new_run(Some(t.clone()), "o")).await.unwrap().run;
+        assert_eq!(r2.first_seq, 4);
+        assert_eq!(s.append(&r2.run_id, vec![ev("c")]).await, Ok(4));
+        let b = s.read_after(&r2.run_id, 3, 10).await.unwrap();
+        assert_eq!(b.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [4]);
+        // A cursor before the run's start reads the run from its first event.
+        assert_eq!(s.read_after(&r2.run_id, 0, 10).await.unwrap().events.len(), 1);
+        let th = s.thread("o", &t).await.unwrap();
+        assert_eq!(th.last_seq(), 4);
+        assert_eq!(
+            th.runs.iter().map(|r| (r.first_seq, r.last_seq)).collect::<Vec<_>>(),
+            [(1, 3), (4, 4)]
+        );
     }
 
     #[tokio::test]
     async fn finished_runs_are_evicted_first_then_new_runs_refused() {
         let mut l = limits();
-        l.max_total_bytes = 1000;
-        l.max_bytes_per_run = 5000;
+        l.max_total_bytes = 10_000;
+        l.max_bytes_per_run = 50_000;
         let s = MemoryStore::new(l);
         let old = s.create_run(new_run(None, "o")).await.unwrap().run;
-        s.append(&old.run_id, vec![ev(&"x".repeat(600))])
+        s.append(&old.run_id, vec![ev(&"x".repeat(6000))])
             .await
             .unwrap();
         s.finish(&old.run_id, RunStatus::Completed, None, None)
             .await
             .unwrap();
         let live = s.create_run(new_run(None, "o")).await.unwrap().run;
-        // Appending 500 more would overflow: the finished run goes, the live one stays.
-        s.append(&live.run_id, vec![ev(&"y".repeat(500))])
+        // Appending 5000 more would overflow: the finished run goes, the live one stays.
+        s.append(&live.run_id, vec![ev(&"y".repeat(5000))])
             .await
             .unwrap();
         assert_eq!(s.run(&old.run_id).await, Err(StoreError::RunNotFound));
+        // Its thread is still there, knowing what it lost.
+        let th = s.thread("o", &old.thread_id).await.unwrap();
+        assert!(th.runs.is_empty());
+        assert_eq!((th.evicted_runs, th.evicted_through, th.last_seq()), (1, 1, 1));
         assert_eq!(
-            s.thread("o", &old.thread_id).await,
-            Err(StoreError::ThreadNotFound)
+            th.latest_evicted.map(|o| (o.run_id, o.status)),
+            Some((old.run_id.clone(), RunStatus::Completed))
         );
-        assert_eq!(s.bytes_held(), 500);
-        s.append(&live.run_id, vec![ev(&"z".repeat(450))])
+        let held = 5000 + records(2) + 40;
+        assert_eq!(s.bytes_held(), held);
+        s.append(&live.run_id, vec![ev(&"z".repeat(4000))])
             .await
             .unwrap();
-        // 950 of 1000 held by a live run: no new runs, and no overflow for the live run.
+        // 90% held by a live run: no new runs, and no overflow for the live run.
         assert!(matches!(
             s.create_run(new_run(None, "o")).await,
             Err(StoreError::Full { .. })
         ));
         assert!(matches!(
-            s.append(&live.run_id, vec![ev(&"w".repeat(100))]).await,
+            s.append(&live.run_id, vec![ev(&"w".repeat(1000))]).await,
             Err(StoreError::Full { .. })
         ));
         s.finish(&live.run_id, RunStatus::Completed, None, None)
@@ -775,14 +1015,14 @@ mod tests {
             .unwrap();
         // Once it has finished it can be evicted to admit new work.
         s.create_run(new_run(None, "o")).await.unwrap();
-        assert_eq!(s.bytes_held(), 0);
+        assert_eq!(s.bytes_held(), records(3) + 80);
     }
 
     #[tokio::test]
     async fn nothing_is_evicted_for_a_request_that_would_be_refused_anyway() {
         let mut l = limits();
-        l.max_total_bytes = 1000;
-        l.max_bytes_per_run = 5000;
+        l.max_total_bytes = 10_000;
+        l.max_bytes_per_run = 50_000;
         let s = MemoryStore::new(l);
         let done = s.create_run(new_run(None, "o")).await.unwrap().run;
         s.append(&done.run_id, vec![ev(&"x".repeat(50))])
@@ -792,26 +1032,28 @@ mod tests {
             .await
             .unwrap();
         let live = s.create_run(new_run(None, "o")).await.unwrap().run;
-        s.append(&live.run_id, vec![ev(&"y".repeat(900))])
+        let fill = 9000 - records(2) as usize;
+        s.append(&live.run_id, vec![ev(&"y".repeat(fill))])
             .await
             .unwrap();
-        // Live runs alone hold 90%: new work is refused, and the finished run survives.
+        // Live runs (and thread records) alone hold 90%: new work is refused, and the finished
+        // run survives.
         assert!(matches!(
             s.create_run(new_run(None, "o")).await,
             Err(StoreError::Full { .. })
         ));
         assert!(matches!(
-            s.append(&live.run_id, vec![ev(&"z".repeat(101))]).await,
+            s.append(&live.run_id, vec![ev(&"z".repeat(1001))]).await,
             Err(StoreError::Full { .. })
         ));
         assert!(s.run(&done.run_id).await.is_ok());
-        assert_eq!(s.bytes_held(), 950);
+        assert_eq!(s.bytes_held(), 9050);
     }
 
     #[tokio::test]
     async fn keyed_runs_are_evicted_without_deadlock() {
         let mut l = limits();
-        l.max_total_bytes = 1000;
+        l.max_total_bytes = 1000 + 2 * (records(64) + 64 * 40);
         l.max_bytes_per_run = 1000;
         let s = MemoryStore::new(l);
         // Many finished keyed runs, each forcing the eviction of earlier ones.
@@ -832,9 +1074,10 @@ mod tests {
                 .await
                 .unwrap();
         }
-        assert!(s.bytes_held() <= 1000);
+        assert!(s.bytes_held() <= 1000 + 2 * (records(64) + 64 * 40));
+        assert!(s.runs.len() < 64, "runs were evicted");
         assert!(
-            s.keys.len() <= 3,
+            s.keys.len() == s.runs.len(),
             "evicted runs' keys are forgotten: {}",
             s.keys.len()
         );
@@ -844,6 +1087,7 @@ mod tests {
     async fn retention_sweep_evicts_only_expired_runs() {
         let mut l = limits();
         l.retention = Duration::from_millis(50);
+        l.thread_retention = Duration::from_millis(150);
         let s = MemoryStore::new(l);
         let done = s.create_run(new_run(None, "o")).await.unwrap().run;
         s.append(&done.run_id, vec![ev("a")]).await.unwrap();
@@ -856,7 +1100,162 @@ mod tests {
         assert_eq!(s.sweep().await, 1);
         assert_eq!(s.run(&done.run_id).await, Err(StoreError::RunNotFound));
         assert!(s.run(&live.run_id).await.is_ok());
-        assert_eq!(s.bytes_held(), 0);
+        // The thread record outlives its run for `thread_retention`, then goes too.
+        assert_eq!(s.bytes_held(), records(2) + 40);
+        assert!(s.thread("o", &done.thread_id).await.is_ok());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.sweep().await;
+        assert_eq!(
+            s.thread("o", &done.thread_id).await,
+            Err(StoreError::ThreadNotFound)
+        );
+        assert!(s.thread("o", &live.thread_id).await.is_ok());
+        assert_eq!(s.bytes_held(), records(1));
+    }
+
+    #[tokio::test]
+    async fn a_thread_continues_after_its_runs_were_evicted() {
+        let mut l = limits();
+        l.retention = Duration::from_millis(1);
+        l.thread_retention = Duration::from_millis(100);
+        let s = MemoryStore::new(l);
+        let r1 = s.create_run(new_run(None, "o")).await.unwrap().run;
+        s.append(&r1.run_id, vec![ev("a"), ev("b")]).await.unwrap();
+        s.finish(&r1.run_id, RunStatus::Completed, None, None)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(s.sweep().await, 1);
+        let r2 = s
+            .create_run(new_run(Some(r1.thread_id.clone()), "o"))
+            .await
+            .unwrap()
+            .run;
+        assert_eq!(r2.first_seq, 3);
+        // A thread in use is not forgotten, however long ago its first run was evicted.
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        s.sweep().await;
+        let th = s.thread("o", &r1.thread_id).await.unwrap();
+        assert_eq!((th.evicted_runs, th.evicted_through), (1, 2));
+        assert_eq!(th.evicted, [r1.run_id]);
+        assert_eq!(th.runs.len(), 1);
+        // Another organisation still sees nothing.
+        assert_eq!(
+            s.create_run(new_run(Some(r1.thread_id.clone()), "p")).await,
+            Err(StoreError::ThreadNotFound)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_a_failure_starts_a_new_run_in_the_same_thread() {
+        let s = MemoryStore::new(limits());
+        let keyed = |thread: Option<ThreadId>| NewRun {
+            idempotency_key: Some("m1".into()),
+            ..new_run(thread, "o")
+        };
+        for failed in [RunStatus::Error, RunStatus::Timeout] {
+            let first = s.create_run(keyed(None)).await.unwrap();
+            s.finish(&first.run.run_id, failed, Some("x".into()), Some(ev("e")))
+                .await
+                .unwrap();
+            let retry = s.create_run(keyed(None)).await.unwrap();
+            assert!(!retry.existing, "{failed:?}");
+            assert_eq!(retry.run.thread_id, first.run.thread_id);
+            assert_eq!(retry.run.first_seq, 2);
+            // While the new run is in progress (or once done), retries re-attach to it.
+            let again = s.create_run(keyed(None)).await.unwrap();
+            assert!(again.existing && again.run.run_id == retry.run.run_id);
+            s.finish(&retry.run.run_id, RunStatus::Completed, None, Some(ev("end")))
+                .await
+                .unwrap();
+            assert!(s.create_run(keyed(None)).await.unwrap().existing);
+            let th = s.thread("o", &first.run.thread_id).await.unwrap();
+            assert_eq!(th.runs.len(), 2, "the failed run stays in the history");
+            s.forget_key("o", "m1", &retry.run.run_id).await;
+        }
+        // Stopped and completed runs re-attach.
+        let stopped = s.create_run(keyed(None)).await.unwrap();
+        s.finish(&stopped.run.run_id, RunStatus::Stopped, None, None)
+            .await
+            .unwrap();
+        assert!(s.create_run(keyed(None)).await.unwrap().existing);
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_uses_of_a_conversation_make_one_thread() {
+        for _ in 0..20 {
+            let s = Arc::new(MemoryStore::new(limits()));
+            let mut tasks = Vec::new();
+            for i in 0..8 {
+                let s = s.clone();
+                tasks.push(tokio::spawn(async move {
+                    let new = NewRun {
+                        conversation: Some("c-100".into()),
+                        idempotency_key: Some(format!("m{i}")),
+                        ..new_run(None, "o")
+                    };
+                    s.create_run(new).await
+                }));
+            }
+            let mut threads = std::collections::HashSet::new();
+            let mut started = 0;
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(st) => {
+                        started += 1;
+                        threads.insert(st.run.thread_id);
+                    }
+                    Err(StoreError::RunInProgress(_)) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!((threads.len(), started), (1, 1));
+        }
+    }
+
+    #[tokio::test]
+    async fn wait_thread_wakes_for_events_new_runs_and_ends() {
+        let s = Arc::new(MemoryStore::new(limits()));
+        let r1 = s.create_run(new_run(None, "o")).await.unwrap().run;
+        let t = r1.thread_id.clone();
+        s.append(&r1.run_id, vec![ev("a")]).await.unwrap();
+        s.finish(&r1.run_id, RunStatus::Completed, None, Some(ev("end")))
+            .await
+            .unwrap();
+        let long = Duration::from_secs(10);
+        // Something after the cursor: at once.
+        tokio::time::timeout(Duration::from_secs(1), s.wait_thread("o", &t, 1, long))
+            .await
+            .unwrap()
+            .unwrap();
+        // At the end of a finished thread: until the next run starts.
+        let (s2, t2) = (s.clone(), t.clone());
+        let waiter = tokio::spawn(async move { s2.wait_thread("o", &t2, 2, long).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!waiter.is_finished());
+        let r2 = s.create_run(new_run(Some(t.clone()), "o")).await.unwrap().run;
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        // On a live run with nothing new: until its end.
+        let (s2, t2) = (s.clone(), t.clone());
+        let waiter = tokio::spawn(async move { s2.wait_thread("o", &t2, 2, long).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!waiter.is_finished());
+        s.finish(&r2.run_id, RunStatus::Stopped, None, None)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            s.wait_thread("p", &t, 0, long).await,
+            Err(StoreError::ThreadNotFound)
+        );
     }
 
     #[tokio::test]

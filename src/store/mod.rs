@@ -1,4 +1,12 @@
-//! The run store: threads, runs, and each run's append-only event log keyed by a gapless `seq`.
+//! The run store: threads, runs, and their append-only event log keyed by a gapless `seq` that
+//! runs through the whole thread (run 1 holds seq 1..a, run 2 a+1..b, ...), so that every cursor
+//! is a position in the thread and names exactly one run (DESIGN.md §6).
+//!
+//! A thread outlives its runs' payload: retention evicts finished runs (a thread's runs go oldest
+//! first, so the evicted ones always hold a prefix `1..=evicted_through` of the thread's seqs),
+//! while the thread's small record (organisation, agent, backend thread, that prefix) is kept for
+//! `store.thread_retention`, so a conversation can be continued and a cursor into the evicted
+//! prefix told apart from an unknown one.
 //!
 //! [`Store`] is the seam between ingestion (which appends) and the API (which reads, waits and
 //! folds). It is shaped for a remote implementation from the start: async, owned values in and
@@ -142,7 +150,10 @@ pub struct RunInfo {
     pub status: RunStatus,
     /// The error text when the run ended `error` or `timeout`.
     pub error: Option<String>,
-    /// Seq of the last event (0 before the first).
+    /// Seq the run's first event has (or will have): the thread's last seq when the run
+    /// started, plus one.
+    pub first_seq: u64,
+    /// Seq of the run's last event (`first_seq - 1` before its first).
     pub last_seq: u64,
     /// Payload bytes held for this run.
     pub bytes: u64,
@@ -158,6 +169,40 @@ pub struct RunInfo {
     pub assistant_message_id: String,
 }
 
+impl RunInfo {
+    /// Whether event `seq` belongs to this run.
+    pub fn holds(&self, seq: u64) -> bool {
+        self.first_seq <= seq && seq <= self.last_seq
+    }
+
+    /// How many events the run has.
+    pub fn events(&self) -> u64 {
+        self.last_seq + 1 - self.first_seq
+    }
+}
+
+/// Where a thread's conversation lives on a backend that keeps its own thread ids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendThread {
+    /// The backend (its URL, as configured).
+    pub upstream: String,
+    /// The backend's thread id.
+    pub id: String,
+}
+
+/// How an evicted run ended (the thread keeps this of its latest run once it is evicted).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunOutcome {
+    /// The run.
+    pub run_id: RunId,
+    /// Its terminal status.
+    pub status: RunStatus,
+    /// Its error text.
+    pub error: Option<String>,
+    /// When it ended.
+    pub updated_at: SystemTime,
+}
+
 /// A thread and its runs' metadata, oldest run first.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ThreadInfo {
@@ -169,17 +214,28 @@ pub struct ThreadInfo {
     pub agent_id: serde_json::Value,
     /// When the thread started.
     pub created_at: SystemTime,
-    /// Its runs that are still retained, oldest first.
+    /// Its runs that are still retained, oldest first (maybe none: all evicted).
     pub runs: Vec<RunInfo>,
-    /// Ids of its runs already evicted (the most recent ones), so a cursor into one of them can
-    /// be told apart from an unknown run.
+    /// Ids of its runs already evicted (the most recent ones), so a `runId` naming one of them
+    /// can be told apart from an unknown run.
     pub evicted: Vec<RunId>,
+    /// How many of its runs were evicted (they were its oldest).
+    pub evicted_runs: u64,
+    /// The evicted runs held seq `1..=evicted_through` (0: none evicted).
+    pub evicted_through: u64,
+    /// How the latest evicted run ended (what a thread with no retained run reports).
+    pub latest_evicted: Option<RunOutcome>,
 }
 
 impl ThreadInfo {
-    /// The latest run.
+    /// The latest retained run.
     pub fn latest(&self) -> Option<&RunInfo> {
         self.runs.last()
+    }
+
+    /// The thread's last seq: its latest run's, or the end of the evicted prefix.
+    pub fn last_seq(&self) -> u64 {
+        self.latest().map_or(self.evicted_through, |r| r.last_seq)
     }
 }
 
@@ -224,7 +280,7 @@ pub enum StoreError {
         /// How long the client should wait before retrying.
         retry_after: Duration,
     },
-    /// The run would exceed a per-run limit; nothing was appended.
+    /// The run reached a per-run limit: the events that fitted were appended, the rest refused.
     #[error("run exceeds its {} limit", match .0 { RunLimit::Events => "event count", RunLimit::Bytes => "size" })]
     RunLimit(RunLimit),
     /// The run has already ended; nothing was appended.
@@ -237,7 +293,9 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Create a run (and its thread when `new.thread_id` is `None`), or return the retained run
     /// of the same organisation and idempotency key (atomically: concurrent retries get one
-    /// run). Refuses an unknown or foreign thread ([`StoreError::ThreadNotFound`]), a thread
+    /// run). A key whose run ended `error` or `timeout` starts a new run in the same thread
+    /// instead (the failed one stays in its history). A client conversation id maps to one
+    /// thread per organisation, created atomically on first use. Refuses an unknown or foreign thread ([`StoreError::ThreadNotFound`]), a thread
     /// whose latest run is in progress ([`StoreError::RunInProgress`]), another agent's thread,
     /// and a full store.
     async fn create_run(&self, new: NewRun) -> Result<Started, StoreError>;
@@ -246,8 +304,10 @@ pub trait Store: Send + Sync + 'static {
     /// the run, so a retry should try again rather than re-attach to the refusal).
     async fn forget_key(&self, org_id: &str, key: &str, run: &RunId);
 
-    /// Append events to an in-progress run, numbering them from `last_seq + 1`. All or nothing.
-    /// Returns the new `last_seq`. Wakes every waiter of the run.
+    /// Append events to an in-progress run, numbering them from `last_seq + 1`. Returns the new
+    /// `last_seq`. Wakes every waiter of the run's thread. When the batch would take the run past
+    /// a per-run limit, the events that fit are appended and [`StoreError::RunLimit`] is
+    /// returned; a full store refuses the whole batch.
     async fn append(&self, run: &RunId, events: Vec<NewEvent>) -> Result<u64, StoreError>;
 
     /// Move a run to a terminal status, appending `final_event` first when given (atomically).
@@ -263,9 +323,25 @@ pub trait Store: Send + Sync + 'static {
     /// A run's metadata.
     async fn run(&self, run: &RunId) -> Result<RunInfo, StoreError>;
 
-    /// A thread of `org_id` with its runs' metadata; another organisation's thread is
-    /// [`StoreError::ThreadNotFound`].
+    /// A thread of `org_id` with its runs' metadata (it may have none left: all evicted);
+    /// another organisation's thread is [`StoreError::ThreadNotFound`].
     async fn thread(&self, org_id: &str, thread: &ThreadId) -> Result<ThreadInfo, StoreError>;
+
+    /// Wait until the thread has an event after `after`, or its latest run changes (a new run
+    /// starts, or the latest ends), or `timeout` passes. Holds no thread while waiting.
+    async fn wait_thread(
+        &self,
+        org_id: &str,
+        thread: &ThreadId,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// The backend thread a thread's conversation continues on, if one was recorded.
+    async fn backend_thread(&self, thread: &ThreadId) -> Option<BackendThread>;
+
+    /// Record the backend thread of a thread (kept as long as the thread's record).
+    async fn set_backend_thread(&self, thread: &ThreadId, backend: BackendThread);
 
     /// Events with `seq > after`, at most `max` of them, plus the run's current state.
     async fn read_after(
@@ -284,9 +360,10 @@ pub trait Store: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<(u64, RunStatus), StoreError>;
 
-    /// Evict finished runs whose retention has passed. Returns how many were evicted.
+    /// Evict finished runs whose retention has passed, and thread records with no run left
+    /// whose `thread_retention` has passed. Returns how many runs were evicted.
     async fn sweep(&self) -> usize;
 
-    /// Payload bytes currently held.
+    /// Bytes currently held: event payloads plus the thread records.
     fn bytes_held(&self) -> u64;
 }

@@ -1,0 +1,855 @@
+//! The poll adapter, for a dialect-A backend that only offers "start, then poll":
+//! `POST {upstream}{invoke_path}` with `X-Stream-Response: false` (answered `202` with the
+//! backend's thread id), then `GET {upstream}{conversation_path}?threadId=…` until the snapshot's
+//! `streamStatus` is terminal.
+//!
+//! Each snapshot's assistant message (the one answering the run's user message) is diffed against
+//! the previous one by a pure [`SnapshotDiff`], which writes the log's vocabulary
+//! ([`Events`]): text that grew becomes a `delta` of the new suffix only, text that was
+//! rewritten a `text_replace`, tool parts nested `start`/`end`/`error` calls (and `tool_progress`
+//! for preliminary output), sources, files and data parts their own events, anything else an
+//! opaque `ui_part`. Nothing is ever retracted.
+//!
+//! Polling backs off while nothing changes ([`Backoff`]): the interval starts at
+//! `interval_min`, grows by `backoff` after each quiet poll up to `interval_max`, and returns to
+//! `interval_min` after a change. `429`/`503` answers are waited out (`Retry-After`, seconds or
+//! an HTTP date), other failures are retried until `max_failures` in a row, and a `404` once the
+//! run has shown means the backend lost it. Until a snapshot shows the run's own user message,
+//! a terminal `streamStatus` (the previous turn's) and a `404` (a thread not created yet) are
+//! not taken as this run's end. All runs of one adapter share `max_connections` connection
+//! permits, held only during a request, never while waiting.
+
+mod backoff;
+mod diff;
+mod snapshot;
+
+pub use backoff::{parse_retry_after, Backoff};
+pub use diff::SnapshotDiff;
+pub use snapshot::{
+    backend_state, closing, our_message, our_user_message, parse_snapshot, BackendState,
+};
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
+use pingora::protocols::http::client::HttpSession;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use super::agentflow::path_segment;
+use super::answer::{error_text, ERROR_BODY_LIMIT};
+use super::events::Events;
+use super::invoke::{backend_thread, identity_headers, send_failure, InvokeTarget};
+use super::{Adapter, Admission, Ending, Failure, RunJob, RunSink};
+use crate::client;
+use crate::config::UpstreamUrl;
+use crate::metrics;
+
+/// Most bytes of one conversation snapshot (the whole thread's messages).
+const SNAPSHOT_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Settings for [`PollAdapter`].
+#[derive(Clone, Debug)]
+pub struct PollSettings {
+    /// First (and after a change, again) wait between polls.
+    pub interval_min: Duration,
+    /// Longest wait between polls.
+    pub interval_max: Duration,
+    /// Factor the wait grows by after a poll that brought no change.
+    pub backoff: f64,
+    /// Longest a run may take in all.
+    pub timeout: Duration,
+    /// Connections open to the backend at once, over all runs of the adapter.
+    pub max_connections: usize,
+    /// Failed polls in a row that end the run.
+    pub max_failures: u32,
+    /// Path of the snapshot route (`/api/getConversation`).
+    pub conversation_path: String,
+    /// Longest one request (connect, send, whole answer) may take.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PollSettings {
+    fn default() -> Self {
+        PollSettings {
+            interval_min: Duration::from_millis(250),
+            interval_max: Duration::from_secs(5),
+            backoff: 1.5,
+            timeout: Duration::from_secs(15 * 60),
+            max_connections: 64,
+            max_failures: 5,
+            conversation_path: "/api/getConversation".into(),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The "start, then poll" adapter over a dialect-A backend.
+pub struct PollAdapter {
+    target: InvokeTarget,
+    settings: PollSettings,
+    permits: Semaphore,
+    connector: Connector,
+}
+
+/// A backend's answer, read whole.
+struct Reply {
+    status: u16,
+    retry_after: Option<String>,
+    thread: Option<String>,
+    body: Vec<u8>,
+}
+
+/// What one poll got.
+enum Answer {
+    Snapshot(Value),
+    Throttled(Option<String>),
+    Lost(String),
+    Failed(Failure),
+}
+
+impl PollAdapter {
+    /// An adapter starting runs on `target` and polling them as `settings` say.
+    pub fn new(target: InvokeTarget, settings: PollSettings) -> Self {
+        PollAdapter {
+            permits: Semaphore::new(settings.max_connections.max(1)),
+            target,
+            settings,
+            connector: Connector::new(None),
+        }
+    }
+
+    fn run_timeout(&self) -> Ending {
+        Ending::Failed(Failure::RunTimeout(self.settings.timeout))
+    }
+
+    /// Send a request with `send`, holding a connection permit, and read its answer whole, within
+    /// `idle_timeout` (else `Failure::IdleTimeout`) and the run's deadline (else `None`). Waiting
+    /// for the permit counts against the deadline only. A fully read connection goes back to
+    /// the pool for the next request to `up`.
+    async fn exchange<F>(
+        &self,
+        deadline: Instant,
+        up: &UpstreamUrl,
+        limit: usize,
+        send: F,
+    ) -> Option<Result<Reply, Failure>>
+    where
+        F: std::future::Future<Output = Result<HttpSession, Failure>>,
+    {
+        let _permit = tokio::select! {
+            p = self.permits.acquire() => p.ok(),
+            _ = tokio::time::sleep_until(deadline) => return None,
+        };
+        let request = async {
+            let mut http = send.await?;
+            let reply = read_reply(&mut http, limit).await?;
+            client::release(&self.connector, http, up, self.target.connect_timeout).await;
+            Ok(reply)
+        };
+        let idle = Instant::now()
+            .checked_add(self.settings.idle_timeout)
+            .unwrap_or(deadline);
+        let end = idle.min(deadline);
+        match tokio::time::timeout_at(end, request).await {
+            Ok(reply) => Some(reply),
+            Err(_) if end == deadline => None,
+            Err(_) => Some(Err(Failure::IdleTimeout(self.settings.idle_timeout))),
+        }
+    }
+
+    /// Start the run; returns the backend's thread id.
+    async fn start(
+        &self,
+        up: &UpstreamUrl,
+        job: &RunJob,
+        sink: &RunSink,
+        deadline: Instant,
+    ) -> Result<String, Ending> {
+        let send = self.target.send(&self.connector, up, job, false);
+        let reply = match self.exchange(deadline, up, ERROR_BODY_LIMIT, send).await {
+            Some(Ok(r)) => r,
+            Some(Err(f)) => return Err(Ending::Failed(f)),
+            None => return Err(self.run_timeout()),
+        };
+        if !(200..300).contains(&reply.status) {
+            let text = error_text(&reply.body);
+            sink.admit(Admission::Refused(reply.status, text.clone()));
+            return Err(Ending::Failed(Failure::Status(reply.status, text)));
+        }
+        let Some(thread) = backend_thread(reply.thread.as_deref(), Some(&reply.body)) else {
+            return Err(Ending::Failed(Failure::Malformed(
+                "the backend accepted the run without naming its thread (no X-Thread-ID, no threadId)"
+                    .into(),
+            )));
+        };
+        sink.remember_backend_thread(&job.run.thread_id, up, &thread)
+            .await;
+        sink.admit(Admission::Accepted);
+        Ok(thread)
+    }
+
+    /// One poll of the backend's snapshot.
+    async fn poll(
+        &self,
+        up: &UpstreamUrl,
+        path: &str,
+        headers: &[(&str, String)],
+        deadline: Instant,
+    ) -> Option<Answer> {
+        let send = async {
+            client::send(
+                &self.connector,
+                up,
+                self.target.connect_timeout,
+                "GET",
+                path,
+                headers,
+                Bytes::new(),
+            )
+            .await
+            .map_err(send_failure)
+        };
+        let reply = match self.exchange(deadline, up, SNAPSHOT_LIMIT, send).await? {
+            Ok(r) => r,
+            Err(f) => return Some(Answer::Failed(f)),
+        };
+        Some(match reply.status {
+            200..=299 => match parse_snapshot(&reply.body) {
+                Ok(v) => Answer::Snapshot(v),
+                Err(e) => Answer::Failed(Failure::Malformed(e)),
+            },
+            429 | 503 => Answer::Throttled(reply.retry_after),
+            404 => Answer::Lost(error_text(&reply.body)),
+            status => Answer::Failed(Failure::Status(status, error_text(&reply.body))),
+        })
+    }
+
+    async fn drive(&self, job: &RunJob, sink: &RunSink) -> Ending {
+        let s = &self.settings;
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(s.timeout)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
+        let events = Events::new(job.run.run_id.0.clone());
+        let up = self.target.pick_for(job.backend_thread.as_ref());
+        let thread = match self.start(up, job, sink, deadline).await {
+            Ok(t) => t,
+            Err(ending) => return ending,
+        };
+        if let Err(ending) = sink.append(vec![events.start()]).await {
+            return ending;
+        }
+        let path = format!("{}?threadId={}", s.conversation_path, path_segment(&thread));
+        let mut headers = identity_headers(job);
+        headers.push(("accept", "application/json".to_string()));
+        let ours = &job.run.user_message;
+        let mut diff = SnapshotDiff::new(events.clone());
+        let mut backoff = Backoff::of(s);
+        let mut last: Option<Value> = None;
+        let mut failures = 0u32;
+        // Whether a snapshot has shown the run's user message yet; until then a 404 or a
+        // terminal status may be the backend catching up (or the previous turn's status).
+        let mut seen = false;
+        let mut unseen_terminal = 0u32;
+        let mut wait = backoff.current();
+        loop {
+            let wake = Instant::now().checked_add(wait).unwrap_or(deadline);
+            tokio::time::sleep_until(wake.min(deadline)).await;
+            if Instant::now() >= deadline {
+                return self.run_timeout();
+            }
+            let Some(answer) = self.poll(up, &path, &headers, deadline).await else {
+                count("failed");
+                return self.run_timeout();
+            };
+            match answer {
+                Answer::Snapshot(mut snapshot) => {
+                    failures = 0;
+                    let mut state = backend_state(&snapshot);
+                    let messages = snapshot.get_mut("messages").and_then(Value::as_array_mut);
+                    seen = seen
+                        || messages
+                            .as_deref()
+                            .is_some_and(|ms| our_user_message(ms, ours).is_some());
+                    if !seen && state != BackendState::Running {
+                        // Not this run's status: the backend does not show the run yet.
+                        unseen_terminal += 1;
+                        if unseen_terminal >= s.max_failures.max(1) {
+                            count("failed");
+                            return Ending::Failed(Failure::Lost(
+                                "the backend's conversation does not show this run".into(),
+                            ));
+                        }
+                        state = BackendState::Running;
+                    }
+                    let message =
+                        messages.and_then(|ms| our_message(ms, ours).map(|i| ms[i].take()));
+                    let batch = message.as_ref().map(|m| diff.diff(m)).unwrap_or_default();
+                    let changed = !batch.is_empty() || message != last;
+                    last = message;
+                    count(if changed { "changed" } else { "unchanged" });
+                    let ending = closing(&events, &state);
+                    if let Err(ending) = sink.append(batch).await {
+                        return ending;
+                    }
+                    if let Some(ending) = ending {
+                        return ending;
+                    }
+                    wait = if changed {
+                        backoff.after_change()
+                    } else {
+                        backoff.after_quiet()
+                    };
+                }
+                Answer::Throttled(retry_after) => {
+                    count("throttled");
+                    wait = backoff.after_throttle(retry_after.as_deref(), SystemTime::now());
+                }
+                Answer::Lost(text) if !seen => {
+                    // The backend may not have created the thread yet: an ordinary failure.
+                    count("failed");
+                    failures += 1;
+                    if failures >= s.max_failures.max(1) {
+                        return Ending::Failed(Failure::Lost(text));
+                    }
+                    wait = backoff.after_quiet();
+                }
+                Answer::Lost(text) => {
+                    count("failed");
+                    let text = if text.is_empty() {
+                        format!("{} answered 404 for thread {thread}", s.conversation_path)
+                    } else {
+                        text
+                    };
+                    return Ending::Failed(Failure::Lost(text));
+                }
+                Answer::Failed(failure) => {
+                    count("failed");
+                    failures += 1;
+                    if failures >= s.max_failures.max(1) {
+                        return Ending::Failed(failure);
+                    }
+                    log::debug!(
+                        "run {}: poll failed ({failures} in a row): {}",
+                        job.run.run_id,
+                        failure.message()
+                    );
+                    wait = backoff.after_quiet();
+                }
+            }
+        }
+    }
+}
+
+fn count(outcome: &str) {
+    metrics::UPSTREAM_POLLS.with_label_values(&[outcome]).inc();
+}
+
+/// Read an answer whole: header, then the body (at most `limit` bytes when 2xx; the first
+/// [`ERROR_BODY_LIMIT`] bytes, best effort, otherwise). The caller bounds the time.
+async fn read_reply(http: &mut HttpSession, limit: usize) -> Result<Reply, Failure> {
+    let dropped = |e: Box<pingora::Error>| Failure::Dropped(e.to_string().trim().to_string());
+    http.read_response_header().await.map_err(dropped)?;
+    let Some(head) = http.response_header() else {
+        return Err(Failure::Dropped(
+            "the backend sent no response header".into(),
+        ));
+    };
+    let status = head.status.as_u16();
+    let header = |name: &str| {
+        head.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (retry_after, thread) = (header("retry-after"), header("x-thread-id"));
+    let ok = (200..300).contains(&status);
+    let limit = if ok { limit } else { ERROR_BODY_LIMIT };
+    let mut body = Vec::new();
+    loop {
+        match http.read_response_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    if ok {
+                        return Err(Failure::Malformed(format!(
+                            "the backend's answer is larger than {limit} bytes"
+                        )));
+                    }
+                    body.extend_from_slice(&chunk[..limit - body.len()]);
+                    break;
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) if ok => return Err(dropped(e)),
+            Err(_) => break,
+        }
+    }
+    Ok(Reply {
+        status,
+        retry_after,
+        thread,
+        body,
+    })
+}
+
+#[async_trait]
+impl Adapter for PollAdapter {
+    async fn run(&self, job: &RunJob, sink: &RunSink) -> Ending {
+        self.drive(job, sink).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::store::memory::{MemoryLimits, MemoryStore};
+    use crate::store::{NewRun, RunStatus, Store};
+
+    fn http(status: u16, headers: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n{headers}\r\n{body}",
+            body.len()
+        )
+    }
+
+    fn snapshot(status: &str, text: &str) -> String {
+        let body = json!({
+            "threadId": "bt 1", "streamStatus": status, "errorText": "no provider key",
+            "messages": [
+                {"id": "u0", "role": "user", "parts": [{"type": "text", "text": "before"}]},
+                {"id": "a0", "role": "assistant", "parts": [{"type": "text", "text": "old"}]},
+                {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]},
+                {"id": "a1", "role": "assistant", "parts": [{"type": "text", "text": text}]},
+            ],
+        });
+        http(200, "content-type: application/json\r\n", &body.to_string())
+    }
+
+    /// A backend answering each connection with `answer(request head)`, after `delay`; records
+    /// the request heads and the most requests in flight at once.
+    struct Backend {
+        url: UpstreamUrl,
+        requests: Arc<Mutex<Vec<String>>>,
+        most_open: Arc<AtomicUsize>,
+    }
+
+    async fn backend(
+        delay: Duration,
+        answer: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> Backend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url =
+            UpstreamUrl::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let most_open = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let answer = Arc::new(answer);
+        let (reqs, most) = (requests.clone(), most_open.clone());
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let (reqs, most, open, answer) =
+                    (reqs.clone(), most.clone(), open.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let head = loop {
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            open.fetch_sub(1, Ordering::SeqCst);
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break String::from_utf8_lossy(&buf[..end]).into_owned();
+                        }
+                    };
+                    let response = answer(&head);
+                    reqs.lock().unwrap().push(head);
+                    tokio::time::sleep(delay).await;
+                    // Counted as closed before the client can see the answer (and its permit
+                    // go back), so that the count never overstates what the client had open.
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    let _ = sock.write_all(response.as_bytes()).await;
+                    let _ = sock.shutdown().await;
+                });
+            }
+        });
+        Backend {
+            url,
+            requests,
+            most_open,
+        }
+    }
+
+    /// A backend giving `script`'s answers in turn (the last one again once it runs out).
+    async fn scripted(script: Vec<String>) -> Backend {
+        let script = Mutex::new(VecDeque::from(script));
+        backend(Duration::ZERO, move |_| {
+            let mut s = script.lock().unwrap();
+            if s.len() > 1 {
+                s.pop_front().unwrap()
+            } else {
+                s.front().cloned().unwrap_or_default()
+            }
+        })
+        .await
+    }
+
+    fn settings() -> PollSettings {
+        PollSettings {
+            interval_min: Duration::from_millis(2),
+            interval_max: Duration::from_millis(10),
+            backoff: 2.0,
+            timeout: Duration::from_secs(10),
+            max_connections: 4,
+            max_failures: 3,
+            conversation_path: "/api/getConversation".into(),
+            idle_timeout: Duration::from_secs(5),
+        }
+    }
+
+    struct Outcome {
+        ending: Ending,
+        admission: Option<Admission>,
+        events: Vec<Value>,
+        backend_thread: Option<crate::store::BackendThread>,
+    }
+
+    async fn run(adapter: &PollAdapter, store: &Arc<MemoryStore>, user: &str) -> Outcome {
+        let started = store
+            .create_run(NewRun {
+                thread_id: None,
+                org_id: "org".into(),
+                user_id: "user".into(),
+                agent_id: json!(7),
+                user_message: json!({"id": user, "role": "user", "parts": [{"type": "text", "text": "hi"}]}),
+                idempotency_key: None,
+                conversation: None,
+            })
+            .await
+            .unwrap();
+        let job = RunJob {
+            run: started.run,
+            agent_path: "7".into(),
+            body: json!({}),
+            bearer: None,
+            backend_thread: None,
+        };
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let sink = RunSink {
+            store: store.clone(),
+            run: job.run.run_id.clone(),
+            admission: Mutex::new(Some(tx)),
+        };
+        let ending = adapter.run(&job, &sink).await;
+        // As the supervisor does: the closing event is logged with the status.
+        if let Some(closing) = ending.closing_event() {
+            store
+                .finish(
+                    &job.run.run_id,
+                    RunStatus::Completed,
+                    None,
+                    Some(closing.clone()),
+                )
+                .await
+                .unwrap();
+        }
+        let events = store
+            .read_after(&job.run.run_id, 0, 1000)
+            .await
+            .unwrap()
+            .events
+            .iter()
+            .map(|e| serde_json::from_slice(&e.data).unwrap())
+            .collect();
+        Outcome {
+            ending,
+            admission: rx.try_recv().ok(),
+            events,
+            backend_thread: store.backend_thread(&job.run.thread_id).await,
+        }
+    }
+
+    fn store() -> Arc<MemoryStore> {
+        Arc::new(MemoryStore::new(MemoryLimits {
+            max_events_per_run: 10_000,
+            max_bytes_per_run: 1 << 24,
+            max_total_bytes: 1 << 26,
+            retention: Duration::from_secs(60),
+            thread_retention: Duration::from_secs(3600),
+            retry_after: Duration::from_secs(1),
+        }))
+    }
+
+    fn adapter(up: &Backend, settings: PollSettings) -> PollAdapter {
+        let target = InvokeTarget::new(
+            vec![up.url.clone()],
+            "/api/invokeAgent".into(),
+            Duration::from_secs(2),
+        );
+        PollAdapter::new(target, settings)
+    }
+
+    fn accepted() -> String {
+        http(202, "", r#"{"threadId":"bt 1","status":"in_progress"}"#)
+    }
+
+    #[tokio::test]
+    async fn a_run_is_started_polled_and_completed() {
+        let up = scripted(vec![
+            accepted(),
+            snapshot("in_progress", ""),
+            snapshot("in_progress", "Hel"),
+            http(429, "retry-after: 0\r\n", ""),
+            snapshot("in_progress", "Hel"),
+            http(502, "", "bad gateway"),
+            snapshot("completed", "Hello"),
+        ])
+        .await;
+        let a = adapter(&up, settings());
+        let store = store();
+        let out = run(&a, &store, "u1").await;
+        assert!(matches!(out.ending, Ending::Completed(_)));
+        assert_eq!(out.admission, Some(Admission::Accepted));
+        let shape: Vec<_> = out
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e["type"].as_str().unwrap(),
+                    e["content"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                ("start", ""),
+                ("delta", "Hel"),
+                ("delta", "lo"),
+                ("end", "")
+            ]
+        );
+        assert!(out
+            .events
+            .iter()
+            .all(|e| e["call_id"].as_str().unwrap().starts_with("run_")));
+        let reqs = up.requests.lock().unwrap().clone();
+        assert_eq!(reqs.len(), 7);
+        assert!(reqs[0].starts_with("POST /api/invokeAgent "));
+        assert!(reqs[0].to_lowercase().contains("x-stream-response: false"));
+        for r in &reqs[1..] {
+            assert!(
+                r.starts_with("GET /api/getConversation?threadId=bt%201 "),
+                "{r}"
+            );
+            let r = r.to_lowercase();
+            assert!(r.contains("accept: application/json") && r.contains("x-sluice-run-id: run_"));
+        }
+        assert_eq!(out.backend_thread.map(|b| b.id).as_deref(), Some("bt 1"));
+    }
+
+    /// A snapshot from before the backend stored the run's message: the previous turn only.
+    fn previous_turn(status: &str) -> String {
+        let body = json!({
+            "threadId": "bt 1", "streamStatus": status,
+            "messages": [
+                {"id": "u0", "role": "user", "parts": [{"type": "text", "text": "before"}]},
+                {"id": "a0", "role": "assistant", "parts": [{"type": "text", "text": "old"}]},
+            ],
+        });
+        http(200, "content-type: application/json\r\n", &body.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_previous_turn_is_never_taken_for_this_run() {
+        let st = store();
+        // The thread is not there yet (404), then only the previous, completed turn shows:
+        // neither ends the run nor lends it the old answer.
+        let up = scripted(vec![
+            accepted(),
+            http(404, "", r#"{"error":"no such thread"}"#),
+            previous_turn("completed"),
+            previous_turn("completed"),
+            snapshot("in_progress", "New"),
+            snapshot("completed", "New answer"),
+        ])
+        .await;
+        let out = run(&adapter(&up, settings()), &st, "u1").await;
+        assert!(matches!(out.ending, Ending::Completed(_)));
+        let text: String = out
+            .events
+            .iter()
+            .filter(|e| e["type"] == "delta")
+            .map(|e| e["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(text, "New answer");
+        // A backend that never shows the run's message: lost after max_failures polls.
+        let up = scripted(vec![accepted(), previous_turn("completed")]).await;
+        let out = run(&adapter(&up, settings()), &st, "u1").await;
+        assert!(
+            matches!(&out.ending, Ending::Failed(Failure::Lost(m)) if m.contains("does not show")),
+            "{:?}",
+            out.ending
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals_losses_and_failures_end_the_run() {
+        let st = store();
+        // The backend refuses the run.
+        let up = scripted(vec![http(500, "", r#"{"error":{"message":"no key"}}"#)]).await;
+        let out = run(&adapter(&up, settings()), &st, "u1").await;
+        assert_eq!(
+            out.admission,
+            Some(Admission::Refused(500, "no key".into()))
+        );
+        assert_eq!(
+            out.ending,
+            Ending::Failed(Failure::Status(500, "no key".into()))
+        );
+        assert!(out.events.is_empty());
+
+        // Accepted without a thread id.
+        let up = scripted(vec![http(202, "", "{}")]).await;
+        let out = run(&adapter(&up, settings()), &st, "u1").await;
+        assert_eq!(out.admission, None);
+        assert!(matches!(out.ending, Ending::Failed(Failure::Malformed(_))));
+
+        // The backend forgets the run: ended at once.
+        let up = scripted(vec![
+            http(202, "x-thread-id: t9\r\n", ""),
+            snapshot("in_progress", "a"),
+            http(404, "", r#"{"error":"no such thread"}"#),
+            snapshot("in_progress", "ab"),
+        ])
+        .await;
+        let out = run(&adapter(&up, settings()), &st, "u1").await;
+        assert_eq!(
+            out.ending,
+            Ending::Failed(Failure::Lost("no such thread".into()))
+        );
+        assert_eq!(up.requests.lock().unwrap().len(), 3);
+        assert!(up.requests.lock().unwrap()[1].contains("threadId=t9 "));
+        let types: Vec<_> = out.events.iter().map(|e| e["type"].clone()).collect();
+        assert_eq!(types, ["start", "delta"]);
+        assert_eq!(
+            Failure::Lost("x".into()).message(),
+            "the agent backend lost the run: x"
+        );
+
+        // max_failures failures in a row; a success in between resets the count.
+        let up = scripted(vec![
+            accepted(),
+            http(500, "", ""),
+            http(200, "", "not json"),
+            snapshot("in_progress", ""),
+            http(500, "", "oops"),
+            http(500, "", "oops"),
+            http(502, "", "down"),
+        ])
+        .await;
+        let out = run(&adapter(&up, settings()), &st, "u1").await;
+        assert_eq!(
+            out.ending,
+            Ending::Failed(Failure::Status(502, "down".into()))
+        );
+        assert_eq!(up.requests.lock().unwrap().len(), 7);
+
+        // The backend says the run failed.
+        let up = scripted(vec![accepted(), snapshot("error", "partial")]).await;
+        let out = run(&adapter(&up, settings()), &st, "u1").await;
+        assert!(matches!(&out.ending, Ending::AgentError(t, _) if t == "no provider key"));
+        let last = out.events.last().unwrap();
+        assert_eq!(
+            (last["type"].as_str(), &last["content"]),
+            (Some("error"), &json!({"message": "no provider key"}))
+        );
+        assert_eq!(out.events[1]["content"], "partial");
+
+        // Stopped by the backend: no closing event (the supervisor writes it).
+        let up = scripted(vec![accepted(), snapshot("stopped", "")]).await;
+        let out = run(&adapter(&up, settings()), &st, "u1").await;
+        assert_eq!(
+            out.ending,
+            Ending::Backend(RunStatus::Stopped, "no provider key".into())
+        );
+        assert_eq!(out.events.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn runs_time_out_and_slow_requests_fail() {
+        let st = store();
+        let up = scripted(vec![accepted(), snapshot("in_progress", "")]).await;
+        let mut s = settings();
+        s.timeout = Duration::from_millis(150);
+        let started = Instant::now();
+        let out = run(&adapter(&up, s), &st, "u1").await;
+        assert_eq!(
+            out.ending,
+            Ending::Failed(Failure::RunTimeout(Duration::from_millis(150)))
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // Retry-After is capped by the time left.
+        let up = scripted(vec![accepted(), http(503, "retry-after: 3600\r\n", "")]).await;
+        let mut s = settings();
+        s.timeout = Duration::from_millis(200);
+        let started = Instant::now();
+        let out = run(&adapter(&up, s), &st, "u1").await;
+        assert!(matches!(out.ending, Ending::Failed(Failure::RunTimeout(_))));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(up.requests.lock().unwrap().len(), 2);
+
+        // Every request must answer within idle_timeout.
+        let up = backend(Duration::from_millis(300), |_| accepted()).await;
+        let mut s = settings();
+        s.idle_timeout = Duration::from_millis(50);
+        let out = run(&adapter(&up, s), &st, "u1").await;
+        assert_eq!(
+            out.ending,
+            Ending::Failed(Failure::IdleTimeout(Duration::from_millis(50)))
+        );
+    }
+
+    #[tokio::test]
+    async fn runs_share_a_bounded_number_of_connections() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let p = polls.clone();
+        let up = backend(Duration::from_millis(15), move |head| {
+            if head.starts_with("POST") {
+                accepted()
+            } else if p.fetch_add(1, Ordering::SeqCst) < 12 {
+                snapshot("in_progress", "")
+            } else {
+                snapshot("completed", "done")
+            }
+        })
+        .await;
+        let mut s = settings();
+        s.max_connections = 2;
+        let a = adapter(&up, s);
+        let st = store();
+        let runs: Vec<_> = (0..5).map(|_| run(&a, &st, "u1")).collect();
+        let outs = futures_util::future::join_all(runs).await;
+        for out in outs {
+            assert!(matches!(out.ending, Ending::Completed(_)));
+        }
+        let most = up.most_open.load(Ordering::SeqCst);
+        assert!((1..=2).contains(&most), "{most} connections at once");
+    }
+}
