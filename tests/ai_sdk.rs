@@ -97,5 +97,6 @@ async fn the_ai_sdk_resumes_a_running_stream_and_sees_204_when_idle() {
     let Some(stdout) = run_node("resume.mjs", &[]).await else {
         return;
     };
-    assert_eq!(passed(&stdout), 2, "{stdout}");
+    // Two clients resume one run; three reload a page on a thread with several runs.
+    assert_eq!(passed(&stdout), 5, "{stdout}");
 }

@@ -569,3 +569,46 @@ async fn a_jwks_down_at_start_gives_503_at_once_then_recovers() {
         "recovered"
     );
 }
+
+#[tokio::test]
+async fn two_organisations_with_one_conversation_id_reach_two_backend_conversations() {
+    let s = Setup::new("");
+    let a = s.token(&v2("user_a", "org_a", "admin"));
+    let b = s.token(&v2("user_b", "org_b", "admin"));
+    let mut threads = Vec::new();
+    for (token, message_id) in [(&a, "m-a"), (&b, "m-b")] {
+        let resp =
+            s.gw.http
+                .post(s.gw.url("/agents/1/run"))
+                .bearer_auth(token)
+                .header("x-stream-response", "false")
+                // `org_id` in the body must not pose as the verified organisation either.
+                .json(&json!({"message": "hello", "message_id": message_id,
+                              "conversation_id": "c-100", "org_id": "org_a", "user_id": "user_a"}))
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(resp.status(), 202);
+        let v: Value = resp.json().await.unwrap();
+        let thread = v["threadId"].as_str().unwrap().to_string();
+        s.gw.wait_terminal_as(token, &thread).await;
+        threads.push(thread);
+    }
+    assert_ne!(threads[0], threads[1]);
+    let seen = mock_requests(&s.gw.http, &s.mock.addrs[0]).await;
+    assert_eq!(seen.len(), 2);
+    for (req, (thread, org)) in seen.iter().zip(threads.iter().zip(["org_a", "org_b"])) {
+        assert_eq!(req["headers"]["x-sluice-org-id"], org);
+        assert_eq!(
+            req["body"]["conversation_id"],
+            json!(thread),
+            "the backend sees a conversation scoped to the organisation"
+        );
+        assert!(req["body"].get("org_id").is_none() && req["body"].get("user_id").is_none());
+    }
+    // Each organisation's backend conversation is its own: both are the backend's first turn.
+    for (token, thread) in [(&a, &threads[0]), (&b, &threads[1])] {
+        let snap = s.gw.wait_terminal_as(token, thread).await;
+        assert_eq!(text_of(&snap["messages"][1]), expected_answer("hello", 1));
+    }
+}

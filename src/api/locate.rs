@@ -140,45 +140,72 @@ mod tests {
     }
 
     proptest! {
-        /// For any thread layout and any cursor up to its end, the run named is the one holding
-        /// the next event, never another; a cursor at the end names the live run or nothing.
+        /// The resume property over multi-run threads: for any sequence of runs and any cursor
+        /// (every `k` and `k.j` a client was sent, and every plain `k` of the thread), resuming
+        /// yields exactly the rest of the run holding the cursor; at a run's very end, the next
+        /// run whole; at the thread's end, nothing.
         #[test]
-        fn every_cursor_names_the_run_holding_it(
-            sizes in prop::collection::vec(0u64..6, 1..6),
-            evicted in 0usize..3,
-            live in any::<bool>(),
-            chunk in prop::option::of(1u32..4),
+        fn resuming_a_thread_yields_exactly_the_rest_of_the_run_holding_the_cursor(
+            logs in prop::collection::vec(
+                crate::render::proptests::run().prop_filter("a run has events", |e| !e.is_empty()),
+                1..4,
+            ),
         ) {
-            let mut runs = Vec::new();
-            let mut next = 1;
-            for n in &sizes {
-                runs.push(span(next, next + n - 1, false));
-                next += n;
+            use crate::event::Event;
+            use crate::render::proptests::frames;
+            use crate::render::ui::UiRenderer;
+            // Number the runs' events through the thread.
+            let mut runs: Vec<Vec<Event>> = Vec::new();
+            let mut seq = 0;
+            for log in logs {
+                runs.push(log.into_iter().map(|e| { seq += 1; Event { seq, data: e.data } }).collect());
             }
-            let last = runs.len() - 1;
-            runs[last].in_progress = live;
-            let evicted = evicted.min(runs.len() - 1);
-            let evicted_through = if evicted == 0 { 0 } else { runs[evicted - 1].last_seq };
-            let kept = &runs[evicted..];
-            let thread_last = next - 1;
-            for k in 0..=thread_last + 1 {
-                let c = Cursor { seq: k, chunk: chunk.filter(|_| k > 0) };
-                let got = locate(Some(c), kept, evicted_through);
-                let want_event = if c.chunk.is_some() { k } else { k + 1 };
-                let expected = if k > thread_last {
-                    Located::Beyond
-                } else if want_event <= evicted_through {
-                    Located::Expired
-                } else if let Some(i) = kept.iter().position(|r| r.first_seq <= want_event && want_event <= r.last_seq) {
-                    Located::Run(i)
-                } else if live {
-                    Located::Run(kept.len() - 1)
-                } else {
-                    Located::NothingLeft
-                };
-                prop_assert_eq!(got, expected, "cursor {}", c);
-                if let Located::Run(i) = got {
-                    prop_assert!(within(c, &kept[i]));
+            let spans: Vec<Span> = runs
+                .iter()
+                .map(|r| span(r[0].seq, r[r.len() - 1].seq, false))
+                .collect();
+            let render = |i: usize, cursor: Cursor| {
+                let mut r = UiRenderer::new(format!("msg-{i}"));
+                let mut out = Vec::new();
+                for ev in &runs[i] {
+                    r.render_sse_after(ev, cursor, &mut out);
+                }
+                out
+            };
+            let full: Vec<Vec<u8>> = (0..runs.len()).map(|i| render(i, Cursor::after(spans[i].first_seq - 1))).collect();
+            // What a client at `cursor` must get: served by the route (locate, then render).
+            let serve = |cursor: Cursor| match locate(Some(cursor), &spans, 0) {
+                Located::Run(i) => Some(render(i, cursor)),
+                Located::NothingLeft => None,
+                other => panic!("cursor {cursor}: {other:?}"),
+            };
+            for (i, sse) in full.iter().enumerate() {
+                for f in frames(sse)? {
+                    let cursor = Cursor::parse(&f.id).ok_or_else(|| TestCaseError::fail("bad id"))?;
+                    // Events after the cursor's in this run (even ones that render nothing, such
+                    // as anything after the run's end) keep the client in this run.
+                    let next = if cursor.chunk.is_some() { cursor.seq } else { cursor.seq + 1 };
+                    let want = if next <= spans[i].last_seq {
+                        Some(sse[f.end..].to_vec())
+                    } else {
+                        full.get(i + 1).cloned()
+                    };
+                    prop_assert_eq!(serve(cursor), want, "run {} cursor {}", i, f.id);
+                }
+            }
+            // Every plain cursor of the thread: the rest of the run holding the next event.
+            for k in 0..=seq {
+                let got = serve(Cursor::after(k));
+                match spans.iter().position(|s| s.first_seq <= k + 1 && k < s.last_seq) {
+                    Some(i) => {
+                        let mut expect = Vec::new();
+                        let mut r = UiRenderer::new(format!("msg-{i}"));
+                        for ev in &runs[i] {
+                            if ev.seq <= k { r.skip(ev) } else { r.render_sse(ev, &mut expect) }
+                        }
+                        prop_assert_eq!(got, Some(expect), "cursor {}", k);
+                    }
+                    None => prop_assert_eq!(got, None, "cursor {} is the thread's end", k),
                 }
             }
         }

@@ -11,7 +11,7 @@ pub mod fold;
 pub mod ui;
 
 #[cfg(test)]
-mod proptests;
+pub(crate) mod proptests;
 
 /// The frame that ends a UI-message stream (optional for clients; sent once the run is over).
 pub const DONE_FRAME: &[u8] = b"data: [DONE]\n\n";

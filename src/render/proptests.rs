@@ -178,7 +178,7 @@ fn ending_payload(e: &Ending) -> Option<Vec<u8>> {
 }
 
 /// A run: ops, an optional ending, then (rarely) events that arrive after the ending.
-fn run() -> impl Strategy<Value = Vec<Event>> {
+pub(crate) fn run() -> impl Strategy<Value = Vec<Event>> {
     (
         any::<bool>(),
         prop::collection::vec(op(), 0..30),
@@ -225,14 +225,14 @@ fn all_chunks(events: &[Event]) -> Vec<Chunk> {
 }
 
 /// One SSE frame of our output: its id, its data, and where it ends in the stream.
-struct Frame {
-    id: String,
-    data: String,
-    end: usize,
+pub(crate) struct Frame {
+    pub id: String,
+    pub data: String,
+    pub end: usize,
 }
 
 /// Split the renderer's SSE output into frames, checking the exact framing on the way.
-fn frames(sse: &[u8]) -> Result<Vec<Frame>, TestCaseError> {
+pub(crate) fn frames(sse: &[u8]) -> Result<Vec<Frame>, TestCaseError> {
     let s = std::str::from_utf8(sse).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let mut out = Vec::new();
     let mut pos = 0;
