@@ -38,8 +38,7 @@ async fn long_poll_returns_on_the_next_event_and_times_out_at_wait() {
     // A finished thread: a cursor short of its end answers at once, and without a cursor too.
     let done = gw.wait_terminal(&thread).await;
     let last = done["lastSeq"].as_u64().unwrap();
-    let (_, snap, took) =
-        long_poll(&gw, &thread, &format!("&afterSeq={}&wait=10", last - 1)).await;
+    let (_, snap, took) = long_poll(&gw, &thread, &format!("&afterSeq={}&wait=10", last - 1)).await;
     assert!(took < Duration::from_millis(500), "{took:?}");
     assert_eq!(snap, done);
     let (_, snap, took) = long_poll(&gw, &thread, "&wait=10").await;
@@ -49,7 +48,9 @@ async fn long_poll_returns_on_the_next_event_and_times_out_at_wait() {
     let waiting = {
         let (gw_http, url) = (
             gw.http.clone(),
-            gw.url(&format!("/api/getConversation?threadId={thread}&afterSeq={last}&wait=10")),
+            gw.url(&format!(
+                "/api/getConversation?threadId={thread}&afterSeq={last}&wait=10"
+            )),
         );
         tokio::spawn(async move {
             let t0 = Instant::now();
@@ -67,7 +68,10 @@ async fn long_poll_returns_on_the_next_event_and_times_out_at_wait() {
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert_ne!(next["runId"], done["runId"], "{next}");
     assert_eq!(next["streamStatus"], "in_progress");
-    assert_eq!(next["messages"][2]["parts"][0]["text"], "next turn", "{next}");
+    assert_eq!(
+        next["messages"][2]["parts"][0]["text"], "next turn",
+        "{next}"
+    );
     assert!(next["lastSeq"].as_u64().unwrap() >= last);
 
     // A silent run: the poll times out at `wait` with the unchanged snapshot...

@@ -30,11 +30,18 @@ async fn a_cursor_of_an_earlier_run_gets_exactly_that_runs_rest_in_both_dialects
     let first2: u64 = ids2[0].split('.').next().unwrap().parse().unwrap();
     assert_eq!(first2, last1 + 1, "{ids1:?} {ids2:?}");
     let snap = gw.wait_terminal(&thread).await;
-    assert_eq!(snap["lastSeq"], json!(ids2.last().unwrap().parse::<u64>().unwrap()));
+    assert_eq!(
+        snap["lastSeq"],
+        json!(ids2.last().unwrap().parse::<u64>().unwrap())
+    );
     // Replayed from the thread's start: run 1, identical to what was streamed live.
     let (status, body) = get_stream(&gw, &thread, Some("0"), "").await;
     assert_eq!(status, 200);
-    assert_eq!(parse_sse(&body).0, run1.events, "the run replays identically");
+    assert_eq!(
+        parse_sse(&body).0,
+        run1.events,
+        "the run replays identically"
+    );
     let (status, _) = get_stream(&gw, &thread, None, &format!("?runId={}", run1.run)).await;
     assert_eq!(status, 204, "a finished run without a cursor is over");
 
@@ -71,7 +78,9 @@ async fn a_cursor_of_an_earlier_run_gets_exactly_that_runs_rest_in_both_dialects
     assert_eq!(status, 200);
     let af1 = parse_sse(&body).0;
     assert_eq!(
-        af1.iter().map(|e| e.id.clone().unwrap()).collect::<Vec<_>>(),
+        af1.iter()
+            .map(|e| e.id.clone().unwrap())
+            .collect::<Vec<_>>(),
         (1..=last1).map(|k| k.to_string()).collect::<Vec<_>>()
     );
     for k in 0..last1 {
@@ -131,12 +140,23 @@ async fn eviction_keeps_the_thread_and_expires_its_cursors() {
     // conversation (the backend counts this as its second turn).
     let second = stream_invoke(&gw, "what was the number?", Some(&thread)).await;
     assert_eq!(second.thread, thread);
-    let first_id: u64 = second.events[0].id.as_deref().unwrap().split('.').next().unwrap().parse().unwrap();
+    let first_id: u64 = second.events[0]
+        .id
+        .as_deref()
+        .unwrap()
+        .split('.')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_eq!(first_id, last + 1);
     let snap = gw.wait_terminal(&thread).await;
     assert_eq!(snap["evictedRuns"], 1);
     assert_eq!(snap["evictedThroughSeq"], json!(last));
-    assert_eq!(text_of(&snap["messages"][1]), expected_answer("what was the number?", 2));
+    assert_eq!(
+        text_of(&snap["messages"][1]),
+        expected_answer("what was the number?", 2)
+    );
     let seen = mock_requests(&gw.http, &mock.addrs[0]).await;
     let convs: Vec<&Value> = seen.iter().map(|r| &r["body"]["conversation_id"]).collect();
     assert_eq!(convs, [&json!(thread), &json!(thread)]);
@@ -146,17 +166,21 @@ async fn eviction_keeps_the_thread_and_expires_its_cursors() {
 async fn a_run_at_its_event_limit_keeps_every_event_that_fit() {
     let mock = mock_agent();
     let gw = gateway_with(&mock.addrs[0], "", "[limits]\nmax_events_per_run = 50\n");
-    let (thread, _) = gw
-        .start("scenario:slow tokens=250 delay_ms=0", None)
-        .await;
+    let (thread, _) = gw.start("scenario:slow tokens=250 delay_ms=0", None).await;
     let snap = gw.wait_terminal(&thread).await;
     assert_eq!(snap["streamStatus"], "error");
-    assert!(snap["errorText"].as_str().unwrap().contains("event limit"), "{snap}");
+    assert!(
+        snap["errorText"].as_str().unwrap().contains("event limit"),
+        "{snap}"
+    );
     // 50 events kept, plus the closing error event the gateway always records.
     assert_eq!(snap["lastSeq"], 51);
     let text = text_of(&snap["messages"][1]);
     let expected: String = (0..49).map(|i| format!("token{i} ")).collect();
-    assert_eq!(text, expected, "the first 49 tokens (after the start event)");
+    assert_eq!(
+        text, expected,
+        "the first 49 tokens (after the start event)"
+    );
     // Streams and replays show the same, ending in an error.
     let (status, body) = get_stream(&gw, &thread, Some("0"), "").await;
     assert_eq!(status, 200);
@@ -195,7 +219,11 @@ async fn a_retry_after_a_failed_run_starts_a_new_backend_run() {
     assert_ne!(retry["runId"], first["runId"]);
     let snap = gw.wait_terminal(&thread).await;
     assert_eq!(snap["runId"], retry["runId"]);
-    assert_eq!(snap["messages"].as_array().unwrap().len(), 4, "the failed run stays in history");
+    assert_eq!(
+        snap["messages"].as_array().unwrap().len(),
+        4,
+        "the failed run stays in history"
+    );
     let runs = mock_requests(&gw.http, &mock.addrs[0])
         .await
         .into_iter()
@@ -244,7 +272,10 @@ async fn concurrent_first_requests_of_one_conversation_make_one_thread() {
                 .await
                 .unwrap();
             let status = resp.status().as_u16();
-            let thread = resp.headers().get("x-thread-id").map(|v| v.to_str().unwrap().to_string());
+            let thread = resp
+                .headers()
+                .get("x-thread-id")
+                .map(|v| v.to_str().unwrap().to_string());
             (status, thread)
         }));
     }
@@ -261,7 +292,11 @@ async fn concurrent_first_requests_of_one_conversation_make_one_thread() {
             other => panic!("unexpected {other}"),
         }
     }
-    assert_eq!((started, threads.len()), (1, 1), "one thread, one run at a time");
+    assert_eq!(
+        (started, threads.len()),
+        (1, 1),
+        "one thread, one run at a time"
+    );
     let runs = mock_requests(&gw.http, &mock.addrs[0]).await;
     assert_eq!(runs.len(), 1, "{runs:?}");
 }
@@ -280,7 +315,10 @@ async fn agentflow_runs_need_a_conversation_id() {
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "invalid_request");
-    assert!(v["error"]["message"].as_str().unwrap().contains("conversation_id"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("conversation_id"));
     assert!(mock_requests(&gw.http, &mock.addrs[0]).await.is_empty());
 }
 

@@ -77,15 +77,14 @@ pub fn parse_run(body: &[u8]) -> Result<RunRequest, ApiError> {
             ))
         }
     };
-    let conversation_id = match body.get("conversation_id") {
-        Some(Value::String(c)) if !c.is_empty() && c.len() <= 256 => c.clone(),
-        None | Some(Value::Null) => {
-            return Err(bad(
+    let conversation_id =
+        match body.get("conversation_id") {
+            Some(Value::String(c)) if !c.is_empty() && c.len() <= 256 => c.clone(),
+            None | Some(Value::Null) => return Err(bad(
                 "`conversation_id` is required: the id of the conversation this message continues",
-            ))
-        }
-        Some(_) => return Err(bad("`conversation_id` must be a non-empty string")),
-    };
+            )),
+            Some(_) => return Err(bad("`conversation_id` must be a non-empty string")),
+        };
     let flag = |name: &str| match body.get(name) {
         None | Some(Value::Null) => Ok(true),
         Some(Value::Bool(b)) => Ok(*b),

@@ -337,7 +337,12 @@ impl Ingestor {
             }
             Ending::AgentError(text, event) => {
                 self.store
-                    .finish(run, RunStatus::Error, Some(text.clone()), Some(event.clone()))
+                    .finish(
+                        run,
+                        RunStatus::Error,
+                        Some(text.clone()),
+                        Some(event.clone()),
+                    )
                     .await
             }
             Ending::Backend(status, message) => {

@@ -348,7 +348,8 @@ impl UiMessageAdapter {
         let mut http = self.target.send(&self.connector, up, job, true).await?;
         answer::admit(&mut http, idle, sink).await?;
         if let Some(t) = invoke::thread_header(&http) {
-            sink.remember_backend_thread(&job.run.thread_id, up, &t).await;
+            sink.remember_backend_thread(&job.run.thread_id, up, &t)
+                .await;
         }
         let mut mapper = ChunkMapper::new(job.run.run_id.0.clone());
         let body = SseBody::new(idle, self.settings.max_event_bytes);

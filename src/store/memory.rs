@@ -257,7 +257,9 @@ impl MemoryStore {
     fn forget_thread(&self, thread: &ThreadId, now: Instant) {
         let keep = self.limits.thread_retention;
         let expired = |t: &ThreadRec| {
-            t.runs.is_empty() && t.emptied_at.is_some_and(|at| now.duration_since(at) >= keep)
+            t.runs.is_empty()
+                && t.emptied_at
+                    .is_some_and(|at| now.duration_since(at) >= keep)
         };
         let Some((_, t)) = self.threads.remove_if(thread, |_, t| expired(t)) else {
             return;
@@ -673,7 +675,10 @@ impl Store for MemoryStore {
 fn drain_expired<T>(queue: &Mutex<VecDeque<(Instant, T)>>, now: Instant, keep: Duration) -> Vec<T> {
     let mut q = lock(queue);
     let mut out = Vec::new();
-    while q.front().is_some_and(|(at, _)| now.duration_since(*at) >= keep) {
+    while q
+        .front()
+        .is_some_and(|(at, _)| now.duration_since(*at) >= keep)
+    {
         if let Some((_, item)) = q.pop_front() {
             out.push(item);
         }
@@ -939,8 +944,7 @@ mod tests {
             .run;
         assert_eq!((r2.first_seq, r2.last_seq), (4, 3));
         assert_eq!(
-            s.append(&r2.run_id, vec![ev("d"), ev("e"), ev("f")])
-                .await,
+            s.append(&r2.run_id, vec![ev("d"), ev("e"), ev("f")]).await,
             Ok(6)
         );
     }
@@ -954,17 +958,27 @@ mod tests {
         s.finish(&r1.run_id, RunStatus::Completed, None, Some(ev("end")))
             .await
             .unwrap();
-        let r2 = s.create_run(new_run(Some(t.clone()), "o")).await.unwrap().run;
+        let r2 = s
+            .create_run(new_run(Some(t.clone()), "o"))
+            .await
+            .unwrap()
+            .run;
         assert_eq!(r2.first_seq, 4);
         assert_eq!(s.append(&r2.run_id, vec![ev("c")]).await, Ok(4));
         let b = s.read_after(&r2.run_id, 3, 10).await.unwrap();
         assert_eq!(b.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [4]);
         // A cursor before the run's start reads the run from its first event.
-        assert_eq!(s.read_after(&r2.run_id, 0, 10).await.unwrap().events.len(), 1);
+        assert_eq!(
+            s.read_after(&r2.run_id, 0, 10).await.unwrap().events.len(),
+            1
+        );
         let th = s.thread("o", &t).await.unwrap();
         assert_eq!(th.last_seq(), 4);
         assert_eq!(
-            th.runs.iter().map(|r| (r.first_seq, r.last_seq)).collect::<Vec<_>>(),
+            th.runs
+                .iter()
+                .map(|r| (r.first_seq, r.last_seq))
+                .collect::<Vec<_>>(),
             [(1, 3), (4, 4)]
         );
     }
@@ -991,7 +1005,10 @@ mod tests {
         // Its thread is still there, knowing what it lost.
         let th = s.thread("o", &old.thread_id).await.unwrap();
         assert!(th.runs.is_empty());
-        assert_eq!((th.evicted_runs, th.evicted_through, th.last_seq()), (1, 1, 1));
+        assert_eq!(
+            (th.evicted_runs, th.evicted_through, th.last_seq()),
+            (1, 1, 1)
+        );
         assert_eq!(
             th.latest_evicted.map(|o| (o.run_id, o.status)),
             Some((old.run_id.clone(), RunStatus::Completed))
@@ -1165,9 +1182,14 @@ mod tests {
             // While the new run is in progress (or once done), retries re-attach to it.
             let again = s.create_run(keyed(None)).await.unwrap();
             assert!(again.existing && again.run.run_id == retry.run.run_id);
-            s.finish(&retry.run.run_id, RunStatus::Completed, None, Some(ev("end")))
-                .await
-                .unwrap();
+            s.finish(
+                &retry.run.run_id,
+                RunStatus::Completed,
+                None,
+                Some(ev("end")),
+            )
+            .await
+            .unwrap();
             assert!(s.create_run(keyed(None)).await.unwrap().existing);
             let th = s.thread("o", &first.run.thread_id).await.unwrap();
             assert_eq!(th.runs.len(), 2, "the failed run stays in the history");
@@ -1233,7 +1255,11 @@ mod tests {
         let waiter = tokio::spawn(async move { s2.wait_thread("o", &t2, 2, long).await });
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(!waiter.is_finished());
-        let r2 = s.create_run(new_run(Some(t.clone()), "o")).await.unwrap().run;
+        let r2 = s
+            .create_run(new_run(Some(t.clone()), "o"))
+            .await
+            .unwrap()
+            .run;
         tokio::time::timeout(Duration::from_secs(1), waiter)
             .await
             .unwrap()
