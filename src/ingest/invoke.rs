@@ -50,7 +50,9 @@ impl InvokeTarget {
     /// The backend for a run of a thread whose conversation is `backend` (if known): the one
     /// it lives on, else the next one, round robin.
     pub fn pick_for(&self, backend: Option<&BackendThread>) -> &UpstreamUrl {
-        if let Some(up) = backend.and_then(|b| self.upstreams.iter().find(|u| u.to_string() == b.upstream)) {
+        if let Some(up) =
+            backend.and_then(|b| self.upstreams.iter().find(|u| u.to_string() == b.upstream))
+        {
             return up;
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.upstreams.len().max(1);
@@ -106,15 +108,25 @@ pub fn send_failure(e: SendError) -> Failure {
     }
 }
 
-/// The `x-sluice-*` identity headers (and the caller's bearer token when forwarded).
-pub fn identity_headers(job: &RunJob) -> Vec<(&'static str, String)> {
+/// The `x-sluice-*` identity headers alone, for every request about a run after the one that
+/// starts it (the poll adapter's snapshot reads). Never the caller's token: see
+/// [`identity_headers`].
+pub fn sluice_headers(job: &RunJob) -> Vec<(&'static str, String)> {
     let run = &job.run;
-    let mut headers = vec![
+    vec![
         ("x-sluice-org-id", run.org_id.clone()),
         ("x-sluice-user-id", run.user_id.clone()),
         ("x-sluice-run-id", run.run_id.0.clone()),
         ("x-sluice-thread-id", run.thread_id.0.clone()),
-    ];
+    ]
+}
+
+/// The headers of the request that starts a run (a dialect-A invoke, an AgentFlow `run`): the
+/// identity headers ([`sluice_headers`]) and, with `auth.forward_token`, the caller's bearer
+/// token. Only this request carries the token: it lives about a minute, a polled run up to
+/// `poll_timeout`, so later requests use [`sluice_headers`].
+pub fn identity_headers(job: &RunJob) -> Vec<(&'static str, String)> {
+    let mut headers = sluice_headers(job);
     if let Some(token) = &job.bearer {
         headers.push(("authorization", format!("Bearer {token}")));
     }
@@ -207,6 +219,10 @@ mod tests {
         let h = identity_headers(&j);
         assert!(h.contains(&("authorization", "Bearer tok".into())));
         assert!(h.contains(&("x-sluice-thread-id", "th_1".into())));
+        // Later requests (polls) carry the identity, never the token.
+        let later = sluice_headers(&j);
+        assert!(later.contains(&("x-sluice-thread-id", "th_1".into())));
+        assert!(later.iter().all(|(name, _)| *name != "authorization"));
     }
 
     #[test]

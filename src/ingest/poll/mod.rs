@@ -1,23 +1,31 @@
-//! The poll adapter, for a dialect-A backend that only offers "start, then poll":
-//! `POST {upstream}{invoke_path}` with `X-Stream-Response: false` (answered `202` with the
-//! backend's thread id), then `GET {upstream}{conversation_path}?threadId=…` until the snapshot's
-//! `streamStatus` is terminal.
+//! The poll adapter, for a dialect-A backend that only offers "start, then poll": its I/O loop.
 //!
-//! Each snapshot's assistant message (the one answering the run's user message) is diffed against
-//! the previous one by a pure [`SnapshotDiff`], which writes the log's vocabulary
-//! ([`Events`]): text that grew becomes a `delta` of the new suffix only, text that was
-//! rewritten a `text_replace`, tool parts nested `start`/`end`/`error` calls (and `tool_progress`
-//! for preliminary output), sources, files and data parts their own events, anything else an
-//! opaque `ui_part`. Nothing is ever retracted.
+//! A run is `POST {upstream}{invoke_path}` with `X-Stream-Response: false` (answered `202` with
+//! the backend's thread id), then `GET {upstream}{conversation_path}?threadId=…` until the
+//! snapshot's `streamStatus` is terminal. The invoke is the only request that carries the
+//! caller's token (`auth.forward_token`): the token lives about a minute and a run up to
+//! `poll_timeout`, so polls carry the `x-sluice-*` identity headers and no `authorization`.
 //!
-//! Polling backs off while nothing changes ([`Backoff`]): the interval starts at
-//! `interval_min`, grows by `backoff` after each quiet poll up to `interval_max`, and returns to
-//! `interval_min` after a change. `429`/`503` answers are waited out (`Retry-After`, seconds or
-//! an HTTP date), other failures are retried until `max_failures` in a row, and a `404` once the
-//! run has shown means the backend lost it. Until a snapshot shows the run's own user message,
-//! a terminal `streamStatus` (the previous turn's) and a `404` (a thread not created yet) are
-//! not taken as this run's end. All runs of one adapter share `max_connections` connection
-//! permits, held only during a request, never while waiting.
+//! The pure parts live beside this file: `snapshot` reads a snapshot (its state, the run's own
+//! user message and the assistant message answering it), `diff` turns successive versions of
+//! that message into log events ([`SnapshotDiff`]), and `backoff` says how long to wait between
+//! polls ([`Backoff`]).
+//!
+//! Finding the run's message: by its id, or, for a backend that renames messages, by the text
+//! of the last user message, which must then lie beyond the user messages the backend's
+//! conversation held before this run, so that a user who says "yes" twice never gets the
+//! previous turn's answer or status. That count is 0 for a new backend conversation; for a
+//! continued one it is read from the conversation once, just before the invoke (or, if that
+//! read fails, from the first poll's snapshot, which can only overcount).
+//!
+//! Polling backs off while nothing changes: the interval starts at `interval_min`, grows by
+//! `backoff` after each quiet poll up to `interval_max`, and returns to `interval_min` after a
+//! change. `429`/`503` answers are waited out (`Retry-After`, seconds or an HTTP date), other
+//! failures are retried until `max_failures` in a row, and a `404` once the run has shown
+//! means the backend lost it. Until a snapshot shows the run's own user message, a terminal
+//! `streamStatus` (the previous turn's) and a `404` (a thread not created yet) are not taken as
+//! this run's end. All runs of one adapter share `max_connections` connection permits, held
+//! only during a request, never while waiting.
 
 mod backoff;
 mod diff;
@@ -26,7 +34,8 @@ mod snapshot;
 pub use backoff::{parse_retry_after, Backoff};
 pub use diff::SnapshotDiff;
 pub use snapshot::{
-    backend_state, closing, our_message, our_user_message, parse_snapshot, BackendState,
+    backend_state, closing, our_message, our_user_message, parse_snapshot, user_messages,
+    BackendState,
 };
 
 use std::time::{Duration, SystemTime};
@@ -42,7 +51,9 @@ use tokio::time::Instant;
 use super::agentflow::path_segment;
 use super::answer::{error_text, ERROR_BODY_LIMIT};
 use super::events::Events;
-use super::invoke::{backend_thread, identity_headers, send_failure, InvokeTarget};
+use super::invoke::{
+    backend_thread, backend_thread_on, send_failure, sluice_headers, InvokeTarget,
+};
 use super::{Adapter, Admission, Ending, Failure, RunJob, RunSink};
 use crate::client;
 use crate::config::UpstreamUrl;
@@ -228,6 +239,66 @@ impl PollAdapter {
         })
     }
 
+    /// The path of the snapshot of backend thread `thread`.
+    fn conversation(&self, thread: &str) -> String {
+        format!(
+            "{}?threadId={}",
+            self.settings.conversation_path,
+            path_segment(thread)
+        )
+    }
+
+    /// How many user messages the backend's conversation held before this run, so that the
+    /// run's message, when the backend renames it, is never matched to an earlier turn's with
+    /// the same text ([`our_user_message`]). A new backend conversation held none; a continued
+    /// one is read once before the invoke (a `404`: none). `None` when that read fails: the
+    /// caller then counts the user messages of its first snapshot, which can only overcount
+    /// (so the text match still never takes an earlier turn; a renaming backend that shows the
+    /// run in that very snapshot is then not recognised, and the run ends as lost rather than
+    /// with someone else's answer). `Err` when the run's time is up.
+    async fn history(
+        &self,
+        up: &UpstreamUrl,
+        job: &RunJob,
+        headers: &[(&str, String)],
+        deadline: Instant,
+    ) -> Result<Option<usize>, Ending> {
+        let Some(thread) = backend_thread_on(job, up) else {
+            return Ok(Some(0));
+        };
+        let Some(answer) = self
+            .poll(up, &self.conversation(thread), headers, deadline)
+            .await
+        else {
+            count("failed");
+            return Err(self.run_timeout());
+        };
+        match answer {
+            Answer::Snapshot(snapshot) => {
+                count("unchanged");
+                let messages = snapshot.get("messages").and_then(Value::as_array);
+                Ok(messages.map(|ms| user_messages(ms)))
+            }
+            Answer::Lost(_) => {
+                count("failed");
+                Ok(Some(0))
+            }
+            Answer::Throttled(_) => {
+                count("throttled");
+                Ok(None)
+            }
+            Answer::Failed(failure) => {
+                count("failed");
+                log::debug!(
+                    "run {}: reading the conversation before the invoke failed: {}",
+                    job.run.run_id,
+                    failure.message()
+                );
+                Ok(None)
+            }
+        }
+    }
+
     async fn drive(&self, job: &RunJob, sink: &RunSink) -> Ending {
         let s = &self.settings;
         let now = Instant::now();
@@ -236,6 +307,15 @@ impl PollAdapter {
             .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
         let events = Events::new(job.run.run_id.0.clone());
         let up = self.target.pick_for(job.backend_thread.as_ref());
+        // Polls name the run but never carry the caller's token (only the invoke does).
+        let mut headers = sluice_headers(job);
+        headers.push(("accept", "application/json".to_string()));
+        // How many user messages the backend's conversation held before this run; `None`
+        // until known (see `history`).
+        let mut before = match self.history(up, job, &headers, deadline).await {
+            Ok(b) => b,
+            Err(ending) => return ending,
+        };
         let thread = match self.start(up, job, sink, deadline).await {
             Ok(t) => t,
             Err(ending) => return ending,
@@ -243,9 +323,7 @@ impl PollAdapter {
         if let Err(ending) = sink.append(vec![events.start()]).await {
             return ending;
         }
-        let path = format!("{}?threadId={}", s.conversation_path, path_segment(&thread));
-        let mut headers = identity_headers(job);
-        headers.push(("accept", "application/json".to_string()));
+        let path = self.conversation(&thread);
         let ours = &job.run.user_message;
         let mut diff = SnapshotDiff::new(events.clone());
         let mut backoff = Backoff::of(s);
@@ -271,10 +349,15 @@ impl PollAdapter {
                     failures = 0;
                     let mut state = backend_state(&snapshot);
                     let messages = snapshot.get_mut("messages").and_then(Value::as_array_mut);
+                    if before.is_none() {
+                        before = messages.as_deref().map(|ms| user_messages(ms));
+                    }
+                    // Unknown yet: only a match by id counts.
+                    let before = before.unwrap_or(usize::MAX);
                     seen = seen
                         || messages
                             .as_deref()
-                            .is_some_and(|ms| our_user_message(ms, ours).is_some());
+                            .is_some_and(|ms| our_user_message(ms, ours, before).is_some());
                     if !seen && state != BackendState::Running {
                         // Not this run's status: the backend does not show the run yet.
                         unseen_terminal += 1;
@@ -287,7 +370,7 @@ impl PollAdapter {
                         state = BackendState::Running;
                     }
                     let message =
-                        messages.and_then(|ms| our_message(ms, ours).map(|i| ms[i].take()));
+                        messages.and_then(|ms| our_message(ms, ours, before).map(|i| ms[i].take()));
                     let batch = message.as_ref().map(|m| diff.diff(m)).unwrap_or_default();
                     let changed = !batch.is_empty() || message != last;
                     last = message;
@@ -416,7 +499,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use crate::store::memory::{MemoryLimits, MemoryStore};
-    use crate::store::{NewRun, RunStatus, Store};
+    use crate::store::{BackendThread, NewRun, RunStatus, Store};
 
     fn http(status: u16, headers: &str, body: &str) -> String {
         format!(
@@ -531,13 +614,27 @@ mod tests {
     }
 
     async fn run(adapter: &PollAdapter, store: &Arc<MemoryStore>, user: &str) -> Outcome {
+        let message =
+            json!({"id": user, "role": "user", "parts": [{"type": "text", "text": "hi"}]});
+        run_job(adapter, store, message, None, None).await
+    }
+
+    /// A run of `user_message`, with the caller's `bearer` token forwarded and the thread's
+    /// conversation on the backend (`backend_thread`) when given.
+    async fn run_job(
+        adapter: &PollAdapter,
+        store: &Arc<MemoryStore>,
+        user_message: Value,
+        bearer: Option<&str>,
+        backend_thread: Option<BackendThread>,
+    ) -> Outcome {
         let started = store
             .create_run(NewRun {
                 thread_id: None,
                 org_id: "org".into(),
                 user_id: "user".into(),
                 agent_id: json!(7),
-                user_message: json!({"id": user, "role": "user", "parts": [{"type": "text", "text": "hi"}]}),
+                user_message,
                 idempotency_key: None,
                 conversation: None,
             })
@@ -547,8 +644,8 @@ mod tests {
             run: started.run,
             agent_path: "7".into(),
             body: json!({}),
-            bearer: None,
-            backend_thread: None,
+            bearer: bearer.map(str::to_owned),
+            backend_thread,
         };
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let sink = RunSink {
@@ -851,5 +948,154 @@ mod tests {
         }
         let most = up.most_open.load(Ordering::SeqCst);
         assert!((1..=2).contains(&most), "{most} connections at once");
+    }
+
+    /// A snapshot of a thread holding `messages`, from a backend that renames message ids.
+    fn conversation(status: &str, messages: Value) -> String {
+        let body = json!({"threadId": "bt 1", "streamStatus": status, "messages": messages});
+        http(200, "content-type: application/json\r\n", &body.to_string())
+    }
+
+    fn said(id: &str, role: &str, text: &str) -> Value {
+        json!({"id": id, "role": role, "parts": [{"type": "text", "text": text}]})
+    }
+
+    fn texts(out: &Outcome) -> String {
+        out.events
+            .iter()
+            .filter(|e| e["type"] == "delta")
+            .map(|e| e["content"].as_str().unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_repeated_yes_never_takes_the_previous_turns_answer() {
+        // Turn 1: the user said "yes", the agent answered. Turn 2 (this run): "yes" again. The
+        // backend renames message ids, so only the text can find the run's message.
+        let turn1 = || {
+            vec![
+                said("srv-1", "user", "yes"),
+                said("srv-2", "assistant", "first answer"),
+            ]
+        };
+        let with = |answer: Option<&str>| {
+            let mut ms = turn1();
+            ms.push(said("srv-3", "user", "yes"));
+            if let Some(a) = answer {
+                ms.push(said("srv-4", "assistant", a));
+            }
+            Value::Array(ms)
+        };
+        let polls = || {
+            vec![
+                accepted(),
+                // The backend has not stored the new "yes" yet: the previous turn, completed.
+                conversation("completed", Value::Array(turn1())),
+                conversation("completed", Value::Array(turn1())),
+                conversation("in_progress", with(None)),
+                conversation("in_progress", with(Some("second"))),
+                conversation("completed", with(Some("second answer"))),
+            ]
+        };
+        let yes = said("u-mine", "user", "yes");
+        // Whether the conversation is read before the invoke, or (that read failing) counted
+        // at the first poll, the run takes its own answer and status, never turn 1's.
+        for before in [
+            conversation("completed", Value::Array(turn1())),
+            http(500, "", ""),
+        ] {
+            let mut script = vec![before];
+            script.extend(polls());
+            let up = scripted(script).await;
+            let thread = BackendThread {
+                upstream: up.url.to_string(),
+                id: "bt 1".into(),
+            };
+            let out = run_job(
+                &adapter(&up, settings()),
+                &store(),
+                yes.clone(),
+                None,
+                Some(thread),
+            )
+            .await;
+            assert!(
+                matches!(out.ending, Ending::Completed(_)),
+                "{:?}",
+                out.ending
+            );
+            assert_eq!(texts(&out), "second answer");
+            let reqs = up.requests.lock().unwrap().clone();
+            assert!(reqs[0].starts_with("GET /api/getConversation?threadId=bt%201 "));
+            assert!(reqs[1].starts_with("POST /api/invokeAgent "));
+            assert_eq!(reqs.len(), 7);
+        }
+        // A new backend conversation held nothing before: the text match needs no count.
+        let up = scripted(vec![
+            accepted(),
+            conversation("in_progress", json!([said("srv-1", "user", "yes")])),
+            conversation("completed", Value::Array(turn1())),
+        ])
+        .await;
+        let out = run_job(&adapter(&up, settings()), &store(), yes.clone(), None, None).await;
+        assert!(
+            matches!(out.ending, Ending::Completed(_)),
+            "{:?}",
+            out.ending
+        );
+        assert_eq!(texts(&out), "first answer");
+        assert!(up.requests.lock().unwrap()[0].starts_with("POST "));
+    }
+
+    #[tokio::test]
+    async fn the_callers_token_goes_with_the_invoke_only() {
+        let up = scripted(vec![
+            snapshot("completed", "earlier"),
+            accepted(),
+            snapshot("in_progress", "Hel"),
+            snapshot("completed", "Hello"),
+        ])
+        .await;
+        let thread = BackendThread {
+            upstream: up.url.to_string(),
+            id: "bt 1".into(),
+        };
+        let message =
+            json!({"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]});
+        let out = run_job(
+            &adapter(&up, settings()),
+            &store(),
+            message,
+            Some("tok-60s"),
+            Some(thread),
+        )
+        .await;
+        assert!(
+            matches!(out.ending, Ending::Completed(_)),
+            "{:?}",
+            out.ending
+        );
+        let reqs: Vec<String> = up
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.to_lowercase())
+            .collect();
+        let (invokes, polls): (Vec<_>, Vec<_>) = reqs.iter().partition(|r| r.starts_with("post "));
+        assert_eq!((invokes.len(), polls.len()), (1, 3));
+        assert!(
+            invokes[0].contains("\r\nauthorization: bearer tok-60s"),
+            "{}",
+            invokes[0]
+        );
+        for poll in polls {
+            assert!(poll.starts_with("get /api/getconversation?"), "{poll}");
+            assert!(!poll.contains("authorization"), "{poll}");
+            assert!(!poll.contains("tok-60s"), "{poll}");
+            assert!(
+                poll.contains("x-sluice-user-id: user") && poll.contains("x-sluice-run-id: run_")
+            );
+        }
     }
 }
