@@ -1,37 +1,11 @@
-//! Process lifecycle: graceful shutdown ends open streams cleanly; finished runs leave the
-//! store after their retention.
+//! Store lifecycle: finished runs leave the store after their retention, thread records after
+//! theirs. (Shutdown is in `endings.rs`.)
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::*;
-
-#[tokio::test]
-async fn sigterm_ends_open_streams_cleanly_and_the_process_exits() {
-    let mock = mock_agent();
-    let mut gw = gateway(&mock.addrs[0]);
-    let resp = gw.invoke("scenario:hang", None, false).await;
-    assert_eq!(resp.status(), 200);
-    let reader = tokio::spawn(async move { resp.text().await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let t0 = Instant::now();
-    gw.proc.terminate();
-    // The stream ends with a complete chunked body (a clean end the client can resume from),
-    // not a reset.
-    let body = tokio::time::timeout(Duration::from_secs(10), reader)
-        .await
-        .expect("stream ended")
-        .unwrap()
-        .expect("the body ended cleanly");
-    let (events, _) = parse_sse(&body);
-    assert!(events[0].data.contains("\"start\""), "{body}");
-    let exited = tokio::task::spawn_blocking(move || gw.proc.wait_exit(Duration::from_secs(15)))
-        .await
-        .unwrap();
-    assert!(exited, "gateway did not exit after SIGTERM");
-    assert!(t0.elapsed() < Duration::from_secs(15));
-}
 
 #[tokio::test]
 async fn finished_runs_are_evicted_after_their_retention_and_threads_after_theirs() {

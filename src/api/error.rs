@@ -38,6 +38,10 @@ pub enum ApiError {
     /// The store cannot take new runs now.
     #[error("the gateway is at capacity; retry later")]
     StoreFull(Duration),
+    /// The process is draining (SIGTERM): it takes no new requests, only finishes open ones.
+    /// The duration is the `Retry-After` hint.
+    #[error("the gateway is shutting down; retry on another instance or after a restart")]
+    ShuttingDown(Duration),
     /// Known path, wrong method.
     #[error("method not allowed; use {0}")]
     MethodNotAllowed(&'static str),
@@ -73,7 +77,7 @@ impl ApiError {
             ApiError::Auth(e) => e.status(),
             ApiError::AgentNotFound => 404,
             ApiError::AgentRefused(status, _) => *status,
-            ApiError::StoreFull(_) => 503,
+            ApiError::StoreFull(_) | ApiError::ShuttingDown(_) => 503,
         }
     }
 
@@ -88,6 +92,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::CursorExpired(_) => "cursor_expired",
             ApiError::StoreFull(_) => "store_full",
+            ApiError::ShuttingDown(_) => "shutting_down",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::NotFound => "not_found",
             ApiError::Internal(_) => "internal",
@@ -108,6 +113,13 @@ impl ApiError {
             ApiError::StoreFull(after) => reply
                 .headers
                 .push(("retry-after", after.as_secs().max(1).to_string())),
+            ApiError::ShuttingDown(after) => {
+                reply
+                    .headers
+                    .push(("retry-after", after.as_secs().max(1).to_string()));
+                // This connection will not be served again.
+                reply.close = true;
+            }
             ApiError::MethodNotAllowed(allow) => reply.headers.push(("allow", allow.to_string())),
             ApiError::PayloadTooLarge(_) => reply.close = true,
             ApiError::Auth(e) => {

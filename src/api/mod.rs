@@ -69,7 +69,11 @@ pub trait Exchange: Send {
     async fn closed(&mut self);
     /// Status of the answer sent, if any.
     fn status_sent(&self) -> Option<u16>;
-    /// Drop the connection without finishing the answer (simulates a failing server).
+    /// Bound every later write of this answer's body to `timeout` (a backstop against a
+    /// client that stops reading). No-op where there is nothing to bound.
+    fn set_write_timeout(&mut self, _timeout: std::time::Duration) {}
+    /// Drop the connection without finishing the answer: after a streamed header, the client
+    /// sees a cut (no end of body), never a clean end; before any answer, it gets none.
     fn abort(&mut self);
     /// Whether [`Exchange::abort`] was called.
     fn aborted(&self) -> bool;
@@ -86,8 +90,12 @@ pub struct Api {
     pub store: Arc<dyn Store>,
     /// Starts runs on the backend.
     pub ingest: Ingestor,
-    /// Ends streams when the process shuts down.
+    /// Becomes `true` when the process starts draining (SIGTERM): new requests are refused
+    /// with 503 and held long-polls answer at once, while open streams go on.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Becomes `true` just before the drain's grace period ends: streams still open are cut
+    /// (aborted), so that their clients resume elsewhere rather than see a truncated end.
+    pub cut: tokio::sync::watch::Receiver<bool>,
     /// Checks every request's credentials.
     pub auth: crate::auth::Authenticator,
 }
@@ -97,6 +105,15 @@ impl Api {
     pub async fn handle(&self, ex: &mut dyn Exchange) -> &'static str {
         let routed = route::route(ex.method(), ex.path());
         let label = routed.as_ref().map_or(route::UNMATCHED, |r| r.name());
+        // A draining process takes no new work; answers already under way go on. Retry once
+        // this instance is gone: after its grace period (another instance, or the restarted one).
+        if *self.shutdown.borrow() {
+            let retry_after = self.config.server.grace_period.0;
+            let _ = ex
+                .respond(ApiError::ShuttingDown(retry_after).reply())
+                .await;
+            return label;
+        }
         // Credentials first, on every request, before any route work.
         let identity = match self.auth.authenticate(ex.header("authorization")).await {
             Ok(id) => id,

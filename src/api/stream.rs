@@ -10,7 +10,8 @@
 //! ingestion or other readers, and hanging up never stops the run. At most one batch of events
 //! is buffered per connection; a reader stuck longer than `stream.stuck_reader_timeout` is cut
 //! so that it reconnects with its cursor. Quiet periods get keep-alive comments; every stream
-//! starts with a `retry:` hint; process shutdown ends the stream cleanly.
+//! starts with a `retry:` hint. Only the run's end ends a stream cleanly: a stuck reader, an
+//! eviction or store failure, or the end of the shutdown grace period aborts the connection.
 
 use bytes::Bytes;
 
@@ -22,7 +23,7 @@ use crate::render::agentflow::AgentFlowRenderer;
 use crate::render::ui::{Cursor, UiRenderer};
 use crate::render::DONE_FRAME;
 use crate::sse;
-use crate::store::{RunInfo, ThreadId};
+use crate::store::{RunInfo, StoreError, ThreadId};
 
 /// Events rendered per store read (and so, at most, buffered per connection).
 const READ_BATCH: usize = 256;
@@ -211,6 +212,12 @@ pub async fn resume(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<
 }
 
 /// Stream `run` to the client in `dialect` from after `cursor` (`seq: 0` = from the start).
+///
+/// Only the run's real end (its status is terminal and every event was sent) ends the stream
+/// cleanly: the dialect's end, then the end of the body. Every other end (the client hung up or
+/// stopped reading for `stream.stuck_reader_timeout`, the run was evicted or the store failed
+/// mid-stream, the drain's grace period ended) aborts the connection, so that the client sees a
+/// cut and resumes with its cursor, never a truncated answer that looks complete (DESIGN.md §6).
 pub async fn stream_run(
     api: &Api,
     ex: &mut dyn Exchange,
@@ -219,70 +226,115 @@ pub async fn stream_run(
     cursor: Cursor,
     extra_headers: Vec<(&'static str, String)>,
 ) -> Result<(), ApiError> {
+    let store = api.store.as_ref();
+    // Every event of the run goes through the renderer from its first: those the cursor covers
+    // only rebuild its state (a resuming UI-message client must not get a second `start`). The
+    // first batch is read before answering, so that a run evicted since it was located gets
+    // `410` rather than a `200` with nothing in it.
+    let first = match store
+        .read_after(&run.run_id, run.first_seq - 1, READ_BATCH)
+        .await
+    {
+        Ok(batch) => batch,
+        Err(StoreError::RunNotFound) => {
+            return Err(ApiError::CursorExpired(if cursor.seq > 0 {
+                format!("cursor `{cursor}`")
+            } else {
+                "this run".into()
+            }))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let cfg = &api.config.stream;
+    let stuck = cfg.stuck_reader_timeout.0;
+    // Each `send` below is bounded by `stuck` (then the stream is aborted). As a backstop for
+    // writes this function does not bound itself, Pingora bounds every body write of the session
+    // too: by the stuck-reader timeout plus a second, so that our own bound fires first and the
+    // stuck reader is counted. (Pingora's HTTP/1.1 `finish_body`, the terminator, is not under
+    // its write timeout: the clean end below bounds it itself, and an aborted answer gets no
+    // further write at all.)
+    ex.set_write_timeout(stuck.saturating_add(std::time::Duration::from_secs(1)));
     let mut headers = headers_for(dialect);
     headers.extend(extra_headers);
     if ex.start_stream(200, headers).await.is_err() {
+        ex.abort();
         return Ok(());
     }
     let _open = Gauged::new(&metrics::SSE_STREAMS_ACTIVE);
-    let store = api.store.as_ref();
-    let cfg = &api.config.stream;
-    let stuck = cfg.stuck_reader_timeout.0;
-    let mut shutdown = api.shutdown.clone();
+    let mut cut = api.cut.clone();
     let mut renderer = Renderer::new(dialect, run);
     let mut buf = Vec::with_capacity(16 * 1024);
     sse::encode_retry(&mut buf, cfg.retry_hint.0.as_millis() as u64);
 
-    // Every event of the run goes through the renderer from its first: those the cursor covers
-    // only rebuild its state (a resuming UI-message client must not get a second `start`).
-    let mut at = run.first_seq - 1;
-    loop {
-        let batch = match store.read_after(&run.run_id, at, READ_BATCH).await {
-            Ok(b) => b,
-            Err(e) => {
-                // The run was evicted under us: end the stream; the client may poll.
-                log::debug!("stream of {}: {e}", run.run_id);
-                break;
-            }
-        };
-        if let Some(last) = batch.events.last().map(|e| e.seq) {
-            for ev in &batch.events {
-                renderer.render_after(ev, cursor, &mut buf);
-            }
-            at = last;
-            if send(ex, &mut buf, stuck).await.is_err() {
-                return Ok(());
-            }
-            continue;
-        }
-        if batch.status.is_terminal() {
-            if let Some(frame) = renderer.end_frame() {
-                buf.extend_from_slice(frame);
-            }
-            let _ = send(ex, &mut buf, stuck).await;
-            break;
-        }
-        if send(ex, &mut buf, stuck).await.is_err() {
-            return Ok(());
-        }
-        tokio::select! {
-            waited = store.wait(&run.run_id, at, cfg.keepalive_interval.0) => match waited {
-                Ok((last, status)) if last == at && !status.is_terminal() => {
-                    sse::encode_comment(&mut buf, "keep-alive");
+    // `Ok` once the run's end was sent and the body ended; `Err(why)` for any other end.
+    let streamed = async {
+        let mut at = run.first_seq - 1;
+        let mut next = Some(first);
+        loop {
+            let batch = match next.take() {
+                Some(batch) => batch,
+                None => store
+                    .read_after(&run.run_id, at, READ_BATCH)
+                    .await
+                    .map_err(|e| format!("the store failed or evicted the run: {e}"))?,
+            };
+            if let Some(last) = batch.events.last().map(|e| e.seq) {
+                for ev in &batch.events {
+                    renderer.render_after(ev, cursor, &mut buf);
                 }
-                Ok(_) => {}
-                Err(_) => break,
-            },
-            _ = ex.closed() => return Ok(()),
-            _ = shutting_down(&mut shutdown) => break,
+                at = last;
+                send(ex, &mut buf, stuck)
+                    .await
+                    .map_err(|Gone| "the client is gone or stuck")?;
+                continue;
+            }
+            if batch.status.is_terminal() {
+                // The run's log ended and all of it was sent: the one clean end.
+                if let Some(frame) = renderer.end_frame() {
+                    buf.extend_from_slice(frame);
+                }
+                send(ex, &mut buf, stuck)
+                    .await
+                    .map_err(|Gone| "the client is gone or stuck")?;
+                return match tokio::time::timeout(stuck, ex.end_stream()).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(Gone)) => Err("the client is gone".to_string()),
+                    Err(_) => {
+                        metrics::STUCK_READERS.inc();
+                        Err("the client is stuck before the end of the body".to_string())
+                    }
+                };
+            }
+            send(ex, &mut buf, stuck)
+                .await
+                .map_err(|Gone| "the client is gone or stuck")?;
+            tokio::select! {
+                waited = store.wait(&run.run_id, at, cfg.keepalive_interval.0) => match waited {
+                    Ok((last, status)) if last == at && !status.is_terminal() => {
+                        sse::encode_comment(&mut buf, "keep-alive");
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("the store failed or evicted the run: {e}")),
+                },
+                _ = ex.closed() => return Err("the client hung up".to_string()),
+            }
         }
+    };
+    // The drain's grace period ending cuts the stream wherever it is, even mid-chunk: the abort
+    // below then closes the connection without ending the body.
+    let ended = tokio::select! {
+        ended = streamed => ended,
+        _ = shutting_down(&mut cut) => Err("the process is shutting down".to_string()),
+    };
+    if let Err(why) = ended {
+        log::debug!("stream of {} aborted: {why}", run.run_id);
+        ex.abort();
     }
-    let _ = ex.end_stream().await;
     Ok(())
 }
 
 /// Send what `buf` holds (if anything) and clear it. A client that cannot take it within
-/// `stuck` is treated as gone.
+/// `stuck` is treated as gone (and counted as a stuck reader).
 async fn send(
     ex: &mut dyn Exchange,
     buf: &mut Vec<u8>,

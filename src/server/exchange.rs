@@ -5,6 +5,11 @@
 //! Streams are sent with `transfer-encoding: chunked` on HTTP/1.1 (Pingora would otherwise fall
 //! back to a close-delimited body) and client hang-ups are noticed through
 //! `read_body_or_idle(true)` even while nothing is being written.
+//!
+//! An aborted answer ([`Exchange::abort`]) makes `request_filter` return an error: Pingora then
+//! drops the connection without writing the chunked terminator (or anything else), so the client
+//! sees a cut. [`Local`] keeps that deliberate error out of the error log and out of Pingora's
+//! error response.
 
 use std::time::Instant;
 
@@ -12,7 +17,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::api::{ApiError, Exchange, Gone, Reply};
 use crate::metrics;
@@ -146,6 +151,11 @@ impl Exchange for PingoraExchange<'_> {
             .map_err(|_| Gone)
     }
 
+    fn set_write_timeout(&mut self, timeout: std::time::Duration) {
+        // Pingora bounds each body write with it (HTTP/1.1 `write_body`, HTTP/2 `write_body`).
+        self.session.set_write_timeout(Some(timeout));
+    }
+
     async fn closed(&mut self) {
         match self
             .session
@@ -188,6 +198,8 @@ pub trait LocalApp: Send + Sync + 'static {
 pub struct LocalCtx {
     route: &'static str,
     started: Instant,
+    /// The app aborted its answer: the error `request_filter` returns is deliberate.
+    aborted: bool,
 }
 
 /// A `ProxyHttp` that answers everything through a [`LocalApp`] and never proxies.
@@ -201,6 +213,7 @@ impl<A: LocalApp> ProxyHttp for Local<A> {
         LocalCtx {
             route: crate::api::route::UNMATCHED,
             started: Instant::now(),
+            aborted: false,
         }
     }
 
@@ -214,6 +227,7 @@ impl<A: LocalApp> ProxyHttp for Local<A> {
         if ex.aborted() {
             // An error after the header was sent makes Pingora close the connection without
             // finishing the body: what a crashing server looks like to its client.
+            ctx.aborted = true;
             return Error::e_explain(ErrorType::ConnectionClosed, "response aborted");
         }
         if ex.status_sent().is_none() {
@@ -223,6 +237,52 @@ impl<A: LocalApp> ProxyHttp for Local<A> {
                 .await;
         }
         Ok(true)
+    }
+
+    /// An aborted answer gets nothing more: no error response (none after a streamed header,
+    /// and none before it either: the client sees a dropped connection), no reuse.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut LocalCtx,
+    ) -> FailToProxy
+    where
+        LocalCtx: Send + Sync,
+    {
+        if ctx.aborted {
+            session.set_keepalive(None);
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
+        // Otherwise what Pingora's default does.
+        let code = match (e.etype(), e.esource()) {
+            (ErrorType::HTTPStatus(code), _) => *code,
+            (_, ErrorSource::Upstream) => 502,
+            (
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+                ErrorSource::Downstream,
+            ) => 0,
+            (_, ErrorSource::Downstream) => 400,
+            (_, ErrorSource::Internal | ErrorSource::Unset) => 500,
+        };
+        if code > 0 {
+            if let Err(e) = session.respond_error(code).await {
+                log::error!("failed to send error response to downstream: {e}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// A deliberate abort is routine (shutdown, stuck reader, eviction): logged by the app at
+    /// debug level, not by Pingora as an error.
+    fn suppress_error_log(&self, _session: &Session, ctx: &LocalCtx, _error: &Error) -> bool {
+        ctx.aborted
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut LocalCtx) {

@@ -95,12 +95,14 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
     }));
     let adapter = Arc::new(Routes::from_config(&config));
     let ingest = Ingestor::new(store.clone(), adapter, config.upstream.run_timeout.0);
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (draining_tx, draining_rx) = watch::channel(false);
+    let (cut_tx, cut_rx) = watch::channel(false);
     let api = Arc::new(Api {
         config: config.clone(),
         store: store.clone(),
         ingest,
-        shutdown: shutdown_rx.clone(),
+        shutdown: draining_rx.clone(),
+        cut: cut_rx,
         auth: crate::auth::Authenticator::from_config(&config.auth),
     });
 
@@ -116,7 +118,7 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
         "sluice admin".to_string(),
         pingora::apps::http_app::HttpServer::new_app(admin::AdminApp {
             store: store.clone(),
-            shutdown: shutdown_rx,
+            shutdown: draining_rx,
             max_total_bytes: config.limits.max_total_bytes,
         }),
     );
@@ -127,7 +129,9 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
         "sluice housekeeping",
         Housekeeping {
             store,
-            shutdown: shutdown_tx,
+            draining: draining_tx,
+            cut: cut_tx,
+            cut_after: cut_after(config.server.grace_period.0),
             sweep_every: config
                 .store
                 .retention
@@ -141,10 +145,25 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
     })
 }
 
-/// Sweeps expired runs and tells streams when the process is shutting down.
+/// How long after the drain starts open streams are cut: just before Pingora's grace period
+/// (`grace_period_seconds`, whole seconds) ends and it drops the services' runtimes, which would
+/// drop the streams' tasks mid-write. The margin leaves time to abort them in order.
+pub fn cut_after(grace_period: Duration) -> Duration {
+    const MARGIN: Duration = Duration::from_millis(250);
+    Duration::from_secs(grace_period.as_secs()).saturating_sub(MARGIN)
+}
+
+/// Sweeps expired runs and tells the API when the process drains and when its streams are cut.
+///
+/// Pingora fires the services' `ShutdownWatch` at SIGTERM, at the *start* of its grace period,
+/// then sleeps `grace_period_seconds`, then shuts the runtimes down. So at SIGTERM `draining`
+/// becomes true (new requests get 503, held long-polls answer, open streams go on until their
+/// run ends) and `cut_after` later `cut` does (streams still open are aborted).
 struct Housekeeping {
     store: Arc<dyn Store>,
-    shutdown: watch::Sender<bool>,
+    draining: watch::Sender<bool>,
+    cut: watch::Sender<bool>,
+    cut_after: Duration,
     sweep_every: Duration,
 }
 
@@ -159,8 +178,15 @@ impl BackgroundService for Housekeeping {
                     metrics::STORE_EVICTIONS.inc_by(n as u64);
                 }
                 _ = shutdown.changed() => {
-                    log::info!("shutting down: ending open streams");
-                    self.shutdown.send_replace(true);
+                    log::info!(
+                        "draining: new requests are refused; open streams are cut in {:?} \
+                         unless their runs end first",
+                        self.cut_after
+                    );
+                    self.draining.send_replace(true);
+                    tokio::time::sleep(self.cut_after).await;
+                    log::info!("grace period ending: cutting open streams");
+                    self.cut.send_replace(true);
                     return;
                 }
             }
