@@ -160,7 +160,9 @@ pub async fn resume(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<
                         spans[i].first_seq, spans[i].last_seq
                     )));
                 }
-                Some(c) if c.chunk.is_none() && c.seq == spans[i].last_seq && !spans[i].in_progress => {
+                Some(c)
+                    if c.chunk.is_none() && c.seq == spans[i].last_seq && !spans[i].in_progress =>
+                {
                     Located::NothingLeft
                 }
                 None if !spans[i].in_progress => Located::NothingLeft,
