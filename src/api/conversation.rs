@@ -63,8 +63,10 @@ pub async fn get_conversation(
         if (after.is_some() || live) && after.unwrap_or(last) >= last {
             let _waiting = metrics::Gauged::new(&metrics::LONG_POLLS_WAITING);
             let mut shutdown = api.shutdown.clone();
+            let seen = thread.latest_run();
+            let after = after.unwrap_or(last);
             tokio::select! {
-                _ = api.store.wait_thread(&who.org_id, &thread_id, after.unwrap_or(last), wait) => {}
+                _ = api.store.wait_thread(&who.org_id, &thread_id, &seen, after, wait) => {}
                 _ = ex.closed() => return Ok(()),
                 // A draining process answers held polls with what it has.
                 _ = super::stream::shutting_down(&mut shutdown) => {}

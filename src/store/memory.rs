@@ -22,8 +22,8 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 
 use super::{
-    BackendThread, NewRun, ReadBatch, RunId, RunInfo, RunLimit, RunOutcome, RunStatus, Started,
-    Store, StoreError, ThreadId, ThreadInfo,
+    BackendThread, LatestRun, NewRun, ReadBatch, RunId, RunInfo, RunLimit, RunOutcome, RunStatus,
+    Started, Store, StoreError, ThreadId, ThreadInfo,
 };
 use crate::event::{Event, NewEvent};
 
@@ -366,11 +366,7 @@ impl MemoryStore {
     }
 
     /// (last seq, latest run, its status) of a thread of `org_id`.
-    fn position(
-        &self,
-        org_id: &str,
-        thread: &ThreadId,
-    ) -> Result<(u64, Option<(RunId, RunStatus)>), StoreError> {
+    fn position(&self, org_id: &str, thread: &ThreadId) -> Result<(u64, LatestRun), StoreError> {
         let t = match self.threads.get(thread) {
             Some(t) if t.org_id == org_id => t,
             _ => return Err(StoreError::ThreadNotFound),
@@ -565,6 +561,7 @@ impl Store for MemoryStore {
         &self,
         org_id: &str,
         thread: &ThreadId,
+        seen: &LatestRun,
         after: u64,
         timeout: Duration,
     ) -> Result<(), StoreError> {
@@ -573,11 +570,11 @@ impl Store for MemoryStore {
             Some(t) if t.org_id == org_id => t.changed.subscribe(),
             _ => return Err(StoreError::ThreadNotFound),
         };
-        // Subscribed before reading, so no change between the read and the wait is missed.
-        let (_, start) = self.position(org_id, thread)?;
         loop {
+            // Subscribed before reading, so no change between the read and the wait is missed;
+            // and compared with what the caller saw, so no change before the call either.
             let (last, latest) = self.position(org_id, thread)?;
-            if last > after || latest != start {
+            if last > after || latest != *seen {
                 return Ok(());
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
@@ -1246,15 +1243,20 @@ mod tests {
             .unwrap();
         let long = Duration::from_secs(10);
         // Something after the cursor: at once.
-        tokio::time::timeout(Duration::from_secs(1), s.wait_thread("o", &t, 1, long))
-            .await
-            .unwrap()
-            .unwrap();
+        let seen = s.thread("o", &t).await.unwrap().latest_run();
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            s.wait_thread("o", &t, &seen, 1, long),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         // At the end of a finished thread: until the next run starts.
-        let (s2, t2) = (s.clone(), t.clone());
-        let waiter = tokio::spawn(async move { s2.wait_thread("o", &t2, 2, long).await });
+        let (s2, t2, seen2) = (s.clone(), t.clone(), seen.clone());
+        let waiter = tokio::spawn(async move { s2.wait_thread("o", &t2, &seen2, 2, long).await });
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(!waiter.is_finished());
+        // A change the caller has not seen, even one made before the call, wakes at once.
         let r2 = s
             .create_run(new_run(Some(t.clone()), "o"))
             .await
@@ -1265,9 +1267,17 @@ mod tests {
             .unwrap()
             .unwrap()
             .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            s.wait_thread("o", &t, &seen, 2, long),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         // On a live run with nothing new: until its end.
+        let seen = s.thread("o", &t).await.unwrap().latest_run();
         let (s2, t2) = (s.clone(), t.clone());
-        let waiter = tokio::spawn(async move { s2.wait_thread("o", &t2, 2, long).await });
+        let waiter = tokio::spawn(async move { s2.wait_thread("o", &t2, &seen, 2, long).await });
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(!waiter.is_finished());
         s.finish(&r2.run_id, RunStatus::Stopped, None, None)
@@ -1279,7 +1289,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(
-            s.wait_thread("p", &t, 0, long).await,
+            s.wait_thread("p", &t, &None, 0, long).await,
             Err(StoreError::ThreadNotFound)
         );
     }

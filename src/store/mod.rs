@@ -227,7 +227,15 @@ pub struct ThreadInfo {
     pub latest_evicted: Option<RunOutcome>,
 }
 
+/// A thread's latest retained run and its status, as a waiter saw it (`None`: no run retained).
+pub type LatestRun = Option<(RunId, RunStatus)>;
+
 impl ThreadInfo {
+    /// The latest retained run and its status.
+    pub fn latest_run(&self) -> LatestRun {
+        self.latest().map(|r| (r.run_id.clone(), r.status))
+    }
+
     /// The latest retained run.
     pub fn latest(&self) -> Option<&RunInfo> {
         self.runs.last()
@@ -327,12 +335,14 @@ pub trait Store: Send + Sync + 'static {
     /// another organisation's thread is [`StoreError::ThreadNotFound`].
     async fn thread(&self, org_id: &str, thread: &ThreadId) -> Result<ThreadInfo, StoreError>;
 
-    /// Wait until the thread has an event after `after`, or its latest run changes (a new run
-    /// starts, or the latest ends), or `timeout` passes. Holds no thread while waiting.
+    /// Wait until the thread has an event after `after`, or its latest run is no longer what
+    /// the caller saw in `seen` (a new run started, or the latest ended), or `timeout` passes.
+    /// Holds no thread while waiting.
     async fn wait_thread(
         &self,
         org_id: &str,
         thread: &ThreadId,
+        seen: &LatestRun,
         after: u64,
         timeout: Duration,
     ) -> Result<(), StoreError>;
