@@ -46,6 +46,10 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let mut in_use = IN_USE.lock().unwrap_or_else(|p| p.into_inner());
+        for a in &self.addrs {
+            in_use.remove(a);
+        }
     }
 }
 
@@ -77,8 +81,44 @@ fn uuid_like() -> String {
     )
 }
 
+/// Addresses announced by this test binary's live processes. A process picks its ports by
+/// probing (bind to port 0, close, announce, bind again later), so two processes started at the
+/// same moment can announce the same port and only one of them gets it: the other's requests
+/// would silently reach the wrong process. A process that announces an address already in use
+/// here is restarted.
+static IN_USE: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
 /// Start `sluice ARGS…` and wait for `want` announced addresses.
 pub fn spawn(args: &[&str], want: usize, dir: Option<TempDir>) -> Proc {
+    for _ in 0..5 {
+        let (mut child, addrs, lines) = spawn_once(args, want);
+        {
+            let mut in_use = IN_USE.lock().unwrap_or_else(|p| p.into_inner());
+            if addrs.iter().all(|a| !in_use.contains(a)) {
+                in_use.extend(addrs.iter().cloned());
+                drop(in_use);
+                let proc = Proc {
+                    child,
+                    addrs,
+                    stdout: lines,
+                    _dir: dir,
+                };
+                for a in &proc.addrs {
+                    wait_listening(a);
+                }
+                return proc;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("sluice {args:?} kept announcing ports already in use");
+}
+
+type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+fn spawn_once(args: &[&str], want: usize) -> (Child, Vec<String>, Lines) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)
         .env(
@@ -113,16 +153,7 @@ pub fn spawn(args: &[&str], want: usize, dir: Option<TempDir>) -> Proc {
             Err(_) => panic!("sluice {args:?} did not announce its addresses"),
         }
     }
-    let proc = Proc {
-        child,
-        addrs,
-        stdout: lines,
-        _dir: dir,
-    };
-    for a in &proc.addrs {
-        wait_listening(a);
-    }
-    proc
+    (child, addrs, lines)
 }
 
 fn wait_listening(addr: &str) {
