@@ -26,12 +26,29 @@ use exchange::{Local, LocalApp};
 
 /// Resolve `host:0` to a concrete free port so it can be announced (Pingora binds by address
 /// string and does not report the port it got).
+///
+/// The port is probed (bound, then released for Pingora to bind), so another process probing at
+/// the same moment could be handed the same one. To make that unlikely the probe picks random
+/// ports below the kernel's ephemeral range (which outgoing connections also draw from), and
+/// falls back to the kernel's choice.
 pub fn resolve_listen(addr: &str) -> std::io::Result<SocketAddr> {
+    use std::hash::{BuildHasher, Hasher};
     let parsed: SocketAddr = addr
         .parse()
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, addr.to_string()))?;
     if parsed.port() != 0 {
         return Ok(parsed);
+    }
+    const RANGE: std::ops::Range<u16> = 20_000..32_000;
+    for _ in 0..64 {
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let port = RANGE.start + (random % u64::from(RANGE.end - RANGE.start)) as u16;
+        let candidate = SocketAddr::new(parsed.ip(), port);
+        if TcpListener::bind(candidate).is_ok() {
+            return Ok(candidate);
+        }
     }
     let probe = TcpListener::bind(parsed)?;
     probe.local_addr()
