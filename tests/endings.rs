@@ -178,22 +178,8 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// A gateway in front of `upstream` (auth disabled) with `server_extra` in `[server]` and
 /// `extra` (whole sections) appended.
-fn gateway_conf(upstream: &str, server_extra: &str, extra: &str) -> Gateway {
-    let dir = TempDir::new();
-    let path = dir.0.join("sluice.toml");
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server_extra}\n\
-         [upstream]\nurls = [\"http://{upstream}\"]\n\
-         [auth]\nmode = \"disabled\"\n{extra}\n"
-    );
-    std::fs::write(&path, text).unwrap();
-    let proc = spawn(&["serve", "--config", path.to_str().unwrap()], 2, Some(dir));
-    Gateway {
-        base: format!("http://{}", proc.addrs[0]),
-        admin: format!("http://{}", proc.addrs[1]),
-        proc,
-        http: client(),
-    }
+fn gateway_server(upstream: &str, server_extra: &str, extra: &str) -> Gateway {
+    gateway_conf(upstream, server_extra, "", "mode = \"disabled\"\n", extra)
 }
 
 fn addr_of(gw: &Gateway) -> String {
@@ -249,7 +235,7 @@ async fn sigterm_cuts_open_streams_at_the_end_of_the_grace_period_and_refuses_ne
     let mock = mock_agent();
     // grace_period 3s: streams are cut 2.75 s after SIGTERM; the process is gone 3 s after it
     // (plus graceful_shutdown_timeout at most).
-    let mut gw = gateway_conf(
+    let mut gw = gateway_server(
         &mock.addrs[0],
         "grace_period = \"3s\"\ngraceful_shutdown_timeout = \"2s\"\n",
         "[stream]\nkeepalive_interval = \"200ms\"\n",
@@ -380,7 +366,7 @@ async fn sigterm_cuts_open_streams_at_the_end_of_the_grace_period_and_refuses_ne
 #[tokio::test]
 async fn a_stuck_reader_is_cut_without_a_clean_end_and_the_connection_closed() {
     let mock = mock_agent();
-    let gw = gateway_conf(
+    let gw = gateway_server(
         &mock.addrs[0],
         "",
         "[stream]\nstuck_reader_timeout = \"1s\"\n",
@@ -418,7 +404,7 @@ async fn a_stuck_reader_is_cut_without_a_clean_end_and_the_connection_closed() {
 async fn a_run_evicted_while_it_is_replayed_cuts_the_stream() {
     let mock = mock_agent();
     // The reader pauses well within the stuck timeout; the run's retention ends meanwhile.
-    let gw = gateway_conf(
+    let gw = gateway_server(
         &mock.addrs[0],
         "",
         "[store]\nretention = \"300ms\"\n[stream]\nstuck_reader_timeout = \"30s\"\n",

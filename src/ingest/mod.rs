@@ -329,25 +329,20 @@ impl Ingestor {
             _ = cancel.notified() => Ending::Closed,
         };
         self.running.remove(run);
-        let closed = match &ending {
+        let closed = match ending {
             Ending::Completed(event) => {
                 self.store
-                    .finish(run, RunStatus::Completed, None, Some(event.clone()))
+                    .finish(run, RunStatus::Completed, None, Some(event))
                     .await
             }
             Ending::AgentError(text, event) => {
                 self.store
-                    .finish(
-                        run,
-                        RunStatus::Error,
-                        Some(text.clone()),
-                        Some(event.clone()),
-                    )
+                    .finish(run, RunStatus::Error, Some(text), Some(event))
                     .await
             }
             Ending::Backend(status, message) => {
-                let status = if status.is_terminal() && *status != RunStatus::Completed {
-                    *status
+                let status = if status.is_terminal() && status != RunStatus::Completed {
+                    status
                 } else {
                     RunStatus::Error
                 };
@@ -355,14 +350,9 @@ impl Ingestor {
                     "run {run} ended {} by the backend: {message}",
                     status.as_str()
                 );
-                let closing = crate::agentflow::synthetic_error(status.as_str(), message);
+                let closing = crate::agentflow::synthetic_error(status.as_str(), &message);
                 self.store
-                    .finish(
-                        run,
-                        status,
-                        Some(message.clone()),
-                        Some(NewEvent::new(closing)),
-                    )
+                    .finish(run, status, Some(message), Some(NewEvent::new(closing)))
                     .await
             }
             Ending::Failed(f) => {

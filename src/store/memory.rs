@@ -201,15 +201,26 @@ impl MemoryStore {
         let Some((_, cell)) = self.runs.remove(run) else {
             return;
         };
-        let info = lock(&cell.state).info.clone();
-        if let Some(key) = &info.idempotency_key {
-            self.keys
-                .remove_if(&(info.org_id.clone(), key.clone()), |_, r| r == run);
+        // What eviction needs of the run (not its user message).
+        let (outcome, thread_id, key, last_seq, bytes) = {
+            let st = lock(&cell.state);
+            let i = &st.info;
+            let outcome = RunOutcome {
+                run_id: i.run_id.clone(),
+                status: i.status,
+                error: i.error.clone(),
+                updated_at: i.updated_at,
+            };
+            let key = i.idempotency_key.clone().map(|k| (i.org_id.clone(), k));
+            (outcome, i.thread_id.clone(), key, i.last_seq, i.bytes)
+        };
+        if let Some(key) = key {
+            self.keys.remove_if(&key, |_, r| r == run);
         }
-        self.total_bytes.fetch_sub(info.bytes, Ordering::AcqRel);
+        self.total_bytes.fetch_sub(bytes, Ordering::AcqRel);
         // Only finished runs are evicted.
-        self.finished_bytes.fetch_sub(info.bytes, Ordering::AcqRel);
-        let emptied = match self.threads.get_mut(&info.thread_id) {
+        self.finished_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let emptied = match self.threads.get_mut(&thread_id) {
             Some(mut t) => {
                 t.runs.retain(|r| r != run);
                 if t.evicted.len() == EVICTED_REMEMBERED {
@@ -219,13 +230,8 @@ impl MemoryStore {
                 t.evicted_runs += 1;
                 // A thread's runs finish, and so are evicted, in order: the evicted ones are
                 // always a prefix of the thread.
-                t.evicted_through = t.evicted_through.max(info.last_seq);
-                t.latest_evicted = Some(RunOutcome {
-                    run_id: info.run_id.clone(),
-                    status: info.status,
-                    error: info.error.clone(),
-                    updated_at: info.updated_at,
-                });
+                t.evicted_through = t.evicted_through.max(last_seq);
+                t.latest_evicted = Some(outcome);
                 let bytes = t.charge();
                 self.recharge(&mut t.bytes, bytes);
                 if t.runs.is_empty() {
@@ -238,7 +244,7 @@ impl MemoryStore {
         // Wake waiters so they notice the run is gone.
         cell.bump();
         if emptied {
-            lock(&self.emptied).push_back((Instant::now(), info.thread_id));
+            lock(&self.emptied).push_back((Instant::now(), thread_id));
         }
     }
 

@@ -264,10 +264,22 @@ pub fn gateway_with(upstream: &str, upstream_extra: &str, extra: &str) -> Gatewa
 
 /// A gateway whose `[auth]` section is `auth`.
 pub fn gateway_auth(upstream: &str, auth: &str, upstream_extra: &str, extra: &str) -> Gateway {
+    gateway_conf(upstream, "", upstream_extra, auth, extra)
+}
+
+/// A gateway with keys added to `[server]`, `[upstream]` and `[auth]`, and `extra` (whole
+/// sections) appended.
+pub fn gateway_conf(
+    upstream: &str,
+    server_extra: &str,
+    upstream_extra: &str,
+    auth: &str,
+    extra: &str,
+) -> Gateway {
     let dir = TempDir::new();
     let path = dir.0.join("sluice.toml");
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server_extra}\n\
          [upstream]\nurls = [\"http://{upstream}\"]\n{upstream_extra}\n\
          [auth]\n{auth}\n{extra}\n"
     );
