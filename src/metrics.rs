@@ -88,6 +88,36 @@ pub static STORE_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
         .expect("metric registers once")
 });
 
+/// `sluice_events_rendered_total`: events rendered into shared UI-message frames (once per
+/// event per instance, however many clients read it).
+pub static EVENTS_RENDERED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_events_rendered_total",
+        "Events rendered into shared UI-message frames."
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_events_folded_total`: events folded into kept snapshot messages (once per event per
+/// instance, however often the run is polled).
+pub static EVENTS_FOLDED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_events_folded_total",
+        "Events folded into kept snapshot messages."
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_view_bytes`: bytes held by runs' shared frames and kept folds (as of the last
+/// housekeeping pass).
+pub static VIEW_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "sluice_view_bytes",
+        "Bytes held by rendered frames and kept folds of runs being read."
+    )
+    .expect("metric registers once")
+});
+
 /// `sluice_store_evictions_total`: finished runs evicted (retention or memory pressure).
 pub static STORE_EVICTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
@@ -215,6 +245,9 @@ pub fn init(labels: &LabelSets<'_>) {
     LazyLock::force(&EVENT_BYTES_INGESTED);
     LazyLock::force(&STORE_BYTES);
     LazyLock::force(&STORE_EVICTIONS);
+    LazyLock::force(&VIEW_BYTES);
+    LazyLock::force(&EVENTS_RENDERED);
+    LazyLock::force(&EVENTS_FOLDED);
     LazyLock::force(&LONG_POLLS_WAITING);
     LazyLock::force(&RUNS_STOPPED);
     LazyLock::force(&IDEMPOTENT_REATTACHES);

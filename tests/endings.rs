@@ -533,6 +533,7 @@ async fn a_draining_api_answers_new_requests_503_shutting_down() {
         shutdown: draining,
         cut,
         auth: sluice::auth::Authenticator::from_config(&config.auth),
+        views: Default::default(),
     };
     let ask = || Fake {
         method: "GET",

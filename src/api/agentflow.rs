@@ -22,7 +22,6 @@ use crate::config::ConversationIds;
 use crate::ingest::agentflow::path_segment;
 use crate::ingest::RunJob;
 use crate::metrics;
-use crate::render::fold::fold;
 use crate::render::ui::Cursor;
 use crate::store::{NewRun, RunInfo};
 
@@ -208,8 +207,8 @@ async fn final_result(
         }
         info = api.store.run(&run.run_id).await?;
     }
-    let events = super::conversation::read_events(api.store.as_ref(), &info).await?;
-    let message = fold(&info.assistant_message_id, &events);
+    let folded = api.views.of(&info).folded(api.store.as_ref()).await?;
+    let message: serde_json::Value = serde_json::from_slice(&folded.json).unwrap_or_default();
     let text: String = message["parts"]
         .as_array()
         .map(|parts| {

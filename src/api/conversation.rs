@@ -16,13 +16,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::{query_param, Api, ApiError, Exchange, Identity, Reply};
-use crate::event::Event;
-use crate::metrics;
-use crate::render::fold::fold;
-use crate::store::{RunInfo, Store, ThreadId, ThreadInfo};
+use bytes::Bytes;
 
-/// Events read per store round trip.
-const READ_BATCH: usize = 1024;
+use super::views::LogState;
+use crate::metrics;
+use crate::store::{RunInfo, ThreadId, ThreadInfo};
 
 /// Handle `GET /api/getConversation`.
 pub async fn get_conversation(
@@ -74,60 +72,93 @@ pub async fn get_conversation(
             thread = api.store.thread(&who.org_id, &thread_id).await?;
         }
     }
-    let body = snapshot(api.store.as_ref(), &thread).await?;
-    let _ = ex.respond(Reply::json(200, &body)).await;
+    let body = snapshot(api, &thread).await?;
+    let _ = ex.respond(Reply::json_bytes(200, body)).await;
     Ok(())
 }
 
-/// Read a run's events (`first_seq..=last_seq`).
-pub async fn read_events(store: &dyn Store, run: &RunInfo) -> Result<Vec<Event>, ApiError> {
-    let mut events = Vec::with_capacity(run.events().min(65_536) as usize);
-    let mut cursor = run.first_seq - 1;
-    while cursor < run.last_seq {
-        let want = ((run.last_seq - cursor) as usize).min(READ_BATCH);
-        let batch = store.read_after(&run.run_id, cursor, want).await?;
-        let Some(end) = batch.events.last().map(|e| e.seq) else {
-            return Err(ApiError::ThreadNotFound);
-        };
-        events.extend(batch.events);
-        cursor = end;
-    }
-    Ok(events)
-}
-
-/// Build the snapshot JSON of a thread: its retained runs' messages, and how many earlier runs
-/// were evicted (`evictedRuns`, which held events `1..=evictedThroughSeq`).
-pub async fn snapshot(store: &dyn Store, thread: &ThreadInfo) -> Result<Value, ApiError> {
-    let mut messages = Vec::with_capacity(thread.runs.len() * 2);
+/// The snapshot body of a thread: its retained runs' messages (each run's user message and the
+/// kept fold of its log), and how many earlier runs were evicted (`evictedRuns`, which held
+/// events `1..=evictedThroughSeq`). `lastSeq` and `streamStatus` are those the latest run's
+/// fold is at, so the messages are exactly the fold of events `1..=lastSeq`.
+///
+/// Written directly as JSON: the messages are the views' serialised bytes, copied, never
+/// re-folded or re-parsed.
+pub async fn snapshot(api: &Api, thread: &ThreadInfo) -> Result<Vec<u8>, ApiError> {
+    let store = api.store.as_ref();
+    let mut messages: Vec<Bytes> = Vec::with_capacity(thread.runs.len() * 2);
+    let mut latest: Option<(RunInfo, LogState)> = None;
     for run in &thread.runs {
-        messages.push(run.user_message.clone());
-        if run.last_seq >= run.first_seq {
-            let events = read_events(store, run).await?;
-            messages.push(fold(&run.assistant_message_id, &events));
+        let view = api.views.of(run);
+        messages.push(view.user_json());
+        let folded = view.folded(store).await?;
+        if folded.at.last_seq >= run.first_seq {
+            messages.push(folded.json);
         }
+        latest = Some((run.clone(), folded.at));
     }
-    let (run_id, status, error, updated_at) = match (thread.latest(), &thread.latest_evicted) {
-        (Some(r), _) => (&r.run_id, r.status, &r.error, r.updated_at),
-        (None, Some(o)) => (&o.run_id, o.status, &o.error, o.updated_at),
+    let (run_id, status, error, updated_at, last_seq) = match (latest, &thread.latest_evicted) {
+        (Some((mut run, at)), _) => {
+            if at.status != run.status {
+                // The run ended after the thread was read: its error and end time too.
+                run = store.run(&run.run_id).await?;
+            }
+            (
+                run.run_id,
+                at.status,
+                run.error,
+                run.updated_at,
+                at.last_seq,
+            )
+        }
+        (None, Some(o)) => (
+            o.run_id.clone(),
+            o.status,
+            o.error.clone(),
+            o.updated_at,
+            thread.last_seq(),
+        ),
         (None, None) => return Err(ApiError::ThreadNotFound),
     };
-    let mut body = json!({
-        "threadId": thread.thread_id.0,
-        "runId": run_id.0,
-        "agentId": thread.agent_id,
-        "organizationId": thread.org_id,
-        "streamStatus": status.as_str(),
-        "messages": messages,
-        "lastSeq": thread.last_seq(),
-        "evictedRuns": thread.evicted_runs,
-        "evictedThroughSeq": thread.evicted_through,
-        "createdAt": timestamp(thread.created_at),
-        "updatedAt": timestamp(updated_at),
-    });
-    if let Some(error) = error {
-        body["errorText"] = json!(error);
+    let size: usize = messages.iter().map(|m| m.len() + 1).sum();
+    let mut out = Vec::with_capacity(size + 512);
+    let field = |out: &mut Vec<u8>, key: &str, value: &Value| {
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        // Writing a `Value` into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut *out, value);
+        out.push(b',');
+    };
+    out.push(b'{');
+    field(&mut out, "threadId", &json!(thread.thread_id.0));
+    field(&mut out, "runId", &json!(run_id.0));
+    field(&mut out, "agentId", &thread.agent_id);
+    field(&mut out, "organizationId", &json!(thread.org_id));
+    field(&mut out, "streamStatus", &json!(status.as_str()));
+    out.extend_from_slice(b"\"messages\":[");
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(m);
     }
-    Ok(body)
+    out.extend_from_slice(b"],");
+    field(&mut out, "lastSeq", &json!(last_seq));
+    field(&mut out, "evictedRuns", &json!(thread.evicted_runs));
+    field(
+        &mut out,
+        "evictedThroughSeq",
+        &json!(thread.evicted_through),
+    );
+    field(&mut out, "createdAt", &json!(timestamp(thread.created_at)));
+    field(&mut out, "updatedAt", &json!(timestamp(updated_at)));
+    if let Some(error) = error {
+        field(&mut out, "errorText", &json!(error));
+    }
+    out.pop();
+    out.push(b'}');
+    Ok(out)
 }
 
 /// RFC 3339 with milliseconds, UTC.

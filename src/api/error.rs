@@ -169,6 +169,15 @@ impl Reply {
             close: false,
         }
     }
+    /// A JSON answer already serialised.
+    pub fn json_bytes(status: u16, body: impl Into<Bytes>) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type", "application/json".into())],
+            body: body.into(),
+            close: false,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod locate;
 pub mod route;
 pub mod stop;
 pub mod stream;
+pub mod views;
 
 use std::sync::Arc;
 
@@ -98,6 +99,8 @@ pub struct Api {
     pub cut: tokio::sync::watch::Receiver<bool>,
     /// Checks every request's credentials.
     pub auth: crate::auth::Authenticator,
+    /// Runs' frames and folds, rendered and folded once for every reader on this instance.
+    pub views: Arc<views::Views>,
 }
 
 impl Api {

@@ -16,17 +16,21 @@
 use bytes::Bytes;
 
 use super::locate::{locate, within, Located, Span};
+use super::views::{LogState, RunView};
 use super::{query_param, Api, ApiError, Exchange, Gone, Identity, Reply};
-use crate::event::Event;
 use crate::metrics::{self, Gauged};
 use crate::render::agentflow::AgentFlowRenderer;
-use crate::render::ui::{Cursor, UiRenderer};
+use crate::render::ui::Cursor;
 use crate::render::DONE_FRAME;
 use crate::sse;
-use crate::store::{RunInfo, StoreError, ThreadId};
+use crate::store::{RunInfo, Store, StoreError, ThreadId};
 
-/// Events rendered per store read (and so, at most, buffered per connection).
+/// AgentFlow events read per store read.
 const READ_BATCH: usize = 256;
+
+/// Bytes handed to the connection per write, at most (whole events; one larger event goes
+/// alone). What a connection holds beyond the shared frames is at most this much.
+const SEND_BYTES: usize = 64 * 1024;
 
 /// Which dialect a stream speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,41 +42,6 @@ pub enum Dialect {
         /// Show nested calls.
         verbose: bool,
     },
-}
-
-/// A renderer for one stream, in its dialect.
-enum Renderer {
-    Ui(Box<UiRenderer>),
-    AgentFlow(AgentFlowRenderer),
-}
-
-impl Renderer {
-    fn new(dialect: Dialect, run: &RunInfo) -> Renderer {
-        match dialect {
-            Dialect::UiMessage => {
-                Renderer::Ui(Box::new(UiRenderer::new(run.assistant_message_id.clone())))
-            }
-            Dialect::AgentFlow { verbose } => Renderer::AgentFlow(AgentFlowRenderer { verbose }),
-        }
-    }
-
-    /// Render `ev` for a client at `cursor`: events the cursor covers only advance the state,
-    /// the event at a `k.j` cursor sends its chunks after the j-th (an AgentFlow event is one
-    /// chunk, sent whole), later events are sent in full.
-    fn render_after(&mut self, ev: &Event, cursor: Cursor, out: &mut Vec<u8>) {
-        match self {
-            Renderer::Ui(r) => r.render_sse_after(ev, cursor, out),
-            Renderer::AgentFlow(r) if !cursor.covers(ev.seq) => r.render_sse(ev, out),
-            Renderer::AgentFlow(_) => {}
-        }
-    }
-
-    fn end_frame(&self) -> Option<&'static [u8]> {
-        match self {
-            Renderer::Ui(_) => Some(DONE_FRAME),
-            Renderer::AgentFlow(_) => None,
-        }
-    }
 }
 
 /// The response headers of a UI-message stream (AI SDK `UI_MESSAGE_STREAM_HEADERS`).
@@ -229,15 +198,20 @@ pub async fn stream_run(
     extra_headers: Vec<(&'static str, String)>,
 ) -> Result<(), ApiError> {
     let store = api.store.as_ref();
-    // Every event of the run goes through the renderer from its first: those the cursor covers
-    // only rebuild its state (a resuming UI-message client must not get a second `start`). The
-    // first batch is read before answering, so that a run evicted since it was located gets
+    let mut source = match dialect {
+        Dialect::UiMessage => Source::Frames(api.views.of(run)),
+        Dialect::AgentFlow { verbose } => Source::Log(AgentFlowRenderer { verbose }),
+    };
+    // The log is read once before answering, so that a run evicted since it was located gets
     // `410` rather than a `200` with nothing in it.
-    let first = match store
-        .read_after(&run.run_id, run.first_seq - 1, READ_BATCH)
-        .await
-    {
-        Ok(batch) => batch,
+    let mut reader = Reader {
+        run,
+        at: cursor,
+        pending: Vec::new(),
+        state: None,
+    };
+    match reader.fill(store, &mut source).await {
+        Ok(()) => {}
         Err(StoreError::RunNotFound) => {
             return Err(ApiError::CursorExpired(if cursor.seq > 0 {
                 format!("cursor `{cursor}`")
@@ -246,7 +220,7 @@ pub async fn stream_run(
             }))
         }
         Err(e) => return Err(e.into()),
-    };
+    }
     let cfg = &api.config.stream;
     let stuck = cfg.stuck_reader_timeout.0;
     // Each `send` below is bounded by `stuck` (then the stream is aborted). As a backstop for
@@ -264,40 +238,33 @@ pub async fn stream_run(
     }
     let _open = Gauged::new(&metrics::SSE_STREAMS_ACTIVE);
     let mut cut = api.cut.clone();
-    let mut renderer = Renderer::new(dialect, run);
-    let mut buf = Vec::with_capacity(16 * 1024);
-    sse::encode_retry(&mut buf, cfg.retry_hint.0.as_millis() as u64);
+    let mut retry = Vec::with_capacity(16);
+    sse::encode_retry(&mut retry, cfg.retry_hint.0.as_millis() as u64);
+    reader.pending.insert(0, Bytes::from(retry));
 
     // `Ok` once the run's end was sent and the body ended; `Err(why)` for any other end.
     let streamed = async {
-        let mut at = run.first_seq - 1;
-        let mut next = Some(first);
         loop {
-            let batch = match next.take() {
-                Some(batch) => batch,
-                None => store
-                    .read_after(&run.run_id, at, READ_BATCH)
-                    .await
-                    .map_err(|e| format!("the store failed or evicted the run: {e}"))?,
-            };
-            if let Some(last) = batch.events.last().map(|e| e.seq) {
-                for ev in &batch.events {
-                    renderer.render_after(ev, cursor, &mut buf);
+            if !reader.pending.is_empty() {
+                for data in coalesce(&mut reader.pending) {
+                    send(ex, data, stuck)
+                        .await
+                        .map_err(|Gone| "the client is gone or stuck")?;
                 }
-                at = last;
-                send(ex, &mut buf, stuck)
+                reader
+                    .fill(store, &mut source)
                     .await
-                    .map_err(|Gone| "the client is gone or stuck")?;
+                    .map_err(|e| format!("the store failed or evicted the run: {e}"))?;
                 continue;
             }
-            if batch.status.is_terminal() {
+            let state = reader.state.expect("filled before");
+            if state.status.is_terminal() && state.last_seq <= reader.at.seq {
                 // The run's log ended and all of it was sent: the one clean end.
-                if let Some(frame) = renderer.end_frame() {
-                    buf.extend_from_slice(frame);
+                if dialect == Dialect::UiMessage {
+                    send(ex, Bytes::from_static(DONE_FRAME), stuck)
+                        .await
+                        .map_err(|Gone| "the client is gone or stuck")?;
                 }
-                send(ex, &mut buf, stuck)
-                    .await
-                    .map_err(|Gone| "the client is gone or stuck")?;
                 return match tokio::time::timeout(stuck, ex.end_stream()).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(Gone)) => Err("the client is gone".to_string()),
@@ -307,15 +274,15 @@ pub async fn stream_run(
                     }
                 };
             }
-            send(ex, &mut buf, stuck)
-                .await
-                .map_err(|Gone| "the client is gone or stuck")?;
             tokio::select! {
-                waited = store.wait(&run.run_id, at, cfg.keepalive_interval.0) => match waited {
-                    Ok((last, status)) if last == at && !status.is_terminal() => {
-                        sse::encode_comment(&mut buf, "keep-alive");
+                waited = store.wait(&run.run_id, reader.at.seq, cfg.keepalive_interval.0) => match waited {
+                    Ok((last, status)) if last == reader.at.seq && !status.is_terminal() => {
+                        reader.pending.push(Bytes::from_static(b": keep-alive\n\n"));
                     }
-                    Ok(_) => {}
+                    Ok(_) => reader
+                        .fill(store, &mut source)
+                        .await
+                        .map_err(|e| format!("the store failed or evicted the run: {e}"))?,
                     Err(e) => return Err(format!("the store failed or evicted the run: {e}")),
                 },
                 _ = ex.closed() => return Err("the client hung up".to_string()),
@@ -335,18 +302,92 @@ pub async fn stream_run(
     Ok(())
 }
 
-/// Send what `buf` holds (if anything) and clear it. A client that cannot take it within
-/// `stuck` is treated as gone (and counted as a stuck reader).
-async fn send(
-    ex: &mut dyn Exchange,
-    buf: &mut Vec<u8>,
-    stuck: std::time::Duration,
-) -> Result<(), Gone> {
-    if buf.is_empty() {
-        return Ok(());
+/// Where a stream's bytes come from.
+enum Source {
+    /// The run's shared UI-message frames (rendered once for every reader).
+    Frames(std::sync::Arc<RunView>),
+    /// The log itself, written through with only the `id:` line added (AgentFlow).
+    Log(AgentFlowRenderer),
+}
+
+/// One stream's position in its run, and what it has to send next.
+struct Reader<'a> {
+    run: &'a RunInfo,
+    /// What the client has.
+    at: Cursor,
+    /// Bytes to send next (shared frame slices, or one buffer of this stream's own).
+    pending: Vec<Bytes>,
+    /// The log's state as of the last read.
+    state: Option<LogState>,
+}
+
+impl Reader<'_> {
+    /// Queue what follows the cursor (at most about [`SEND_BYTES`]), reading the log when the
+    /// source has nothing more for it.
+    async fn fill(&mut self, store: &dyn Store, source: &mut Source) -> Result<(), StoreError> {
+        match source {
+            Source::Frames(view) => loop {
+                if let Some(through) = view.frames().read(self.at, SEND_BYTES, &mut self.pending) {
+                    self.at = Cursor::after(through);
+                    if self.state.is_some() {
+                        return Ok(());
+                    }
+                }
+                let state = view.catch_up_frames(store).await?;
+                self.state = Some(state);
+                if view.frames().last_seq() <= self.at.seq {
+                    return Ok(());
+                }
+            },
+            Source::Log(renderer) => {
+                // At `k.j`, event `k` is sent whole: an AgentFlow event is one chunk.
+                let after = match self.at.chunk {
+                    Some(_) => self.at.seq - 1,
+                    None => self.at.seq,
+                };
+                let batch = store
+                    .read_after(&self.run.run_id, after, READ_BATCH)
+                    .await?;
+                self.state = Some(LogState {
+                    last_seq: batch.last_seq,
+                    status: batch.status,
+                });
+                let mut buf = Vec::new();
+                for ev in &batch.events {
+                    if !self.at.covers(ev.seq) {
+                        renderer.render_sse(ev, &mut buf);
+                    }
+                    self.at = Cursor::after(ev.seq);
+                    if buf.len() >= SEND_BYTES {
+                        break;
+                    }
+                }
+                if !buf.is_empty() {
+                    self.pending.push(Bytes::from(buf));
+                }
+                Ok(())
+            }
+        }
     }
-    let data = Bytes::copy_from_slice(buf);
-    buf.clear();
+}
+
+/// The pieces queued, as few writes: small pieces are copied into one, large slices of the
+/// shared frames go as they are.
+fn coalesce(pending: &mut Vec<Bytes>) -> Vec<Bytes> {
+    let total: usize = pending.iter().map(Bytes::len).sum();
+    if pending.len() == 1 || total > SEND_BYTES {
+        return std::mem::take(pending);
+    }
+    let mut one = Vec::with_capacity(total);
+    for piece in pending.drain(..) {
+        one.extend_from_slice(&piece);
+    }
+    vec![Bytes::from(one)]
+}
+
+/// Send `data`. A client that cannot take it within `stuck` is treated as gone (and counted as
+/// a stuck reader).
+async fn send(ex: &mut dyn Exchange, data: Bytes, stuck: std::time::Duration) -> Result<(), Gone> {
     match tokio::time::timeout(stuck, ex.send(data)).await {
         Ok(sent) => sent,
         Err(_) => {

@@ -3,11 +3,13 @@
 //! - [`chunk`]: the AI SDK v5 UI-message chunks and their exact JSON;
 //! - [`ui`]: the AgentFlow → UI-message state machine and its resumable SSE framing;
 //! - [`fold`]: the log folded into the assistant `UIMessage` for snapshots;
+//! - [`frames`]: a run's UI-message frames, rendered once and shared by every reader;
 //! - [`agentflow`]: the AgentFlow client dialect (payloads as received, `id: seq`).
 
 pub mod agentflow;
 pub mod chunk;
 pub mod fold;
+pub mod frames;
 pub mod ui;
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use tokio::sync::watch;
 
+use crate::api::views::Views;
 use crate::api::{Api, Exchange};
 use crate::config::Config;
 use crate::ingest::route::Routes;
@@ -112,6 +113,7 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
     }));
     let adapter = Arc::new(Routes::from_config(&config));
     let ingest = Ingestor::new(store.clone(), adapter, config.upstream.run_timeout.0);
+    let views = Arc::new(Views::default());
     let (draining_tx, draining_rx) = watch::channel(false);
     let (cut_tx, cut_rx) = watch::channel(false);
     let api = Arc::new(Api {
@@ -121,6 +123,7 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
         shutdown: draining_rx.clone(),
         cut: cut_rx,
         auth: crate::auth::Authenticator::from_config(&config.auth),
+        views: views.clone(),
     });
 
     let mut api_service = pingora::proxy::http_proxy_service_with_name(
@@ -146,6 +149,7 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
         "sluice housekeeping",
         Housekeeping {
             store,
+            views,
             draining: draining_tx,
             cut: cut_tx,
             cut_after: cut_after(config.server.grace_period.0),
@@ -178,6 +182,7 @@ pub fn cut_after(grace_period: Duration) -> Duration {
 /// run ends) and `cut_after` later `cut` does (streams still open are aborted).
 struct Housekeeping {
     store: Arc<dyn Store>,
+    views: Arc<Views>,
     draining: watch::Sender<bool>,
     cut: watch::Sender<bool>,
     cut_after: Duration,
@@ -193,6 +198,8 @@ impl BackgroundService for Housekeeping {
                 _ = tick.tick() => {
                     let n = self.store.sweep().await;
                     metrics::STORE_EVICTIONS.inc_by(n as u64);
+                    let held = self.views.prune(self.store.as_ref()).await;
+                    metrics::VIEW_BYTES.set(held as i64);
                 }
                 _ = shutdown.changed() => {
                     log::info!(

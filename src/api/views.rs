@@ -1,0 +1,234 @@
+//! Render once, fold once, on this instance: each run read by a client gets one [`RunView`]
+//! holding its UI-message frames ([`UiFrames`]) and its folded assistant message ([`Fold`]),
+//! both advanced from the store's log only by the events they have not seen yet. Every stream,
+//! resume and snapshot of the run shares them, so serving a reader costs what it is sent, and a
+//! poll of a 100,000-event run costs what one of a 20-event run does, apart from the bytes of
+//! the answer. A finished run's message is serialised once.
+//!
+//! Views are derived from the log and nothing else (the log stays the source of truth), so a
+//! view can be dropped and rebuilt at any time with the same frames and ids. They are built on
+//! first read, catch up in bounded batches (yielding between them, so a long run's first read
+//! does not hold a worker thread), and are dropped when the store no longer has their run
+//! ([`Views::prune`], from housekeeping).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use crate::event::Event;
+use crate::metrics;
+use crate::render::fold::Fold;
+use crate::render::frames::UiFrames;
+use crate::store::{RunId, RunInfo, RunStatus, Store, StoreError};
+
+/// Events read from the store per catch-up step.
+const CATCH_UP_BATCH: usize = 1024;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The views of the runs this instance serves.
+#[derive(Default)]
+pub struct Views {
+    runs: Mutex<HashMap<RunId, Arc<RunView>>>,
+}
+
+impl Views {
+    /// The view of `run`, created on first use.
+    pub fn of(&self, run: &RunInfo) -> Arc<RunView> {
+        let mut runs = lock(&self.runs);
+        if let Some(view) = runs.get(&run.run_id) {
+            return view.clone();
+        }
+        let view = Arc::new(RunView::new(run));
+        runs.insert(run.run_id.clone(), view.clone());
+        view
+    }
+
+    /// Drop the views of runs the store no longer holds. Returns the bytes the remaining
+    /// views hold.
+    pub async fn prune(&self, store: &dyn Store) -> usize {
+        let views: Vec<Arc<RunView>> = lock(&self.runs).values().cloned().collect();
+        let mut held = 0;
+        for view in views {
+            match store.run(&view.run_id).await {
+                Err(StoreError::RunNotFound) => {
+                    lock(&self.runs).remove(&view.run_id);
+                }
+                _ => held += view.bytes_held(),
+            }
+        }
+        held
+    }
+
+    /// How many runs have a view.
+    pub fn len(&self) -> usize {
+        lock(&self.runs).len()
+    }
+
+    /// Whether no run has a view.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The log's state as of a read: its last seq and the run's status then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogState {
+    /// The run's last seq.
+    pub last_seq: u64,
+    /// Its status.
+    pub status: RunStatus,
+}
+
+/// One run's shared frames and fold.
+pub struct RunView {
+    run_id: RunId,
+    ui: Mutex<UiFrames>,
+    fold: Mutex<FoldView>,
+    /// The run's user message, serialised once.
+    user_json: Bytes,
+}
+
+/// The kept fold and what it has seen.
+struct FoldView {
+    fold: Fold,
+    /// Seq of the last event folded.
+    last_seq: u64,
+    /// The log's state when the fold last caught up with it (`last_seq` equal to the fold's).
+    synced: Option<LogState>,
+    /// The serialised message, once the run has ended and everything is folded.
+    finished: Option<Bytes>,
+    /// How many events were folded (each exactly once).
+    folded: u64,
+}
+
+/// A run's folded assistant message at one point of its log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Folded {
+    /// The message as JSON.
+    pub json: Bytes,
+    /// The log's state it is the fold of.
+    pub at: LogState,
+}
+
+impl RunView {
+    fn new(run: &RunInfo) -> RunView {
+        RunView {
+            run_id: run.run_id.clone(),
+            ui: Mutex::new(UiFrames::new(
+                run.assistant_message_id.clone(),
+                run.first_seq,
+            )),
+            fold: Mutex::new(FoldView {
+                fold: Fold::new(&run.assistant_message_id),
+                last_seq: run.first_seq - 1,
+                synced: None,
+                finished: None,
+                folded: 0,
+            }),
+            user_json: Bytes::from(serde_json::to_vec(&run.user_message).unwrap_or_default()),
+        }
+    }
+
+    /// The run's user message as JSON.
+    pub fn user_json(&self) -> Bytes {
+        self.user_json.clone()
+    }
+
+    /// Bytes the view holds (frames; the fold is counted by its serialised size once kept).
+    pub fn bytes_held(&self) -> usize {
+        let frames = lock(&self.ui).bytes_held();
+        let fold = lock(&self.fold).finished.as_ref().map_or(0, Bytes::len);
+        frames + fold + self.user_json.len()
+    }
+
+    /// The UI-message frames (read them with [`UiFrames::read`] under the lock).
+    pub fn frames(&self) -> MutexGuard<'_, UiFrames> {
+        lock(&self.ui)
+    }
+
+    /// Render the events the frames do not have yet (at most one batch). Returns the log's
+    /// state as of that read: when its `last_seq` is the frames' own, they are complete.
+    pub async fn catch_up_frames(&self, store: &dyn Store) -> Result<LogState, StoreError> {
+        let have = lock(&self.ui).last_seq();
+        let batch = store.read_after(&self.run_id, have, CATCH_UP_BATCH).await?;
+        {
+            let mut ui = lock(&self.ui);
+            let before = ui.last_seq();
+            ui.extend(&batch.events);
+            metrics::EVENTS_RENDERED.inc_by(ui.last_seq() - before);
+        }
+        Ok(LogState {
+            last_seq: batch.last_seq,
+            status: batch.status,
+        })
+    }
+
+    /// The folded assistant message, caught up with the log as it is now.
+    pub async fn folded(&self, store: &dyn Store) -> Result<Folded, StoreError> {
+        loop {
+            {
+                let f = lock(&self.fold);
+                if let (Some(json), Some(at)) = (&f.finished, f.synced) {
+                    return Ok(Folded {
+                        json: json.clone(),
+                        at,
+                    });
+                }
+            }
+            let have = lock(&self.fold).last_seq;
+            let batch = store.read_after(&self.run_id, have, CATCH_UP_BATCH).await?;
+            {
+                let mut f = lock(&self.fold);
+                f.apply(&batch.events);
+                if f.last_seq == batch.last_seq {
+                    f.synced = Some(LogState {
+                        last_seq: batch.last_seq,
+                        status: batch.status,
+                    });
+                }
+                if let Some(at) = f.synced.filter(|s| s.last_seq == f.last_seq) {
+                    let json = f.json(at.status.is_terminal());
+                    return Ok(Folded { json, at });
+                }
+            }
+            // A long log is folded in steps, giving the worker back between them.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// How many events the fold has taken in (each exactly once over the view's life).
+    pub fn events_folded(&self) -> u64 {
+        lock(&self.fold).folded
+    }
+}
+
+impl FoldView {
+    fn apply(&mut self, events: &[Event]) {
+        for ev in events {
+            if ev.seq == self.last_seq + 1 {
+                self.fold.push(ev);
+                self.last_seq = ev.seq;
+                self.folded += 1;
+                metrics::EVENTS_FOLDED.inc();
+            }
+        }
+    }
+
+    /// The message as JSON; kept once the run has ended.
+    fn json(&mut self, finished: bool) -> Bytes {
+        if let Some(json) = &self.finished {
+            return json.clone();
+        }
+        let mut json = Vec::new();
+        self.fold.write_json(&mut json);
+        let json = Bytes::from(json);
+        if finished {
+            self.finished = Some(json.clone());
+        }
+        json
+    }
+}
