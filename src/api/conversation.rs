@@ -20,7 +20,7 @@ use bytes::Bytes;
 
 use super::views::LogState;
 use crate::metrics;
-use crate::store::{RunInfo, ThreadId, ThreadInfo};
+use crate::store::{RunInfo, StoreError, ThreadId, ThreadInfo};
 
 /// Handle `GET /api/getConversation`.
 pub async fn get_conversation(
@@ -72,7 +72,19 @@ pub async fn get_conversation(
             thread = api.store.thread(&who.org_id, &thread_id).await?;
         }
     }
-    let body = snapshot(api, &thread).await?;
+    // A run evicted while the snapshot is written (retention or memory pressure) is then
+    // counted as evicted: read the thread again.
+    let mut tries = 0;
+    let body = loop {
+        match snapshot(api, &thread).await? {
+            Some(body) => break body,
+            None if tries < 3 => {
+                tries += 1;
+                thread = api.store.thread(&who.org_id, &thread_id).await?;
+            }
+            None => return Err(StoreError::RunNotFound.into()),
+        }
+    };
     let _ = ex.respond(Reply::json_bytes(200, body)).await;
     Ok(())
 }
@@ -83,15 +95,19 @@ pub async fn get_conversation(
 /// fold is at, so the messages are exactly the fold of events `1..=lastSeq`.
 ///
 /// Written directly as JSON: the messages are the views' serialised bytes, copied, never
-/// re-folded or re-parsed.
-pub async fn snapshot(api: &Api, thread: &ThreadInfo) -> Result<Vec<u8>, ApiError> {
+/// re-folded or re-parsed. `None` when one of the thread's runs was evicted meanwhile.
+pub async fn snapshot(api: &Api, thread: &ThreadInfo) -> Result<Option<Vec<u8>>, ApiError> {
     let store = api.store.as_ref();
     let mut messages: Vec<Bytes> = Vec::with_capacity(thread.runs.len() * 2);
     let mut latest: Option<(RunInfo, LogState)> = None;
     for run in &thread.runs {
         let view = api.views.of(run);
         messages.push(view.user_json());
-        let folded = view.folded(store).await?;
+        let folded = match view.folded(store).await {
+            Ok(folded) => folded,
+            Err(StoreError::RunNotFound) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
         if folded.at.last_seq >= run.first_seq {
             messages.push(folded.json);
         }
@@ -101,7 +117,11 @@ pub async fn snapshot(api: &Api, thread: &ThreadInfo) -> Result<Vec<u8>, ApiErro
         (Some((mut run, at)), _) => {
             if at.status != run.status {
                 // The run ended after the thread was read: its error and end time too.
-                run = store.run(&run.run_id).await?;
+                run = match store.run(&run.run_id).await {
+                    Ok(run) => run,
+                    Err(StoreError::RunNotFound) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                };
             }
             (
                 run.run_id,
@@ -158,7 +178,7 @@ pub async fn snapshot(api: &Api, thread: &ThreadInfo) -> Result<Vec<u8>, ApiErro
     }
     out.pop();
     out.push(b'}');
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// RFC 3339 with milliseconds, UTC.

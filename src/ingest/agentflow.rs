@@ -89,11 +89,12 @@ impl AgentFlowAdapter {
             if ev.data == "[DONE]" {
                 return Ok(None);
             }
-            let parsed = agentflow::parse(ev.data.as_bytes())
+            // Only the identifying fields are read (the whole payload only for a root error).
+            let terminal = agentflow::terminal_of(ev.data.as_bytes())
                 .map_err(|e| Failure::Malformed(e.to_string()))?;
             let event = NewEvent::new(Bytes::from(ev.data));
             // The closing event goes to the supervisor, which logs it with the run's status.
-            Ok(match agentflow::terminal(&parsed) {
+            Ok(match terminal {
                 None => {
                     batch.push(event);
                     None

@@ -3,6 +3,8 @@
 //! of nested calls (tools, sub-agents) are left out; their seqs are simply skipped, so
 //! `Last-Event-ID` resumes exactly either way.
 
+use memchr::memchr2;
+
 use crate::agentflow;
 use crate::event::Event;
 use crate::sse;
@@ -15,20 +17,48 @@ pub struct AgentFlowRenderer {
 }
 
 impl AgentFlowRenderer {
-    /// Whether `ev` is shown to this client.
+    /// Whether `ev` is shown to this client (only its identifying fields are read).
     pub fn shows(&self, ev: &Event) -> bool {
-        self.verbose || agentflow::parse(&ev.data).map_or(true, |e| e.is_root())
+        self.verbose || agentflow::head(&ev.data).map_or(true, |h| h.is_root())
     }
 
     /// Append `ev` as an SSE event (`id: seq`, `data: payload`), or nothing when hidden.
+    ///
+    /// A single-line UTF-8 payload (the usual case: compact JSON) is copied through as is;
+    /// any other goes through [`sse::encode_event`], which splits it into `data:` lines (and
+    /// replaces invalid UTF-8). Either way the bytes written are those of `encode_event`.
     pub fn render_sse(&self, ev: &Event, out: &mut Vec<u8>) {
         if !self.shows(ev) {
             return;
         }
-        let id = ev.seq.to_string();
-        let data = String::from_utf8_lossy(&ev.data);
-        sse::encode_event(out, Some(&id), None, &data);
+        let data = &ev.data[..];
+        if memchr2(b'\n', b'\r', data).is_none() && std::str::from_utf8(data).is_ok() {
+            out.reserve(data.len() + 32);
+            out.extend_from_slice(b"id: ");
+            put_u64(out, ev.seq);
+            out.extend_from_slice(b"\ndata: ");
+            out.extend_from_slice(data);
+            out.extend_from_slice(b"\n\n");
+        } else {
+            let id = ev.seq.to_string();
+            sse::encode_event(out, Some(&id), None, &String::from_utf8_lossy(data));
+        }
     }
+}
+
+/// Append `n` in decimal.
+fn put_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
 }
 
 #[cfg(test)]
@@ -68,7 +98,54 @@ mod tests {
         assert!(AgentFlowRenderer { verbose: true }.shows(&nested));
     }
 
+    #[test]
+    fn seqs_are_written_in_decimal() {
+        for n in [0u64, 7, 10, 12345, u64::MAX] {
+            let mut out = b"x".to_vec();
+            put_u64(&mut out, n);
+            assert_eq!(out, format!("x{n}").into_bytes());
+        }
+    }
+
+    #[test]
+    fn payloads_that_need_encoding_take_the_slow_path() {
+        let r = AgentFlowRenderer { verbose: true };
+        for (data, want) in [
+            (&b"a\r\nb"[..], "id: 3\ndata: a\ndata: b\n\n"),
+            (b"a\rb", "id: 3\ndata: a\ndata: b\n\n"),
+            (b"", "id: 3\ndata: \n\n"),
+            (b"\xffx", "id: 3\ndata: \u{FFFD}x\n\n"),
+        ] {
+            let mut out = Vec::new();
+            r.render_sse(
+                &Event {
+                    seq: 3,
+                    data: data.to_vec().into(),
+                },
+                &mut out,
+            );
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
+    }
+
     proptest! {
+        /// The fast path writes exactly what `sse::encode_event` writes, for any payload bytes.
+        #[test]
+        fn render_sse_is_encode_event(
+            seq in any::<u64>(),
+            data in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..64),
+                "[^\r\n]{0,64}".prop_map(String::into_bytes),
+            ],
+        ) {
+            let mut got = b"prefix".to_vec();
+            AgentFlowRenderer { verbose: true }
+                .render_sse(&Event { seq, data: data.clone().into() }, &mut got);
+            let mut want = b"prefix".to_vec();
+            sse::encode_event(&mut want, Some(&seq.to_string()), None, &String::from_utf8_lossy(&data));
+            prop_assert_eq!(got, want);
+        }
+
         /// Whatever the payload text (newlines included), a client's SSE parser gets it back
         /// exactly, with the seq as its id.
         #[test]
