@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test prereqs js-deps bench lint
+.PHONY: demo test prereqs js-deps bench bench-load lint
 
 demo: prereqs
 	$(CARGO) run --release -- demo
@@ -14,6 +14,16 @@ test: prereqs js-deps
 
 bench: prereqs
 	$(CARGO) bench
+
+# The whole-gateway load harness (docs/bench-load.md): the generator backend directly, behind
+# nginx and behind Sluice, on loopback; about 6 minutes. DURATION (seconds of events per stream,
+# default 10), REPS (default 1), ONLY (e.g. nginx,sluice) and SCENARIOS (e.g. 1,5 or 1-4) scale
+# or narrow it. The report is printed and written to target/bench-load/report.md.
+bench-load: prereqs
+	$(CARGO) build --release --bin sluice --example load
+	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn); \
+	DURATION='$(DURATION)' REPS='$(REPS)' ONLY='$(ONLY)' SCENARIOS='$(SCENARIOS)' \
+	  target/release/examples/load --sluice target/release/sluice
 
 lint:
 	$(CARGO) fmt --check

@@ -209,6 +209,11 @@ pub struct Local<A>(pub std::sync::Arc<A>);
 impl<A: LocalApp> ProxyHttp for Local<A> {
     type CTX = LocalCtx;
 
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
+        // No response compression module: every answer is written by us, event streams must
+        // never be buffered by an encoder, and the module's filter would run on every frame.
+    }
+
     fn new_ctx(&self) -> LocalCtx {
         LocalCtx {
             route: crate::api::route::UNMATCHED,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -59,6 +60,10 @@ pub fn resolve_listen(addr: &str) -> std::io::Result<SocketAddr> {
 pub fn new_server(config: &Config) -> Server {
     let conf = ServerConf {
         threads: config.server.threads,
+        // One single-threaded runtime per thread, as nginx has one event loop per worker: a
+        // connection, its stream and the ingestion it starts stay on one thread, so an event
+        // goes from the backend's socket to the client's without waking another thread.
+        work_stealing: false,
         grace_period_seconds: Some(config.server.grace_period.0.as_secs()),
         graceful_shutdown_timeout_seconds: Some(
             config.server.graceful_shutdown_timeout.0.as_secs().max(1),
@@ -131,7 +136,12 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
         Local(api),
         "sluice api",
     );
-    api_service.add_tcp(&api_addr.to_string());
+    // No read buffer under Pingora's own: it reads request heads into its own buffer, and a
+    // 64 KiB one (the default, zero-filled) would be most of an idle connection's memory.
+    api_service.add_listener(
+        ListenerConfig::tcp(api_addr.to_string())
+            .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
+    );
     server.add_service(api_service);
 
     let mut admin = Service::new(
