@@ -232,3 +232,95 @@ impl FoldView {
         json
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::NewEvent;
+    use crate::render::fold::fold;
+    use crate::render::proptests::run;
+    use crate::render::ui::Cursor;
+    use crate::store::memory::{MemoryLimits, MemoryStore};
+    use crate::store::NewRun;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    fn store() -> MemoryStore {
+        MemoryStore::new(MemoryLimits {
+            max_events_per_run: 100_000,
+            max_bytes_per_run: 1 << 30,
+            max_total_bytes: 1 << 30,
+            retention: Duration::from_secs(60),
+            thread_retention: Duration::from_secs(60),
+            retry_after: Duration::from_secs(1),
+        })
+    }
+
+    async fn start(store: &MemoryStore) -> RunInfo {
+        store
+            .create_run(NewRun {
+                thread_id: None,
+                org_id: "org".into(),
+                user_id: "user".into(),
+                agent_id: serde_json::json!(1),
+                user_message: serde_json::json!({"id": "u1", "role": "user", "parts": []}),
+                idempotency_key: None,
+                conversation: None,
+            })
+            .await
+            .unwrap()
+            .run
+    }
+
+    proptest! {
+        /// The kept fold and the shared frames, advanced by polls and reads interleaved with
+        /// appends of any size, equal a fold and a rendering of the whole log from scratch,
+        /// and each event is folded exactly once.
+        #[test]
+        fn kept_fold_and_frames_equal_a_fresh_fold(
+            events in run(),
+            splits in proptest::collection::vec(1usize..6, 1..30),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let store = store();
+                let info = start(&store).await;
+                let views = Views::default();
+                let view = views.of(&info);
+                let mut at = 0;
+                for n in splits.iter().cycle() {
+                    if at >= events.len() {
+                        break;
+                    }
+                    let end = (at + n).min(events.len());
+                    let batch = events[at..end].iter().map(|e| NewEvent::new(e.data.clone())).collect();
+                    store.append(&info.run_id, batch).await.unwrap();
+                    at = end;
+                    let folded = view.folded(&store).await.unwrap();
+                    prop_assert_eq!(folded.at.last_seq, end as u64);
+                    let want = serde_json::to_vec(&fold(&info.assistant_message_id, &events[..end])).unwrap();
+                    prop_assert_eq!(&folded.json[..], &want[..]);
+                    view.catch_up_frames(&store).await.unwrap();
+                }
+                store.finish(&info.run_id, RunStatus::Completed, None, None).await.unwrap();
+                let folded = view.folded(&store).await.unwrap();
+                prop_assert_eq!(folded.at.status, RunStatus::Completed);
+                prop_assert_eq!(view.events_folded(), events.len() as u64);
+                // The frames: what a fresh renderer writes for the whole run.
+                while view.catch_up_frames(&store).await.unwrap().last_seq > view.frames().last_seq() {}
+                let mut got = Vec::new();
+                let mut cursor = Cursor::after(0);
+                while let Some(through) = view.frames().read(cursor, 1 << 20, &mut got) {
+                    cursor = Cursor::after(through);
+                }
+                let mut fresh = crate::render::ui::UiRenderer::new(info.assistant_message_id.clone());
+                let mut want = Vec::new();
+                for ev in &events {
+                    fresh.render_sse(ev, &mut want);
+                }
+                prop_assert_eq!(got.concat(), want);
+                Ok(())
+            })?;
+        }
+    }
+}
