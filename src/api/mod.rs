@@ -73,6 +73,11 @@ pub trait Exchange: Send {
     /// Bound every later write of this answer's body to `timeout` (a backstop against a
     /// client that stops reading). No-op where there is nothing to bound.
     fn set_write_timeout(&mut self, _timeout: std::time::Duration) {}
+    /// Whether the last failed write failed because the write timeout passed (a stuck
+    /// reader) rather than because the client went away.
+    fn write_timed_out(&self) -> bool {
+        false
+    }
     /// Drop the connection without finishing the answer: after a streamed header, the client
     /// sees a cut (no end of body), never a clean end; before any answer, it gets none.
     fn abort(&mut self);

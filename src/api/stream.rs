@@ -223,13 +223,12 @@ pub async fn stream_run(
     }
     let cfg = &api.config.stream;
     let stuck = cfg.stuck_reader_timeout.0;
-    // Each `send` below is bounded by `stuck` (then the stream is aborted). As a backstop for
-    // writes this function does not bound itself, Pingora bounds every body write of the session
-    // too: by the stuck-reader timeout plus a second, so that our own bound fires first and the
-    // stuck reader is counted. (Pingora's HTTP/1.1 `finish_body`, the terminator, is not under
-    // its write timeout: the clean end below bounds it itself, and an aborted answer gets no
-    // further write at all.)
-    ex.set_write_timeout(stuck.saturating_add(std::time::Duration::from_secs(1)));
+    // Every body write is bounded by `stuck` (then the stream is aborted and the reader counted
+    // as stuck): Pingora bounds each write of the session itself, so no timer of ours is armed
+    // per write. (Pingora's HTTP/1.1 `finish_body`, the terminator, is not under its write
+    // timeout: the clean end below bounds it itself, and an aborted answer gets no further write
+    // at all.)
+    ex.set_write_timeout(stuck);
     let mut headers = headers_for(dialect);
     headers.extend(extra_headers);
     if ex.start_stream(200, headers).await.is_err() {
@@ -242,15 +241,19 @@ pub async fn stream_run(
     sse::encode_retry(&mut retry, cfg.retry_hint.0.as_millis() as u64);
     reader.pending.insert(0, Bytes::from(retry));
 
+    let interval = cfg.keepalive_interval.0;
+    let mut last_sent = tokio::time::Instant::now();
+    let mut keepalive = std::pin::pin!(tokio::time::sleep(interval));
     // `Ok` once the run's end was sent and the body ended; `Err(why)` for any other end.
     let streamed = async {
         loop {
             if !reader.pending.is_empty() {
                 for data in coalesce(&mut reader.pending) {
-                    send(ex, data, stuck)
+                    send(ex, data)
                         .await
                         .map_err(|Gone| "the client is gone or stuck")?;
                 }
+                last_sent = tokio::time::Instant::now();
                 reader
                     .fill(store, &mut source)
                     .await
@@ -261,7 +264,7 @@ pub async fn stream_run(
             if state.status.is_terminal() && state.last_seq <= reader.at.seq {
                 // The run's log ended and all of it was sent: the one clean end.
                 if dialect == Dialect::UiMessage {
-                    send(ex, Bytes::from_static(DONE_FRAME), stuck)
+                    send(ex, Bytes::from_static(DONE_FRAME))
                         .await
                         .map_err(|Gone| "the client is gone or stuck")?;
                 }
@@ -275,10 +278,18 @@ pub async fn stream_run(
                 };
             }
             tokio::select! {
-                waited = store.wait(&run.run_id, reader.at.seq, cfg.keepalive_interval.0) => match waited {
-                    Ok((last, status)) if last == reader.at.seq && !status.is_terminal() => {
+                // The keep-alive timer is armed once per interval, not per event: when it fires
+                // after a send, it is moved to that send's time plus the interval.
+                _ = &mut keepalive => {
+                    let due = last_sent + interval;
+                    if due <= tokio::time::Instant::now() {
                         reader.pending.push(Bytes::from_static(b": keep-alive\n\n"));
+                        keepalive.as_mut().reset(tokio::time::Instant::now() + interval);
+                    } else {
+                        keepalive.as_mut().reset(due);
                     }
+                }
+                waited = store.wait(&run.run_id, reader.at.seq, std::time::Duration::MAX) => match waited {
                     Ok(_) => reader
                         .fill(store, &mut source)
                         .await
@@ -385,16 +396,14 @@ fn coalesce(pending: &mut Vec<Bytes>) -> Vec<Bytes> {
     vec![Bytes::from(one)]
 }
 
-/// Send `data`. A client that cannot take it within `stuck` is treated as gone (and counted as
-/// a stuck reader).
-async fn send(ex: &mut dyn Exchange, data: Bytes, stuck: std::time::Duration) -> Result<(), Gone> {
-    match tokio::time::timeout(stuck, ex.send(data)).await {
-        Ok(sent) => sent,
-        Err(_) => {
-            metrics::STUCK_READERS.inc();
-            Err(Gone)
-        }
+/// Send `data`. A client that cannot take it within the session's write timeout is treated as
+/// gone (and counted as a stuck reader).
+async fn send(ex: &mut dyn Exchange, data: Bytes) -> Result<(), Gone> {
+    let sent = ex.send(data).await;
+    if sent.is_err() && ex.write_timed_out() {
+        metrics::STUCK_READERS.inc();
     }
+    sent
 }
 
 /// Resolves once the process starts shutting down (never, if nobody can tell it so).

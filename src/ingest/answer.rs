@@ -58,6 +58,10 @@ pub struct SseBody {
     decoder: Decoder,
     idle: Duration,
     max_event_bytes: usize,
+    /// Fires `idle` after the last read at the earliest: armed once per idle period rather
+    /// than once per read, and moved on when it finds that a read happened since.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    last_read: tokio::time::Instant,
 }
 
 impl SseBody {
@@ -67,6 +71,8 @@ impl SseBody {
             decoder: Decoder::new(max_event_bytes),
             idle,
             max_event_bytes,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            last_read: tokio::time::Instant::now(),
         }
     }
 
@@ -78,16 +84,30 @@ impl SseBody {
         http: &mut HttpSession,
         out: &mut Vec<SseEvent>,
     ) -> Option<Failure> {
-        let chunk = match tokio::time::timeout(self.idle, http.read_response_body()).await {
-            Err(_) => return Some(Failure::IdleTimeout(self.idle)),
-            Ok(Err(e)) => return Some(Failure::Dropped(e.to_string().trim().to_string())),
-            Ok(Ok(None)) => {
+        let read = loop {
+            tokio::select! {
+                biased;
+                read = http.read_response_body() => break read,
+                _ = self.timer.as_mut() => {
+                    let due = self.last_read + self.idle;
+                    if due <= tokio::time::Instant::now() {
+                        return Some(Failure::IdleTimeout(self.idle));
+                    }
+                    // Nothing was read yet, so the cancelled read consumed nothing.
+                    self.timer.as_mut().reset(due);
+                }
+            }
+        };
+        self.last_read = tokio::time::Instant::now();
+        let chunk = match read {
+            Err(e) => return Some(Failure::Dropped(e.to_string().trim().to_string())),
+            Ok(None) => {
                 self.decoder.finish();
                 return Some(Failure::Dropped(
                     "the stream closed without the run's end event".into(),
                 ));
             }
-            Ok(Ok(Some(chunk))) => chunk,
+            Ok(Some(chunk)) => chunk,
         };
         match self.decoder.feed(&chunk, out) {
             Ok(()) => None,

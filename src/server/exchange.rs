@@ -27,6 +27,7 @@ pub struct PingoraExchange<'a> {
     session: &'a mut Session,
     status: Option<u16>,
     aborted: bool,
+    write_timed_out: bool,
 }
 
 impl<'a> PingoraExchange<'a> {
@@ -36,6 +37,7 @@ impl<'a> PingoraExchange<'a> {
             session,
             status: None,
             aborted: false,
+            write_timed_out: false,
         }
     }
 
@@ -141,7 +143,14 @@ impl Exchange for PingoraExchange<'_> {
         self.session
             .write_response_body(Some(data), false)
             .await
-            .map_err(|_| Gone)
+            .map_err(|e| {
+                self.write_timed_out = *e.etype() == pingora::ErrorType::WriteTimedout;
+                Gone
+            })
+    }
+
+    fn write_timed_out(&self) -> bool {
+        self.write_timed_out
     }
 
     async fn end_stream(&mut self) -> Result<(), Gone> {

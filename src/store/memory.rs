@@ -13,6 +13,7 @@
 //! while a run cell is locked, never the reverse.
 
 use std::collections::VecDeque;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -26,6 +27,33 @@ use super::{
     Started, Store, StoreError, ThreadId, ThreadInfo,
 };
 use crate::event::{Event, NewEvent};
+
+/// A fast hash for the ids the store generates itself (random run and thread ids), looked up
+/// several times per event. Keys a client chooses (idempotency keys, conversation ids) keep the
+/// default keyed hash, so nobody can fill a map with colliding keys.
+#[derive(Clone, Copy, Default)]
+struct IdHash(u64);
+
+impl Hasher for IdHash {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let word = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        // Spread the high bits down: the maps pick shards and buckets from different bits.
+        self.0 ^ (self.0 >> 29)
+    }
+}
+
+type IdHashing = BuildHasherDefault<IdHash>;
 
 /// Limits the memory store enforces.
 #[derive(Clone, Debug)]
@@ -127,8 +155,8 @@ const EVICTED_REMEMBERED: usize = 16;
 /// The embedded [`Store`].
 pub struct MemoryStore {
     limits: MemoryLimits,
-    runs: DashMap<RunId, Arc<RunCell>>,
-    threads: DashMap<ThreadId, ThreadRec>,
+    runs: DashMap<RunId, Arc<RunCell>, IdHashing>,
+    threads: DashMap<ThreadId, ThreadRec, IdHashing>,
     /// (organisation, idempotency key) → run.
     keys: DashMap<(String, String), RunId>,
     /// (organisation, client conversation id) → thread.
@@ -153,8 +181,8 @@ impl MemoryStore {
     pub fn new(limits: MemoryLimits) -> Self {
         MemoryStore {
             limits,
-            runs: DashMap::new(),
-            threads: DashMap::new(),
+            runs: DashMap::with_hasher(IdHashing::default()),
+            threads: DashMap::with_hasher(IdHashing::default()),
             keys: DashMap::new(),
             conversations: DashMap::new(),
             total_bytes: AtomicU64::new(0),
@@ -634,24 +662,37 @@ impl Store for MemoryStore {
         after: u64,
         timeout: Duration,
     ) -> Result<(u64, RunStatus), StoreError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let cell = self.cell(run)?;
-        let mut rx = cell.changed.subscribe();
-        drop(cell);
+        // `Duration::MAX`: no deadline, and no timer.
+        let deadline = (timeout != Duration::MAX).then(|| tokio::time::Instant::now() + timeout);
+        let mut cell = Some(self.cell(run)?);
+        let mut rx = cell
+            .as_ref()
+            .map(|c| c.changed.subscribe())
+            .expect("just set");
         loop {
             // Subscribed before reading, so no change between the read and the wait is missed.
+            // After a wake-up the run is looked up again: it may have been evicted.
+            let cell = match cell.take() {
+                Some(cell) => cell,
+                None => self.cell(run)?,
+            };
             let (last, status) = {
-                let cell = self.cell(run)?;
                 let st = lock(&cell.state);
                 (st.info.last_seq, st.info.status)
             };
+            drop(cell);
             if last > after || status.is_terminal() {
                 return Ok((last, status));
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Err(_) => return Ok((last, status)),
-                Ok(Err(_)) => return Err(StoreError::RunNotFound),
-                Ok(Ok(())) => {}
+            let changed = match deadline {
+                Some(deadline) => match tokio::time::timeout_at(deadline, rx.changed()).await {
+                    Err(_) => return Ok((last, status)),
+                    Ok(changed) => changed,
+                },
+                None => rx.changed().await,
+            };
+            if changed.is_err() {
+                return Err(StoreError::RunNotFound);
             }
         }
     }

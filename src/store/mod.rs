@@ -361,8 +361,9 @@ pub trait Store: Send + Sync + 'static {
         max: usize,
     ) -> Result<ReadBatch, StoreError>;
 
-    /// Wait until the run has an event after `after` or has ended, or `timeout` passes.
-    /// Returns the run's last seq and status at that moment. Holds no thread while waiting.
+    /// Wait until the run has an event after `after` or has ended, or `timeout` passes
+    /// (`Duration::MAX`: no deadline). Returns the run's last seq and status at that moment.
+    /// Holds no thread while waiting.
     async fn wait(
         &self,
         run: &RunId,

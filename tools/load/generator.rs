@@ -5,9 +5,12 @@
 //!   stream, …}`): `200 text/event-stream`, chunked, one chunk per SSE event
 //!   `id: n\ndata: {json}\n\n`: a root `start` (n = 1), `delta`s, a root `end` (n = N). Each
 //!   payload carries `"ts"`: its send time in ns since the UNIX epoch. The message text says
-//!   what to play: `gen events=N rate=R [quiet=1] [hold=S]` (rate 0: as fast as possible;
-//!   `quiet=1`: the start event, then nothing until `POST /control/release`, the client leaves
-//!   or `hold` seconds pass, then the rest at once).
+//!   what to play: `gen events=N rate=R [quiet=1] [hold=S] [filler=progress [answer=A]]` (rate
+//!   0: as fast as possible; `quiet=1`: the start event, then nothing until
+//!   `POST /control/release`, the client leaves or `hold` seconds pass, then the rest at once;
+//!   `filler=progress`: the visible answer is that of an `A`-event run (default 20: the start,
+//!   A − 2 deltas, the end) and the other N − A events are `tool_progress` events of a nested
+//!   call, all between the first half of the deltas and the second; see [`Frame`]).
 //!   A run is keyed by `(conversation_id, message_id)` and its timeline (event n due at
 //!   `t0 + (n − 1)/R`) is fixed by its first request: a request with `Last-Event-ID: k`
 //!   continues after `k`, sending at once what is already due (stamped with its due time).
@@ -284,6 +287,10 @@ struct Play {
     rate: u64,
     quiet: bool,
     hold: u64,
+    /// `filler=progress`: the events of the visible answer (`answer=A`, default 20); the rest
+    /// of the run is `tool_progress` filler. `None`: every event but the first and last is a
+    /// text delta.
+    answer: Option<u64>,
 }
 
 fn play_of(message: &str) -> Play {
@@ -292,37 +299,93 @@ fn play_of(message: &str) -> Play {
         rate: 0,
         quiet: false,
         hold: DEFAULT_HOLD_SECS,
+        answer: None,
     };
+    let (mut filler, mut answer) = (false, 20);
     for word in message.split_whitespace() {
         if let Some((k, v)) = word.split_once('=') {
+            if k == "filler" {
+                filler = v == "progress";
+                continue;
+            }
             let v: u64 = v.parse().unwrap_or(0);
             match k {
                 "events" => p.events = v.max(2),
                 "rate" => p.rate = v,
                 "quiet" => p.quiet = v != 0,
                 "hold" => p.hold = v,
+                "answer" => answer = v.max(2),
                 _ => {}
             }
         }
     }
+    if filler {
+        p.answer = Some(answer.min(p.events));
+    }
     p
 }
 
-/// Append event `n` of `total` as one chunk.
-fn push_event(out: &mut Vec<u8>, n: u64, total: u64, ts: u64) {
+/// What event `n` of a run is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Frame {
+    /// The root `start` (event 1).
+    Start,
+    /// A root text delta (`"tok "`).
+    Delta,
+    /// The `k`-th filler event: `tool_progress` of the nested call `t1` (parent `root`),
+    /// `{"progress":k}`. Sluice renders it as a transient `data-tool-progress` chunk, which a
+    /// snapshot does not keep.
+    Progress(u64),
+    /// The root `end` (the last event).
+    End,
+}
+
+impl Play {
+    /// Event `n` (1-based). With filler, the answer's deltas are split in two halves (9 and 9
+    /// for `answer=20`) and the `events − answer` filler events come between them.
+    fn frame(&self, n: u64) -> Frame {
+        if n <= 1 {
+            return Frame::Start;
+        }
+        if n >= self.events {
+            return Frame::End;
+        }
+        let Some(answer) = self.answer else {
+            return Frame::Delta;
+        };
+        let first_half = answer.saturating_sub(2) / 2;
+        let filler = self.events - answer;
+        if n <= 1 + first_half {
+            return Frame::Delta;
+        }
+        let k = n - 1 - first_half;
+        if k > filler {
+            Frame::Delta
+        } else {
+            Frame::Progress(k)
+        }
+    }
+}
+
+/// Append event `n` of the run as one chunk.
+fn push_event(out: &mut Vec<u8>, n: u64, play: &Play, ts: u64) {
     let mut frame = Vec::with_capacity(128);
-    let _ = match n {
-        1 => write!(
+    let _ = match play.frame(n) {
+        Frame::Start => write!(
             frame,
             "id: {n}\ndata: {{\"type\":\"start\",\"call_id\":\"root\",\"content\":{{\"name\":\"gen\"}},\"ts\":{ts}}}\n\n"
         ),
-        n if n == total => write!(
+        Frame::End => write!(
             frame,
             "id: {n}\ndata: {{\"type\":\"end\",\"call_id\":\"root\",\"content\":{{}},\"ts\":{ts}}}\n\n"
         ),
-        _ => write!(
+        Frame::Delta => write!(
             frame,
             "id: {n}\ndata: {{\"type\":\"delta\",\"call_id\":\"root\",\"content\":\"tok \",\"ts\":{ts}}}\n\n"
+        ),
+        Frame::Progress(k) => write!(
+            frame,
+            "id: {n}\ndata: {{\"type\":\"tool_progress\",\"call_id\":\"t1\",\"parent_call_id\":\"root\",\"content\":{{\"progress\":{k}}},\"ts\":{ts}}}\n\n"
         ),
     };
     let _ = write!(out, "{:x}\r\n", frame.len());
@@ -415,7 +478,7 @@ async fn run(sock: &mut TcpStream, shared: &Shared, req: &Request) -> std::io::R
             } else {
                 wall_ns()
             };
-            push_event(&mut out, n, play.events, ts);
+            push_event(&mut out, n, &play, ts);
             n += 1;
             if play.quiet && n == 2 {
                 break;
@@ -487,13 +550,48 @@ mod tests {
     #[test]
     fn events_are_agentflow_frames() {
         let mut out = Vec::new();
-        push_event(&mut out, 1, 3, 42);
+        push_event(&mut out, 1, &play_of("gen events=3"), 42);
         let s = String::from_utf8(out).unwrap();
         let (len, rest) = s.split_once("\r\n").unwrap();
         let frame = rest.strip_suffix("\r\n").unwrap();
         assert_eq!(usize::from_str_radix(len, 16).unwrap(), frame.len());
         assert!(frame.starts_with("id: 1\ndata: {\"type\":\"start\""));
         let p = play_of("gen events=500 rate=50 quiet=1");
-        assert_eq!((p.events, p.rate, p.quiet), (500, 50, true));
+        assert_eq!((p.events, p.rate, p.quiet, p.answer), (500, 50, true, None));
+    }
+
+    #[test]
+    fn progress_filler_keeps_the_answer_of_a_short_run() {
+        let frames = |msg: &str| {
+            let p = play_of(msg);
+            (1..=p.events).map(|n| p.frame(n)).collect::<Vec<_>>()
+        };
+        let short = frames("gen events=20 rate=0");
+        let long = frames("gen events=1000 rate=0 filler=progress");
+        assert_eq!(long.len(), 1000);
+        let visible: Vec<Frame> = long
+            .iter()
+            .copied()
+            .filter(|f| !matches!(f, Frame::Progress(_)))
+            .collect();
+        assert_eq!(visible, short);
+        // The filler sits between the 9th and the 10th delta, numbered 1..=980.
+        assert_eq!(long[9], Frame::Delta);
+        assert_eq!(long[10], Frame::Progress(1));
+        assert_eq!(long[989], Frame::Progress(980));
+        assert_eq!(long[990], Frame::Delta);
+        // `answer` and a run shorter than the answer.
+        assert_eq!(
+            play_of("gen events=50 filler=progress answer=4").answer,
+            Some(4)
+        );
+        let tiny = frames("gen events=5 filler=progress");
+        assert!(!tiny.iter().any(|f| matches!(f, Frame::Progress(_))));
+        let mut out = Vec::new();
+        push_event(&mut out, 11, &play_of("gen events=100 filler=progress"), 7);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.contains(
+            "id: 11\ndata: {\"type\":\"tool_progress\",\"call_id\":\"t1\",\"parent_call_id\":\"root\",\"content\":{\"progress\":1},\"ts\":7}\n\n"
+        ));
     }
 }

@@ -50,14 +50,53 @@ pub struct Ctx {
     pub token: Arc<str>,
     /// `DURATION`: seconds of events per stream; other windows scale with it.
     pub duration: f64,
-    /// Sluice's finished threads by run length: (thread id, last seq).
-    pub finished: Mutex<HashMap<u64, (String, u64)>>,
+    /// Sluice's finished threads by the run they hold: (thread id, last seq).
+    pub finished: Mutex<HashMap<Finished, (String, u64)>>,
     /// Sluice's answer size for a finished 20-event run (set once measured).
     pub snapshot_bytes: Mutex<Option<usize>>,
 }
 
 const RUN_PATH: &str = "/agents/bench/run";
 const SPREAD: Duration = Duration::from_secs(1);
+
+/// A finished run streamed through Sluice (rate 0) and kept for scenarios 5–8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Finished {
+    /// Events in the run (ids 1..=events).
+    pub events: u64,
+    /// `filler=progress`: the run answers what a 20-event run answers (start, 18 text deltas,
+    /// end); the other events are `tool_progress` of a nested call, between the 9th and the
+    /// 10th delta, which the snapshot does not keep. Otherwise every event but the first and
+    /// the last is a text delta.
+    pub progress_filler: bool,
+}
+
+impl Finished {
+    /// The 20-event run.
+    pub const SHORT: Finished = Finished {
+        events: 20,
+        progress_filler: false,
+    };
+    /// 100,000 events with the 20-event run's answer.
+    pub const LONG_SAME_ANSWER: Finished = Finished {
+        events: 100_000,
+        progress_filler: true,
+    };
+    /// 100,000 events, all text deltas (a 400 KB answer).
+    pub const LONG_TEXT: Finished = Finished {
+        events: 100_000,
+        progress_filler: false,
+    };
+
+    fn message(self) -> String {
+        let filler = if self.progress_filler {
+            " filler=progress"
+        } else {
+            ""
+        };
+        format!("gen events={} rate=0{filler}", self.events)
+    }
+}
 
 fn run_body(message: &str) -> Arc<[u8]> {
     let id = uuid::Uuid::new_v4();
@@ -209,13 +248,14 @@ pub async fn streams(ctx: &Ctx, t: &Target, load: StreamLoad) -> Row {
     row
 }
 
-/// Stream a finished run of `events` events (rate 0) through Sluice; its thread and last seq.
-pub async fn finished_run(ctx: &Ctx, t: &Target, events: u64) -> Result<(String, u64), String> {
+/// Stream a finished run (rate 0) through Sluice; its thread and last seq.
+pub async fn finished_run(ctx: &Ctx, t: &Target, run: Finished) -> Result<(String, u64), String> {
+    let events = run.events;
     let spec = StreamSpec {
         addr: t.addr,
         path: RUN_PATH.into(),
         auth: Some(ctx.token.clone()),
-        body: run_body(&format!("gen events={events} rate=0")),
+        body: run_body(&run.message()),
         expected: events,
         reconnect_every: 0,
         idle: Duration::from_secs(60),
@@ -231,21 +271,21 @@ pub async fn finished_run(ctx: &Ctx, t: &Target, events: u64) -> Result<(String,
     Ok((thread, o.last_id))
 }
 
-/// A finished Sluice thread of `events` events, created once and reused.
-pub async fn cached_run(ctx: &Ctx, t: &Target, events: u64) -> Result<(String, u64), String> {
+/// A finished Sluice thread holding `run`, created once and reused.
+pub async fn cached_run(ctx: &Ctx, t: &Target, run: Finished) -> Result<(String, u64), String> {
     if let Some(hit) = ctx
         .finished
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .get(&events)
+        .get(&run)
     {
         return Ok(hit.clone());
     }
-    let made = finished_run(ctx, t, events).await?;
+    let made = finished_run(ctx, t, run).await?;
     ctx.finished
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(events, made.clone());
+        .insert(run, made.clone());
     Ok(made)
 }
 
@@ -391,6 +431,19 @@ pub async fn snapshot_load(
     row
 }
 
+/// Scenario 5's Sluice rows: the run each reads and its label.
+pub const SNAPSHOT_ROWS: [(Finished, &str); 3] = [
+    (Finished::SHORT, "sluice, 20-event run"),
+    (
+        Finished::LONG_SAME_ANSWER,
+        "sluice, 100k events, same answer",
+    ),
+    (
+        Finished::LONG_TEXT,
+        "sluice, 100k text deltas, 400 KB answer",
+    ),
+];
+
 /// Scenario 5 against one target.
 pub async fn snapshots(ctx: &Ctx, t: &Target) -> Vec<Row> {
     let conns = 32;
@@ -405,11 +458,8 @@ pub async fn snapshots(ctx: &Ctx, t: &Target) -> Vec<Row> {
         return vec![snapshot_load(ctx, t, t.kind.name(), &path, conns, secs).await];
     }
     let mut rows = Vec::new();
-    for (events, label) in [
-        (20u64, "sluice, 20-event run"),
-        (100_000, "sluice, 100k-event run"),
-    ] {
-        match cached_run(ctx, t, events).await {
+    for (run, label) in SNAPSHOT_ROWS {
+        match cached_run(ctx, t, run).await {
             Ok((thread, _)) => {
                 let path = snapshot_path(t.kind, &thread, 0, "");
                 rows.push(snapshot_load(ctx, t, label, &path, conns, secs).await);
@@ -426,7 +476,7 @@ pub async fn snapshots(ctx: &Ctx, t: &Target) -> Vec<Row> {
 
 /// Measure Sluice's snapshot size for a finished 20-event run (for the canned answer).
 pub async fn measure_snapshot_bytes(ctx: &Ctx, t: &Target) -> Result<usize, String> {
-    let (thread, _) = cached_run(ctx, t, 20).await?;
+    let (thread, _) = cached_run(ctx, t, Finished::SHORT).await?;
     let req = request(
         "GET",
         &snapshot_path(Kind::Sluice, &thread, 0, ""),
@@ -620,13 +670,34 @@ async fn resume_once(
     Ok(took)
 }
 
+/// The 100k-event run scenario 7 resumes: one that exists already (scenario 5 made both
+/// kinds; the same-answer one first), else the same-answer one, made now.
+fn long_run_for_resume(ctx: &Ctx) -> Finished {
+    let made = ctx.finished.lock().unwrap_or_else(|p| p.into_inner());
+    [Finished::LONG_SAME_ANSWER, Finished::LONG_TEXT]
+        .into_iter()
+        .find(|r| made.contains_key(r))
+        .unwrap_or(Finished::LONG_SAME_ANSWER)
+}
+
 /// Scenario 7 (Sluice): resume 10 events before the end of a finished 100k-event and 20-event
 /// run, `tries` times each.
 pub async fn resumes(ctx: &Ctx, t: &Target, tries: usize) -> Vec<Row> {
     let mut rows = Vec::new();
-    for (events, label) in [(20u64, "20-event run"), (100_000, "100k-event run")] {
+    let long = long_run_for_resume(ctx);
+    for (run, label) in [(Finished::SHORT, "20-event run"), (long, "100k-event run")] {
         let mut row = Row::new(label);
-        match cached_run(ctx, t, events).await {
+        if run.events > Finished::SHORT.events {
+            row.notes.push(format!(
+                "100k-event run: {}",
+                if run.progress_filler {
+                    "the same-answer one (20-event answer, tool_progress filler)"
+                } else {
+                    "the text-delta one (400 KB answer)"
+                }
+            ));
+        }
+        match cached_run(ctx, t, run).await {
             Err(e) => row.notes.push(e),
             Ok((thread, last)) => {
                 let mut times = Vec::new();
@@ -770,7 +841,7 @@ pub async fn memory(ctx: &Ctx, t: &Target, streams: usize, polls: usize) -> Row 
         .unwrap_or_else(|p| p.into_inner())
         .unwrap_or(crate::generator::DEFAULT_SNAPSHOT_BYTES);
     let path = if t.kind == Kind::Sluice {
-        match cached_run(ctx, t, 20).await {
+        match cached_run(ctx, t, Finished::SHORT).await {
             Ok((thread, last)) => Some(snapshot_path(
                 t.kind,
                 &thread,
