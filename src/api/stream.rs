@@ -209,6 +209,7 @@ pub async fn stream_run(
         at: cursor,
         pending: Vec::new(),
         state: None,
+        more: false,
     };
     match reader.fill(store, &mut source).await {
         Ok(()) => {}
@@ -254,10 +255,14 @@ pub async fn stream_run(
                         .map_err(|Gone| "the client is gone or stuck")?;
                 }
                 last_sent = tokio::time::Instant::now();
-                reader
-                    .fill(store, &mut source)
-                    .await
-                    .map_err(|e| format!("the store failed or evicted the run: {e}"))?;
+                // Read on at once only when the last read stopped at a limit; otherwise the wait
+                // below returns at once if anything came meanwhile.
+                if reader.more {
+                    reader
+                        .fill(store, &mut source)
+                        .await
+                        .map_err(|e| format!("the store failed or evicted the run: {e}"))?;
+                }
                 continue;
             }
             let state = reader.state.expect("filled before");
@@ -330,6 +335,8 @@ struct Reader<'a> {
     pending: Vec<Bytes>,
     /// The log's state as of the last read.
     state: Option<LogState>,
+    /// Whether the last read stopped at a limit, with more to send right away.
+    more: bool,
 }
 
 impl Reader<'_> {
@@ -338,8 +345,15 @@ impl Reader<'_> {
     async fn fill(&mut self, store: &dyn Store, source: &mut Source) -> Result<(), StoreError> {
         match source {
             Source::Frames(view) => loop {
-                if let Some(through) = view.frames().read(self.at, SEND_BYTES, &mut self.pending) {
+                let (read, rendered) = {
+                    let frames = view.frames();
+                    let read = frames.read(self.at, SEND_BYTES, &mut self.pending);
+                    (read, frames.last_seq())
+                };
+                if let Some(through) = read {
                     self.at = Cursor::after(through);
+                    self.more =
+                        through < rendered || self.state.is_some_and(|s| s.last_seq > rendered);
                     if self.state.is_some() {
                         return Ok(());
                     }
@@ -364,12 +378,14 @@ impl Reader<'_> {
                     status: batch.status,
                 });
                 let mut buf = Vec::new();
+                self.more = batch.events.len() == READ_BATCH;
                 for ev in &batch.events {
                     if !self.at.covers(ev.seq) {
                         renderer.render_sse(ev, &mut buf);
                     }
                     self.at = Cursor::after(ev.seq);
                     if buf.len() >= SEND_BYTES {
+                        self.more = true;
                         break;
                     }
                 }

@@ -1,7 +1,7 @@
 //! The embedded store: everything in this process's memory.
 //!
 //! Runs live in a `DashMap` of cells; each cell holds its log behind a mutex. Each thread has
-//! one `watch` channel, shared by its runs' cells and bumped on every change (an append, an end,
+//! one change signal (a `Notify`), shared by its runs' cells and fired on every change (an append, an end,
 //! a new run, an eviction), so waiters (streams, long polls) sleep on a channel instead of
 //! holding a thread. Memory is bounded by the per-run and total limits: finished runs are
 //! evicted when their retention passes, and first (oldest finished first) under pressure; new
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use super::{
     BackendThread, LatestRun, NewRun, ReadBatch, RunId, RunInfo, RunLimit, RunOutcome, RunStatus,
@@ -82,13 +82,27 @@ struct RunState {
 
 struct RunCell {
     state: Mutex<RunState>,
-    /// The thread's change counter (shared by all its runs).
-    changed: Arc<watch::Sender<u64>>,
+    /// The thread's change signal (shared by all its runs).
+    changed: Arc<Changes>,
 }
 
 impl RunCell {
     fn bump(&self) {
-        self.changed.send_modify(|v| *v += 1);
+        self.changed.bump();
+    }
+}
+
+/// A thread's change signal: every append, status change, new run and eviction wakes its
+/// waiters, who then read the state again. One `Notify` (a waiter registers before it reads,
+/// so no change between its read and its wait is missed).
+#[derive(Default)]
+struct Changes {
+    notify: Notify,
+}
+
+impl Changes {
+    fn bump(&self) {
+        self.notify.notify_waiters();
     }
 }
 
@@ -111,12 +125,11 @@ struct ThreadRec {
     emptied_at: Option<Instant>,
     /// Bytes this record is charged.
     bytes: u64,
-    changed: Arc<watch::Sender<u64>>,
+    changed: Arc<Changes>,
 }
 
 impl ThreadRec {
     fn new(org_id: &str, agent_id: &serde_json::Value, conversation: Option<String>) -> Self {
-        let (changed, _) = watch::channel(0);
         let mut rec = ThreadRec {
             org_id: org_id.to_owned(),
             agent_id: agent_id.clone(),
@@ -130,7 +143,7 @@ impl ThreadRec {
             backend: None,
             emptied_at: None,
             bytes: 0,
-            changed: Arc::new(changed),
+            changed: Arc::default(),
         };
         rec.bytes = rec.charge();
         rec
@@ -299,7 +312,7 @@ impl MemoryStore {
             return;
         };
         self.total_bytes.fetch_sub(t.bytes, Ordering::AcqRel);
-        t.changed.send_modify(|v| *v += 1);
+        t.changed.bump();
         if let Some(conv) = t.conversation {
             self.conversations
                 .remove_if(&(t.org_id, conv), |_, th| th == thread);
@@ -385,7 +398,7 @@ impl MemoryStore {
         self.runs.insert(run_id.clone(), Arc::new(cell));
         thread.runs.push(run_id);
         thread.emptied_at = None;
-        thread.changed.send_modify(|v| *v += 1);
+        thread.changed.bump();
         Ok(info)
     }
 
@@ -600,21 +613,21 @@ impl Store for MemoryStore {
         timeout: Duration,
     ) -> Result<(), StoreError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut rx = match self.threads.get(thread) {
-            Some(t) if t.org_id == org_id => t.changed.subscribe(),
+        let changes = match self.threads.get(thread) {
+            Some(t) if t.org_id == org_id => t.changed.clone(),
             _ => return Err(StoreError::ThreadNotFound),
         };
         loop {
-            // Subscribed before reading, so no change between the read and the wait is missed;
+            // Registered before reading, so no change between the read and the wait is missed;
             // and compared with what the caller saw, so no change before the call either.
+            let mut notified = std::pin::pin!(changes.notify.notified());
+            notified.as_mut().enable();
             let (last, latest) = self.position(org_id, thread)?;
             if last > after || latest != *seen {
                 return Ok(());
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Err(_) => return Ok(()),
-                Ok(Err(_)) => return Err(StoreError::ThreadNotFound),
-                Ok(Ok(())) => {}
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(());
             }
         }
     }
@@ -665,13 +678,12 @@ impl Store for MemoryStore {
         // `Duration::MAX`: no deadline, and no timer.
         let deadline = (timeout != Duration::MAX).then(|| tokio::time::Instant::now() + timeout);
         let mut cell = Some(self.cell(run)?);
-        let mut rx = cell
-            .as_ref()
-            .map(|c| c.changed.subscribe())
-            .expect("just set");
+        let changes = cell.as_ref().map(|c| c.changed.clone()).expect("just set");
         loop {
-            // Subscribed before reading, so no change between the read and the wait is missed.
+            // Registered before reading, so no change between the read and the wait is missed.
             // After a wake-up the run is looked up again: it may have been evicted.
+            let mut notified = std::pin::pin!(changes.notify.notified());
+            notified.as_mut().enable();
             let cell = match cell.take() {
                 Some(cell) => cell,
                 None => self.cell(run)?,
@@ -684,15 +696,13 @@ impl Store for MemoryStore {
             if last > after || status.is_terminal() {
                 return Ok((last, status));
             }
-            let changed = match deadline {
-                Some(deadline) => match tokio::time::timeout_at(deadline, rx.changed()).await {
-                    Err(_) => return Ok((last, status)),
-                    Ok(changed) => changed,
-                },
-                None => rx.changed().await,
-            };
-            if changed.is_err() {
-                return Err(StoreError::RunNotFound);
+            match deadline {
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        return Ok((last, status));
+                    }
+                }
+                None => notified.await,
             }
         }
     }
