@@ -129,7 +129,7 @@ impl RunView {
                 finished: None,
                 folded: 0,
             }),
-            user_json: Bytes::from(serde_json::to_vec(&run.user_message).unwrap_or_default()),
+            user_json: Bytes::from(serde_json::to_vec(&*run.user_message).unwrap_or_default()),
         }
     }
 

@@ -140,7 +140,7 @@ pub fn identity_headers(job: &RunJob) -> Vec<(&'static str, String)> {
 pub fn request_body(job: &RunJob, backend_thread: Option<&str>) -> Value {
     let mut body = json!({
         "agentId": job.run.agent_id,
-        "message": job.run.user_message,
+        "message": *job.run.user_message,
     });
     if let Some(t) = backend_thread {
         body["threadId"] = json!(t);
@@ -195,7 +195,8 @@ mod tests {
                 bytes: 0,
                 created_at: SystemTime::UNIX_EPOCH,
                 updated_at: SystemTime::UNIX_EPOCH,
-                user_message: json!({"id":"u1","role":"user","parts":[{"type":"text","text":"hi"}]}),
+                user_message:
+                    json!({"id":"u1","role":"user","parts":[{"type":"text","text":"hi"}]}).into(),
                 idempotency_key: None,
                 assistant_message_id: "a1".into(),
             },

@@ -385,7 +385,7 @@ impl MemoryStore {
             bytes: 0,
             created_at: now,
             updated_at: now,
-            user_message: new.user_message,
+            user_message: new.user_message.into(),
             idempotency_key: new.idempotency_key,
         };
         let cell = RunCell {

@@ -161,8 +161,8 @@ pub struct RunInfo {
     pub created_at: SystemTime,
     /// When the run last changed.
     pub updated_at: SystemTime,
-    /// The user's message that started it.
-    pub user_message: serde_json::Value,
+    /// The user's message that started it (shared: reading a thread's runs does not copy it).
+    pub user_message: std::sync::Arc<serde_json::Value>,
     /// Its idempotency key, if any.
     pub idempotency_key: Option<String>,
     /// The id of the assistant message this run produces (snapshots and `start.messageId`).
