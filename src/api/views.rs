@@ -8,10 +8,12 @@
 //! Views are derived from the log and nothing else (the log stays the source of truth), so a
 //! view can be dropped and rebuilt at any time with the same frames and ids. They are built on
 //! first read, catch up in bounded batches (yielding between them, so a long run's first read
-//! does not hold a worker thread), and are dropped when the store no longer has their run
-//! ([`Views::prune`], from housekeeping).
+//! does not hold a worker thread), and are dropped ([`Views::prune`], from housekeeping) when
+//! the store no longer has their run, or when their run has ended and nobody has read it for
+//! [`VIEW_IDLE`] (a later reader rebuilds it, with the same frames and ids).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -25,39 +27,64 @@ use crate::store::{RunId, RunInfo, RunStatus, Store, StoreError};
 /// Events read from the store per catch-up step.
 const CATCH_UP_BATCH: usize = 1024;
 
+/// How long the view of a finished run is kept after its last reader asked for it.
+pub const VIEW_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The views of the runs this instance serves.
-#[derive(Default)]
 pub struct Views {
     runs: Mutex<HashMap<RunId, Arc<RunView>>>,
+    /// When the views began: `RunView::last_used` counts milliseconds from here.
+    epoch: std::time::Instant,
+}
+
+impl Default for Views {
+    fn default() -> Self {
+        Views {
+            runs: Mutex::default(),
+            epoch: std::time::Instant::now(),
+        }
+    }
 }
 
 impl Views {
     /// The view of `run`, created on first use.
     pub fn of(&self, run: &RunInfo) -> Arc<RunView> {
+        let now = self.epoch.elapsed().as_millis() as u64;
         let mut runs = lock(&self.runs);
         if let Some(view) = runs.get(&run.run_id) {
+            view.last_used.store(now, Ordering::Relaxed);
             return view.clone();
         }
         let view = Arc::new(RunView::new(run));
+        view.last_used.store(now, Ordering::Relaxed);
         runs.insert(run.run_id.clone(), view.clone());
         view
     }
 
-    /// Drop the views of runs the store no longer holds. Returns the bytes the remaining
-    /// views hold.
-    pub async fn prune(&self, store: &dyn Store) -> usize {
+    /// Drop the views of runs the store no longer holds, and those of ended runs nobody asked
+    /// for in the last `idle`. Returns the bytes the remaining views hold.
+    pub async fn prune(&self, store: &dyn Store, idle: std::time::Duration) -> usize {
         let views: Vec<Arc<RunView>> = lock(&self.runs).values().cloned().collect();
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let idle = idle.as_millis() as u64;
         let mut held = 0;
         for view in views {
-            match store.run(&view.run_id).await {
-                Err(StoreError::RunNotFound) => {
-                    lock(&self.runs).remove(&view.run_id);
+            let drop = match store.run(&view.run_id).await {
+                Err(StoreError::RunNotFound) => true,
+                Ok(run) => {
+                    run.status.is_terminal()
+                        && now.saturating_sub(view.last_used.load(Ordering::Relaxed)) >= idle
                 }
-                _ => held += view.bytes_held(),
+                Err(_) => false,
+            };
+            if drop {
+                lock(&self.runs).remove(&view.run_id);
+            } else {
+                held += view.bytes_held();
             }
         }
         held
@@ -86,6 +113,8 @@ pub struct LogState {
 /// One run's shared frames and fold.
 pub struct RunView {
     run_id: RunId,
+    /// When a reader last asked for it (milliseconds since [`Views`] began).
+    last_used: AtomicU64,
     ui: Mutex<UiFrames>,
     fold: Mutex<FoldView>,
     /// The run's user message, serialised once.
@@ -118,6 +147,7 @@ impl RunView {
     fn new(run: &RunInfo) -> RunView {
         RunView {
             run_id: run.run_id.clone(),
+            last_used: AtomicU64::new(0),
             ui: Mutex::new(UiFrames::new(
                 run.assistant_message_id.clone(),
                 run.first_seq,
@@ -270,6 +300,27 @@ mod tests {
             .await
             .unwrap()
             .run
+    }
+
+    #[tokio::test]
+    async fn views_go_with_their_run_or_when_an_ended_run_is_left_unread() {
+        let store = store();
+        let live = start(&store).await;
+        let ended = start(&store).await;
+        store
+            .finish(&ended.run_id, RunStatus::Completed, None, None)
+            .await
+            .unwrap();
+        let views = Views::default();
+        views.of(&live);
+        views.of(&ended);
+        // Read just now: both kept.
+        views.prune(&store, Duration::from_secs(60)).await;
+        assert_eq!(views.len(), 2);
+        // Unread for the idle period: the ended run's view goes, the live one stays.
+        views.prune(&store, Duration::ZERO).await;
+        assert_eq!(views.len(), 1);
+        assert!(lock(&views.runs).contains_key(&live.run_id));
     }
 
     proptest! {

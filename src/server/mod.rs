@@ -208,7 +208,10 @@ impl BackgroundService for Housekeeping {
                 _ = tick.tick() => {
                     let n = self.store.sweep().await;
                     metrics::STORE_EVICTIONS.inc_by(n as u64);
-                    let held = self.views.prune(self.store.as_ref()).await;
+                    let held = self
+                        .views
+                        .prune(self.store.as_ref(), crate::api::views::VIEW_IDLE)
+                        .await;
                     metrics::VIEW_BYTES.set(held as i64);
                 }
                 _ = shutdown.changed() => {
