@@ -214,7 +214,12 @@ impl RunView {
             {
                 let mut f = lock(&self.fold);
                 f.apply(&batch.events);
-                if f.last_seq == batch.last_seq {
+                // A run's end is final: an older read racing this one (same last seq, still in
+                // progress) must not take it back.
+                let ended = f
+                    .synced
+                    .is_some_and(|s| s.last_seq == batch.last_seq && s.status.is_terminal());
+                if f.last_seq == batch.last_seq && !ended {
                     f.synced = Some(LogState {
                         last_seq: batch.last_seq,
                         status: batch.status,
