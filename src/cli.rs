@@ -154,6 +154,15 @@ fn serve(mut config: Config, demo: Option<Dialect>) -> ExitCode {
     } else {
         None
     };
+    let insecure_jwks = crate::config::UpstreamUrl::parse(&config.auth.jwks_url)
+        .is_ok_and(|u| u.is_insecure_remote());
+    if config.auth.mode == AuthMode::Jwt && insecure_jwks {
+        log::warn!(
+            "auth.jwks_url {:?} is plain http to a host that is not loopback (allowed by \
+             auth.allow_insecure_jwks): anyone on that path can serve keys and mint tokens",
+            config.auth.jwks_url
+        );
+    }
     if config.auth.mode == AuthMode::Disabled {
         log::warn!(
             "authentication is DISABLED ([auth] mode = \"disabled\"): every request acts as \

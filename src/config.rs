@@ -161,9 +161,14 @@ pub struct AuthSection {
     /// Required `iss` (Clerk: the Frontend API URL, e.g. `https://x.clerk.accounts.dev`).
     #[serde(default)]
     pub issuer: String,
-    /// JWKS URL (http or https) to fetch the verification keys from.
+    /// JWKS URL to fetch the verification keys from: https, or http to a loopback host (or
+    /// anywhere with `allow_insecure_jwks`).
     #[serde(default)]
     pub jwks_url: String,
+    /// Accept a `jwks_url` over plain http to a host that is not loopback. Anyone on that path
+    /// could serve keys and mint tokens for every organisation; logged at start-up.
+    #[serde(default)]
+    pub allow_insecure_jwks: bool,
     /// Or a JWKS file to read them from.
     #[serde(default)]
     pub jwks_file: String,
@@ -494,6 +499,16 @@ impl UpstreamUrl {
         })
     }
 
+    /// Plain http to a host that is not loopback (`localhost`, `127.0.0.0/8`, `::1`).
+    pub fn is_insecure_remote(&self) -> bool {
+        let loopback = self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        !self.tls && !loopback
+    }
+
     /// `host:port` for connecting.
     pub fn address(&self) -> String {
         if self.host.contains(':') {
@@ -669,7 +684,18 @@ impl Config {
             return Err(invalid("auth.required_role", "must not be empty"));
         }
         if !a.jwks_url.is_empty() {
-            UpstreamUrl::parse(&a.jwks_url).map_err(|m| invalid("auth.jwks_url", m))?;
+            let url = UpstreamUrl::parse(&a.jwks_url).map_err(|m| invalid("auth.jwks_url", m))?;
+            if url.is_insecure_remote() && !a.allow_insecure_jwks {
+                return Err(invalid(
+                    "auth.jwks_url",
+                    format!(
+                        "`{}` is plain http to a host that is not loopback: anyone on that path \
+                         could serve keys and mint tokens for every organisation. Use https://, \
+                         or set auth.allow_insecure_jwks = true to accept that risk",
+                        a.jwks_url
+                    ),
+                ));
+            }
         }
         positive("auth.jwks_ttl", a.jwks_ttl)?;
         positive("auth.jwks_fetch_timeout", a.jwks_fetch_timeout)?;
@@ -793,7 +819,7 @@ mod tests {
         let with_iss = format!("{base}issuer = \"https://i\"\n");
         let err = Config::parse(&with_iss).unwrap_err();
         assert!(err.to_string().contains("key source"), "{err}");
-        let both = format!("{with_iss}jwks_file = \"k\"\njwks_url = \"http://x/j\"\n");
+        let both = format!("{with_iss}jwks_file = \"k\"\njwks_url = \"https://x/j\"\n");
         assert!(Config::parse(&both)
             .unwrap_err()
             .to_string()
@@ -807,6 +833,38 @@ mod tests {
         assert!(!c.to_toml().contains("sss"), "{}", c.to_toml());
         assert!(c.to_toml().contains("<redacted>"));
         assert!(!format!("{c:?}").contains("sss"));
+    }
+
+    #[test]
+    fn a_jwks_over_plain_http_must_stay_on_loopback() {
+        let conf = |url: &str, extra: &str| {
+            Config::parse(&format!(
+                "[auth]\nmode = \"jwt\"\nissuer = \"https://i\"\njwks_url = \"{url}\"\n{extra}"
+            ))
+        };
+        for url in [
+            "http://keys.example.com/jwks.json",
+            "http://10.0.0.7:8080/jwks",
+            "http://[2001:db8::1]/jwks",
+        ] {
+            let err = conf(url, "").unwrap_err().to_string();
+            assert!(
+                err.contains("auth.jwks_url") && err.contains("allow_insecure_jwks"),
+                "{url}: {err}"
+            );
+            // Accepted when the operator says so.
+            assert!(conf(url, "allow_insecure_jwks = true\n").is_ok(), "{url}");
+        }
+        for url in [
+            "https://keys.example.com/jwks.json",
+            "http://127.0.0.1:9000/jwks",
+            "http://127.8.9.10/jwks",
+            "http://localhost:8080/jwks",
+            "http://LOCALHOST/jwks",
+            "http://[::1]:8080/jwks",
+        ] {
+            assert!(conf(url, "").is_ok(), "{url}");
+        }
     }
 
     #[test]

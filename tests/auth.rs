@@ -612,3 +612,66 @@ async fn two_organisations_with_one_conversation_id_reach_two_backend_conversati
         assert_eq!(text_of(&snap["messages"][1]), expected_answer("hello", 1));
     }
 }
+
+/// A JWKS over plain http to a host that is not loopback is refused at start (anyone on the path
+/// could serve keys and mint tokens for every organisation), unless the operator accepts it,
+/// and then it is warned about at start-up. Loopback JWKS (as every test here uses) are fine.
+#[test]
+fn a_remote_jwks_over_plain_http_is_refused_unless_allowed() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_sluice");
+    let dir = TempDir::new();
+    let conf = dir.0.join("insecure.toml");
+    let base = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [auth]\nmode = \"jwt\"\nissuer = \"{ISS}\"\njwks_url = \"http://keys.example.com/jwks.json\"\n"
+    );
+    std::fs::write(&conf, &base).unwrap();
+    for cmd in ["check", "serve"] {
+        let out = Command::new(bin)
+            .args([cmd, "--config", conf.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("auth.jwks_url") && err.contains("allow_insecure_jwks"),
+            "{cmd}: {err}"
+        );
+    }
+
+    std::fs::write(&conf, format!("{base}allow_insecure_jwks = true\n")).unwrap();
+    let mut child = Command::new(bin)
+        .args(["serve", "--config", conf.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut warned = None;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("allow_insecure_jwks") => {
+                warned = Some(line);
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = warned.expect("the insecure JWKS is warned about at start-up");
+    assert!(line.contains("keys.example.com"), "{line}");
+}
