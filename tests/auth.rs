@@ -675,3 +675,62 @@ fn a_remote_jwks_over_plain_http_is_refused_unless_allowed() {
     let line = warned.expect("the insecure JWKS is warned about at start-up");
     assert!(line.contains("keys.example.com"), "{line}");
 }
+
+/// Idempotency keys are per user: two users of one organisation whose clients number their
+/// messages alike get a run each, while each user's own retry re-attaches to their run.
+#[tokio::test]
+async fn idempotency_keys_are_per_user_within_an_organisation() {
+    let s = Setup::new("");
+    let alice = s.token(&v2("user_alice", "org_a", "admin"));
+    let bob = s.token(&v2("user_bob", "org_a", "admin"));
+    let body = |thread: Option<&str>| {
+        let mut b = json!({"agentId": 1, "message": {"id": "1", "role": "user",
+                            "parts": [{"type": "text", "text": "hello"}]}});
+        if let Some(t) = thread {
+            b["threadId"] = json!(t);
+        }
+        b
+    };
+    let invoke = |token: String| {
+        let http = s.gw.http.clone();
+        let url = s.gw.url("/api/invokeAgent");
+        let body = body(None);
+        async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(token)
+                .header("x-stream-response", "false")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 202);
+            let reattached = resp.headers().get("x-sluice-reattached").is_some();
+            let v: Value = resp.json().await.unwrap();
+            (
+                v["threadId"].as_str().unwrap().to_string(),
+                v["runId"].as_str().unwrap().to_string(),
+                reattached,
+            )
+        }
+    };
+    let (a_thread, a_run, a_again) = invoke(alice.clone()).await;
+    assert!(!a_again);
+    let (b_thread, b_run, b_again) = invoke(bob.clone()).await;
+    assert!(!b_again, "bob's message \"1\" re-attached to alice's run");
+    assert_ne!((&a_thread, &a_run), (&b_thread, &b_run));
+    // Each user's own retry finds their own run.
+    let (t, r, again) = invoke(alice.clone()).await;
+    assert_eq!((t, r, again), (a_thread.clone(), a_run, true));
+    let (t, r, again) = invoke(bob.clone()).await;
+    assert_eq!((t, r, again), (b_thread.clone(), b_run, true));
+    // And the backend saw one run per user.
+    let seen = mock_requests(&s.gw.http, &s.mock.addrs[0]).await;
+    for user in ["user_alice", "user_bob"] {
+        let runs = seen
+            .iter()
+            .filter(|r| r["headers"]["x-sluice-user-id"] == json!(user))
+            .count();
+        assert_eq!(runs, 1, "{user}: {seen:?}");
+    }
+}

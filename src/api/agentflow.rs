@@ -164,7 +164,9 @@ pub async fn run_agent(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Resu
             backend_thread: api.store.backend_thread(&run.thread_id).await,
         };
         if let Some(err) = super::invoke::admit(api, job).await {
-            api.store.forget_key(&who.org_id, &key, &run.run_id).await;
+            api.store
+                .forget_key(&who.org_id, &who.user_id, &key, &run.run_id)
+                .await;
             let mut reply = err.reply();
             reply.headers.extend(ids);
             let _ = ex.respond(reply).await;

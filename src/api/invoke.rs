@@ -165,7 +165,7 @@ pub async fn invoke_agent(
     } else if let Some(refusal) = start_upstream(api, who, &req, &run).await {
         // A retry should ask the backend again, not re-attach to this refusal.
         api.store
-            .forget_key(&who.org_id, &req.message_id, &run.run_id)
+            .forget_key(&who.org_id, &who.user_id, &req.message_id, &run.run_id)
             .await;
         let mut reply = refusal.reply();
         reply.headers.extend(ids);

@@ -170,8 +170,8 @@ pub struct MemoryStore {
     limits: MemoryLimits,
     runs: DashMap<RunId, Arc<RunCell>, IdHashing>,
     threads: DashMap<ThreadId, ThreadRec, IdHashing>,
-    /// (organisation, idempotency key) → run.
-    keys: DashMap<(String, String), RunId>,
+    /// (organisation, user, idempotency key) → run.
+    keys: DashMap<(String, String, String), RunId>,
     /// (organisation, client conversation id) → thread.
     conversations: DashMap<(String, String), ThreadId>,
     total_bytes: AtomicU64,
@@ -252,7 +252,10 @@ impl MemoryStore {
                 error: i.error.clone(),
                 updated_at: i.updated_at,
             };
-            let key = i.idempotency_key.clone().map(|k| (i.org_id.clone(), k));
+            let key = i
+                .idempotency_key
+                .clone()
+                .map(|k| (i.org_id.clone(), i.user_id.clone(), k));
             (outcome, i.thread_id.clone(), key, i.last_seq, i.bytes)
         };
         if let Some(key) = key {
@@ -443,7 +446,10 @@ impl Store for MemoryStore {
             });
         };
         // The key's entry is held while the run is created, so concurrent retries get one run.
-        match self.keys.entry((new.org_id.clone(), key)) {
+        match self
+            .keys
+            .entry((new.org_id.clone(), new.user_id.clone(), key))
+        {
             dashmap::Entry::Occupied(mut e) => {
                 if let Some(run) = self.info_of(e.get()) {
                     let same_thread = new.thread_id.as_ref().is_none_or(|t| *t == run.thread_id);
@@ -476,9 +482,9 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn forget_key(&self, org_id: &str, key: &str, run: &RunId) {
-        self.keys
-            .remove_if(&(org_id.to_string(), key.to_string()), |_, r| r == run);
+    async fn forget_key(&self, org_id: &str, user_id: &str, key: &str, run: &RunId) {
+        let key = (org_id.to_string(), user_id.to_string(), key.to_string());
+        self.keys.remove_if(&key, |_, r| r == run);
     }
 
     async fn append(&self, run: &RunId, mut events: Vec<NewEvent>) -> Result<u64, StoreError> {
@@ -1247,7 +1253,7 @@ mod tests {
             assert!(s.create_run(keyed(None)).await.unwrap().existing);
             let th = s.thread("o", &first.run.thread_id).await.unwrap();
             assert_eq!(th.runs.len(), 2, "the failed run stays in the history");
-            s.forget_key("o", "m1", &retry.run.run_id).await;
+            s.forget_key("o", "u", "m1", &retry.run.run_id).await;
         }
         // Stopped and completed runs re-attach.
         let stopped = s.create_run(keyed(None)).await.unwrap();

@@ -116,8 +116,9 @@ pub struct NewRun {
     pub agent_id: serde_json::Value,
     /// The user's message (an AI SDK `UIMessage`), as it will appear in snapshots.
     pub user_message: serde_json::Value,
-    /// Idempotency key (the user message's id): a run created with the same organisation and
-    /// key, while it is retained, is returned instead of creating another.
+    /// Idempotency key (the user message's id): a run created by the same user of the same
+    /// organisation with the same key, while it is retained, is returned instead of creating
+    /// another. Two users whose clients number messages alike never meet.
     pub idempotency_key: Option<String>,
     /// With no `thread_id`: the client's own conversation id (AgentFlow dialect), mapped to one
     /// thread per organisation, created on first use.
@@ -300,17 +301,17 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Create a run (and its thread when `new.thread_id` is `None`), or return the retained run
-    /// of the same organisation and idempotency key (atomically: concurrent retries get one
-    /// run). A key whose run ended `error` or `timeout` starts a new run in the same thread
+    /// of the same organisation, user and idempotency key (atomically: concurrent retries get
+    /// one run). A key whose run ended `error` or `timeout` starts a new run in the same thread
     /// instead (the failed one stays in its history). A client conversation id maps to one
     /// thread per organisation, created atomically on first use. Refuses an unknown or foreign thread ([`StoreError::ThreadNotFound`]), a thread
     /// whose latest run is in progress ([`StoreError::RunInProgress`]), another agent's thread,
     /// and a full store.
     async fn create_run(&self, new: NewRun) -> Result<Started, StoreError>;
 
-    /// Forget an idempotency key of `org_id` if it still names `run` (e.g. the backend refused
+    /// Forget an idempotency key of `user_id` in `org_id` if it still names `run` (e.g. the backend refused
     /// the run, so a retry should try again rather than re-attach to the refusal).
-    async fn forget_key(&self, org_id: &str, key: &str, run: &RunId);
+    async fn forget_key(&self, org_id: &str, user_id: &str, key: &str, run: &RunId);
 
     /// Append events to an in-progress run, numbering them from `last_seq + 1`. Returns the new
     /// `last_seq`. Wakes every waiter of the run's thread. When the batch would take the run past
