@@ -69,6 +69,9 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
+                for warning in c.warnings() {
+                    eprintln!("sluice: warning: {warning}");
+                }
                 println!("# {}: valid\n{}", config.display(), c.to_toml());
                 ExitCode::SUCCESS
             }
@@ -154,6 +157,9 @@ fn serve(mut config: Config, demo: Option<Dialect>) -> ExitCode {
     } else {
         None
     };
+    for warning in config.warnings() {
+        log::warn!("{warning}");
+    }
     let insecure_jwks = crate::config::UpstreamUrl::parse(&config.auth.jwks_url)
         .is_ok_and(|u| u.is_insecure_remote());
     if config.auth.mode == AuthMode::Jwt && insecure_jwks {

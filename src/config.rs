@@ -93,6 +93,9 @@ pub struct ServerSection {
     pub listen: String,
     /// Admin listener: `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: String,
+    /// When set, `/metrics` on the admin listener needs `Authorization: Bearer <admin_token>`
+    /// (`/healthz` and `/readyz` stay open for load balancers).
+    pub admin_token: Secret,
     /// Worker threads per service.
     pub threads: usize,
     /// On SIGTERM, how long to keep serving before stopping.
@@ -106,6 +109,7 @@ impl Default for ServerSection {
         ServerSection {
             listen: "127.0.0.1:8080".into(),
             admin_listen: "127.0.0.1:9090".into(),
+            admin_token: Secret::default(),
             threads: 2,
             grace_period: Dur(Duration::from_secs(1)),
             graceful_shutdown_timeout: Dur(Duration::from_secs(5)),
@@ -559,6 +563,30 @@ impl Config {
     }
 
     /// Check the values that parse but may still be wrong.
+    /// What a valid configuration may still get wrong, as sentences for the operator
+    /// (`sluice check` prints them; `serve` logs them).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let admin_on_loopback = self
+            .server
+            .admin_listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if !admin_on_loopback {
+            out.push(format!(
+                "server.admin_listen {} is not loopback: /metrics, /healthz and /readyz are \
+                 reachable from the network{}",
+                self.server.admin_listen,
+                if self.server.admin_token.is_set() {
+                    " (/metrics needs server.admin_token)"
+                } else {
+                    "; bind it to 127.0.0.1 or set server.admin_token to protect /metrics"
+                }
+            ));
+        }
+        out
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_addr("server.listen", &self.server.listen)?;
         check_addr("server.admin_listen", &self.server.admin_listen)?;
@@ -833,6 +861,28 @@ mod tests {
         assert!(!c.to_toml().contains("sss"), "{}", c.to_toml());
         assert!(c.to_toml().contains("<redacted>"));
         assert!(!format!("{c:?}").contains("sss"));
+    }
+
+    #[test]
+    fn an_admin_listener_beyond_loopback_is_warned_about() {
+        let conf = |server: &str| {
+            Config::parse(&format!("[auth]\nmode = \"disabled\"\n[server]\n{server}")).unwrap()
+        };
+        assert!(conf("").warnings().is_empty());
+        assert!(conf("admin_listen = \"[::1]:9090\"\n")
+            .warnings()
+            .is_empty());
+        let open = conf("admin_listen = \"0.0.0.0:9090\"\n").warnings();
+        assert_eq!(open.len(), 1);
+        assert!(open[0].contains("0.0.0.0:9090") && open[0].contains("set server.admin_token"));
+        let guarded = conf("admin_listen = \"10.1.2.3:9090\"\nadmin_token = \"t0ken\"\n");
+        let warned = guarded.warnings();
+        assert!(
+            warned[0].contains("/metrics needs server.admin_token"),
+            "{warned:?}"
+        );
+        // The token never shows.
+        assert!(!guarded.to_toml().contains("t0ken"));
     }
 
     #[test]

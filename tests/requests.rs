@@ -197,3 +197,56 @@ fn check_validates_and_prints_the_effective_config() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("limits.max_body_bytes"));
 }
+
+/// An admin listener beyond loopback is warned about by `sluice check`; with
+/// `server.admin_token`, `/metrics` needs the token while the health routes stay open.
+#[tokio::test]
+async fn the_admin_listener_warns_beyond_loopback_and_can_require_a_token() {
+    let bin = env!("CARGO_BIN_EXE_sluice");
+    let dir = TempDir::new();
+    let conf = dir.0.join("open.toml");
+    std::fs::write(
+        &conf,
+        "[server]\nadmin_listen = \"0.0.0.0:9090\"\n[auth]\nmode = \"disabled\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["check", "--config", conf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("0.0.0.0:9090") && err.contains("admin_token"),
+        "{err}"
+    );
+    // The default (loopback) says nothing.
+    let out = std::process::Command::new(bin)
+        .args(["check", "--config", "config/sluice.toml"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
+
+    let mock = mock_agent();
+    let gw = gateway_conf(
+        &mock.addrs[0],
+        "admin_token = \"s3cret-admin\"\n",
+        "",
+        "mode = \"disabled\"\n",
+        "",
+    );
+    let get = |path: &str, token: Option<&str>| {
+        let mut req = gw.http.get(format!("{}{path}", gw.admin));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    assert_eq!(get("/metrics", None).await.unwrap().status(), 401);
+    assert_eq!(get("/metrics", Some("wrong")).await.unwrap().status(), 401);
+    let ok = get("/metrics", Some("s3cret-admin")).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert!(ok.text().await.unwrap().contains("sluice_store_bytes"));
+    assert_eq!(get("/readyz", None).await.unwrap().status(), 200);
+    assert_eq!(get("/healthz", None).await.unwrap().status(), 200);
+}

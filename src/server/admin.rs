@@ -1,5 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process answers)
-//! and `/readyz` (ready to take runs: not shutting down and the store has room).
+//! and `/readyz` (ready to take runs: not shutting down and the store has room). With
+//! `server.admin_token`, `/metrics` needs it as a bearer token; the health routes stay open for
+//! load balancers.
 
 use std::sync::Arc;
 
@@ -19,6 +21,28 @@ pub struct AdminApp {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// `limits.max_total_bytes`, for readiness.
     pub max_total_bytes: u64,
+    /// `server.admin_token`: when set, `/metrics` needs it as a bearer token.
+    pub token: Option<String>,
+}
+
+/// Whether the request carries `Authorization: Bearer <token>` (compared in constant time).
+fn authorised(session: &ServerSession, token: &str) -> bool {
+    let given = session
+        .req_header()
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .unwrap_or("");
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -38,6 +62,19 @@ impl ServeHttp for AdminApp {
             return reply(405, "text/plain", b"method not allowed\n".to_vec());
         }
         match req.uri.path() {
+            "/metrics"
+                if self
+                    .token
+                    .as_deref()
+                    .is_some_and(|t| !authorised(session, t)) =>
+            {
+                let mut resp = reply(401, "text/plain", b"admin token required\n".to_vec());
+                resp.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer realm=\"sluice admin\""),
+                );
+                resp
+            }
             "/metrics" => {
                 metrics::STORE_BYTES.set(self.store.bytes_held() as i64);
                 reply(200, "text/plain; version=0.0.4", metrics::render())

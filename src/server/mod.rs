@@ -150,6 +150,7 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
             store: store.clone(),
             shutdown: draining_rx,
             max_total_bytes: config.limits.max_total_bytes,
+            token: Some(config.server.admin_token.0.clone()).filter(|t| !t.is_empty()),
         }),
     );
     admin.add_tcp(&admin_addr.to_string());
