@@ -734,3 +734,47 @@ async fn idempotency_keys_are_per_user_within_an_organisation() {
         assert_eq!(runs, 1, "{user}: {seen:?}");
     }
 }
+
+/// A POST refused before its body is read (here: no token) gets its answer and the connection
+/// is closed at once: a client trickling a chunked body cannot hold the connection (or a task)
+/// after its 401.
+#[tokio::test]
+async fn a_trickled_body_after_a_401_does_not_hold_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Setup::new("");
+    let addr = s.gw.base.trim_start_matches("http://").to_string();
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    wr.write_all(
+        b"POST /api/invokeAgent HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          transfer-encoding: chunked\r\n\r\n1\r\n{\r\n",
+    )
+    .await
+    .unwrap();
+    // Keep trickling a byte every 100 ms (for up to 10 s); the gateway must answer and close
+    // regardless.
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if wr.write_all(b"1\r\n \r\n").await.is_err() {
+                return;
+            }
+        }
+    });
+    let read = async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let got = tokio::time::timeout(Duration::from_secs(3), read)
+        .await
+        .expect("the connection was held open after the 401 while the body trickled");
+    trickle.abort();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+}

@@ -28,6 +28,8 @@ pub struct PingoraExchange<'a> {
     status: Option<u16>,
     aborted: bool,
     write_timed_out: bool,
+    /// Whether the request body was read to its end.
+    body_read: bool,
 }
 
 impl<'a> PingoraExchange<'a> {
@@ -38,7 +40,20 @@ impl<'a> PingoraExchange<'a> {
             status: None,
             aborted: false,
             write_timed_out: false,
+            body_read: false,
         }
+    }
+
+    /// Whether the request announces a body (a non-zero length, or chunked).
+    fn has_body(&self) -> bool {
+        let chunked = self
+            .header("transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let length = self
+            .header("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0);
+        chunked || length
     }
 
     fn header_for(
@@ -92,7 +107,10 @@ impl Exchange for PingoraExchange<'_> {
                     }
                     body.extend_from_slice(&chunk);
                 }
-                Ok(None) => return Ok(body.freeze()),
+                Ok(None) => {
+                    self.body_read = true;
+                    return Ok(body.freeze());
+                }
                 Err(e) => {
                     return Err(ApiError::InvalidRequest(format!(
                         "could not read the request body: {e}"
@@ -108,7 +126,10 @@ impl Exchange for PingoraExchange<'_> {
             resp.insert_header("content-length", reply.body.len().to_string())
                 .map_err(|_| Gone)?;
         }
-        if reply.close {
+        // A refusal before the body was read (a bad token, an unknown route, a drain) closes
+        // the connection rather than draining the body: a client trickling a body cannot hold
+        // the connection, or its task, after its answer.
+        if reply.close || (!self.body_read && self.has_body()) {
             self.session.set_keepalive(None);
         }
         self.status = Some(reply.status);
