@@ -564,3 +564,62 @@ async fn a_draining_api_answers_new_requests_503_shutting_down() {
         assert!(reply.close, "the connection is not kept alive");
     }
 }
+
+/// Not only streams: any answer to a client that stops reading is bounded by
+/// `stream.stuck_reader_timeout`. Here a 12 MB snapshot to a client that reads nothing for
+/// several seconds: the gateway gives up, closes the connection, and the client finds the
+/// answer cut short.
+#[tokio::test]
+async fn a_client_that_never_reads_a_large_answer_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = mock_agent();
+    let gw = gateway_conf(
+        &mock.addrs[0],
+        "",
+        "max_event_bytes = 16777216\n",
+        "mode = \"disabled\"\n",
+        "[stream]\nstuck_reader_timeout = \"1s\"\n",
+    );
+    let (thread, _) = gw.start("scenario:oversize bytes=12000000", None).await;
+    let done = gw.wait_terminal(&thread).await;
+    assert_eq!(done["streamStatus"], "completed", "{done}");
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(addr_of(&gw).parse().unwrap()).await.unwrap();
+    tcp.write_all(
+        format!("GET /api/getConversation?threadId={thread} HTTP/1.1\r\nhost: x\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Read nothing for well over the timeout.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let read_all = async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read_all)
+        .await
+        .expect("the connection was closed");
+    let head_end = find(&got, b"\r\n\r\n").expect("a response head") + 4;
+    let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    assert!(length > 12_000_000, "{length}");
+    assert!(
+        got.len() - head_end < length,
+        "the whole answer was delivered to a client that did not read ({} bytes)",
+        got.len() - head_end
+    );
+}

@@ -111,6 +111,9 @@ pub struct Api {
 impl Api {
     /// Answer one request. Returns the route label for metrics.
     pub async fn handle(&self, ex: &mut dyn Exchange) -> &'static str {
+        // Every answer's writes are bounded: a client that stops reading is dropped after
+        // `stream.stuck_reader_timeout`, whatever the route (streams set the same bound).
+        ex.set_write_timeout(self.config.stream.stuck_reader_timeout.0);
         let routed = route::route(ex.method(), ex.path());
         let label = routed.as_ref().map_or(route::UNMATCHED, |r| r.name());
         // A draining process takes no new work; answers already under way go on. Retry once

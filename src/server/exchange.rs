@@ -137,10 +137,16 @@ impl Exchange for PingoraExchange<'_> {
             .write_response_header(Box::new(resp), false)
             .await
             .map_err(|_| Gone)?;
-        self.session
+        let sent = self
+            .session
             .write_response_body(Some(reply.body), true)
-            .await
-            .map_err(|_| Gone)
+            .await;
+        if sent.is_err() {
+            // A client that stopped reading (the write timed out) or went away: never reuse
+            // a connection whose answer was cut.
+            self.session.set_keepalive(None);
+        }
+        sent.map_err(|_| Gone)
     }
 
     async fn start_stream(
