@@ -16,7 +16,7 @@ bench: prereqs
 	$(CARGO) bench
 
 # The whole-gateway load harness (docs/bench-load.md): the generator backend directly, behind
-# nginx and behind Sluice, on loopback; about 6 minutes. DURATION (seconds of events per stream,
+# nginx and behind Sluice, on loopback; about 5 minutes. DURATION (seconds of events per stream,
 # default 10), REPS (default 1), ONLY (e.g. nginx,sluice) and SCENARIOS (e.g. 1,5 or 1-4) scale
 # or narrow it. The report is printed and written to target/bench-load/report.md.
 bench-load: prereqs

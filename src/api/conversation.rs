@@ -99,7 +99,7 @@ pub async fn get_conversation(
 pub async fn snapshot(api: &Api, thread: &ThreadInfo) -> Result<Option<Vec<u8>>, ApiError> {
     let store = api.store.as_ref();
     let mut messages: Vec<Bytes> = Vec::with_capacity(thread.runs.len() * 2);
-    let mut latest: Option<(RunInfo, LogState)> = None;
+    let mut latest: Option<(&RunInfo, LogState)> = None;
     for run in &thread.runs {
         let view = api.views.of(run);
         messages.push(view.user_json());
@@ -111,18 +111,20 @@ pub async fn snapshot(api: &Api, thread: &ThreadInfo) -> Result<Option<Vec<u8>>,
         if folded.at.last_seq >= run.first_seq {
             messages.push(folded.json);
         }
-        latest = Some((run.clone(), folded.at));
+        latest = Some((run, folded.at));
     }
     let (run_id, status, error, updated_at, last_seq) = match (latest, &thread.latest_evicted) {
-        (Some((mut run, at)), _) => {
-            if at.status != run.status {
+        (Some((run, at)), _) => {
+            let run = if at.status == run.status {
+                run.clone()
+            } else {
                 // The run ended after the thread was read: its error and end time too.
-                run = match store.run(&run.run_id).await {
+                match store.run(&run.run_id).await {
                     Ok(run) => run,
                     Err(StoreError::RunNotFound) => return Ok(None),
                     Err(e) => return Err(e.into()),
-                };
-            }
+                }
+            };
             (
                 run.run_id,
                 at.status,

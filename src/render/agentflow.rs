@@ -5,6 +5,7 @@
 
 use memchr::memchr2;
 
+use super::put_u64;
 use crate::agentflow;
 use crate::event::Event;
 use crate::sse;
@@ -46,21 +47,6 @@ impl AgentFlowRenderer {
     }
 }
 
-/// Append `n` in decimal.
-fn put_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,15 +82,6 @@ mod tests {
         let synthetic = ev(3, r#"{"type":"error","content":{"message":"m"}}"#);
         assert!(quiet.shows(&root) && !quiet.shows(&nested) && quiet.shows(&synthetic));
         assert!(AgentFlowRenderer { verbose: true }.shows(&nested));
-    }
-
-    #[test]
-    fn seqs_are_written_in_decimal() {
-        for n in [0u64, 7, 10, 12345, u64::MAX] {
-            let mut out = b"x".to_vec();
-            put_u64(&mut out, n);
-            assert_eq!(out, format!("x{n}").into_bytes());
-        }
     }
 
     #[test]

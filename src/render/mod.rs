@@ -17,3 +17,18 @@ pub(crate) mod proptests;
 
 /// The frame that ends a UI-message stream (optional for clients; sent once the run is over).
 pub const DONE_FRAME: &[u8] = b"data: [DONE]\n\n";
+
+/// Append `n` in decimal (SSE ids, without a `String` per event).
+pub(crate) fn put_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}

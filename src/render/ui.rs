@@ -48,6 +48,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use super::chunk::Chunk;
+use super::put_u64;
 use crate::agentflow::{self, AfEvent, AfKind, Terminal};
 use crate::event::Event;
 
@@ -128,21 +129,6 @@ pub struct UiRenderer {
     tools: HashMap<String, String>,
     /// Reused buffer for the SSE methods.
     scratch: Vec<Chunk>,
-}
-
-/// Append `n` in decimal.
-fn put_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
 }
 
 fn transient(name: &str, data: Value) -> Chunk {
@@ -1114,9 +1100,9 @@ id: 2\ndata: {\"type\":\"finish\"}\n\n"
     #[test]
     fn put_u64_digits() {
         for n in [0u64, 7, 10, 12345, u64::MAX] {
-            let mut out = Vec::new();
-            put_u64(&mut out, n);
-            assert_eq!(out, n.to_string().into_bytes());
+            let mut out = b"x".to_vec();
+            crate::render::put_u64(&mut out, n);
+            assert_eq!(out, format!("x{n}").into_bytes());
         }
     }
 
