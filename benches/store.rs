@@ -16,6 +16,7 @@ fn store() -> MemoryStore {
         retention: Duration::from_secs(3600),
         thread_retention: Duration::from_secs(3600),
         retry_after: Duration::from_secs(5),
+        quotas: sluice::store::budget::Quotas::unlimited(),
     })
 }
 
@@ -69,7 +70,10 @@ fn bench(c: &mut Criterion) {
     rt.block_on(s.append(&r.run_id, (0..10_000).map(payload).collect()))
         .unwrap();
     g.bench_function("read_after_1000_of_10000", |b| {
-        b.iter(|| rt.block_on(s.read_after(&r.run_id, 5000, 1000)).unwrap())
+        b.iter(|| {
+            rt.block_on(s.read_after(&r.run_id, 5000, 1000, usize::MAX))
+                .unwrap()
+        })
     });
     g.finish();
 }

@@ -5,12 +5,15 @@
 //! Durations are humantime strings (`"30s"`, `"15m"`); sizes are plain integers whose key ends
 //! in `_bytes`. Nothing here does I/O except [`Config::load`] reading the file.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::store::budget::{OrgQuota, Quotas};
 
 /// A configuration problem, naming the key it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +105,12 @@ pub struct ServerSection {
     pub grace_period: Dur,
     /// Then, how long running work may take to finish.
     pub graceful_shutdown_timeout: Dur,
+    /// Most client connections open on the API listener at once; one more is answered
+    /// `503 overloaded` and closed.
+    pub max_connections: usize,
+    /// After an answer, how long Sluice spends reading the rest of a request body it did not
+    /// need (to keep the connection); past it, the connection is closed.
+    pub drain_timeout: Dur,
 }
 
 impl Default for ServerSection {
@@ -113,6 +122,8 @@ impl Default for ServerSection {
             threads: 2,
             grace_period: Dur(Duration::from_secs(1)),
             graceful_shutdown_timeout: Dur(Duration::from_secs(5)),
+            max_connections: 16_384,
+            drain_timeout: Dur(Duration::from_secs(5)),
         }
     }
 }
@@ -304,6 +315,9 @@ pub struct UpstreamSection {
     pub poll_max_connections: usize,
     /// `poll`: this many failed polls in a row end the run with `error`.
     pub poll_max_failures: u32,
+    /// `poll`: the largest conversation snapshot read from the backend (a larger one fails the
+    /// poll); with `poll_max_connections`, it bounds what polls in flight hold.
+    pub poll_max_snapshot_bytes: usize,
     /// Other backends for some agents: the first route whose `agents` matches the agent id
     /// takes the run; other agents go to `urls`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -330,6 +344,7 @@ impl Default for UpstreamSection {
             poll_timeout: Dur(Duration::from_secs(15 * 60)),
             poll_max_connections: 64,
             poll_max_failures: 5,
+            poll_max_snapshot_bytes: 16 * 1024 * 1024,
             routes: Vec::new(),
             conversation_ids: ConversationIds::Thread,
         }
@@ -385,9 +400,12 @@ pub struct LimitsSection {
     pub max_events_per_run: u64,
     /// Most payload bytes one run may hold; the run ends with `error` when it would exceed this.
     pub max_bytes_per_run: u64,
-    /// Most payload bytes the store may hold in all; finished runs are evicted first, then new
-    /// runs are refused with 503.
+    /// Most bytes held in all (event payloads with their overhead, run records with their user
+    /// messages, thread records, rendered frames and kept folds); finished runs are evicted
+    /// first, then new runs are refused with 503 above 90 %.
     pub max_total_bytes: u64,
+    /// `[limits.per_org]`: what one organisation may take.
+    pub per_org: PerOrgSection,
 }
 
 impl Default for LimitsSection {
@@ -397,6 +415,91 @@ impl Default for LimitsSection {
             max_events_per_run: 100_000,
             max_bytes_per_run: 32 * 1024 * 1024,
             max_total_bytes: 512 * 1024 * 1024,
+            per_org: PerOrgSection::default(),
+        }
+    }
+}
+
+/// `[limits.per_org]`: quotas per organisation, refused with `429 quota_exceeded`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PerOrgSection {
+    /// Most runs in progress at once.
+    pub max_running_runs: u64,
+    /// Most bytes an organisation's runs and threads may hold; a new run at this is refused
+    /// once the organisation's own finished runs were evicted to make room. Unset: half of
+    /// `limits.max_total_bytes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// Most SSE streams open at once, per instance.
+    pub max_streams: u64,
+    /// Most long-polls waiting at once, per instance.
+    pub max_long_polls: u64,
+    /// `Retry-After` sent with `429 quota_exceeded`.
+    pub retry_after: Dur,
+    /// Per-organisation overrides, by organisation id (`[limits.per_org.overrides."org_…"]`);
+    /// each key left out takes the value above.
+    pub overrides: BTreeMap<String, OrgOverride>,
+}
+
+impl Default for PerOrgSection {
+    fn default() -> Self {
+        PerOrgSection {
+            max_running_runs: 1_000,
+            max_bytes: None,
+            max_streams: 4_096,
+            max_long_polls: 4_096,
+            retry_after: Dur(Duration::from_secs(5)),
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+/// One organisation's quotas (`[limits.per_org.overrides."org_…"]`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgOverride {
+    /// See [`PerOrgSection::max_running_runs`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_running_runs: Option<u64>,
+    /// See [`PerOrgSection::max_bytes`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// See [`PerOrgSection::max_streams`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_streams: Option<u64>,
+    /// See [`PerOrgSection::max_long_polls`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_long_polls: Option<u64>,
+}
+
+impl LimitsSection {
+    /// The quotas, resolved: defaults filled in and overrides applied.
+    pub fn quotas(&self) -> Quotas {
+        let p = &self.per_org;
+        let default = OrgQuota {
+            max_running_runs: p.max_running_runs,
+            max_bytes: p.max_bytes.unwrap_or(self.max_total_bytes / 2),
+            max_streams: p.max_streams,
+            max_long_polls: p.max_long_polls,
+        };
+        let overrides = p
+            .overrides
+            .iter()
+            .map(|(org, o)| {
+                let quota = OrgQuota {
+                    max_running_runs: o.max_running_runs.unwrap_or(default.max_running_runs),
+                    max_bytes: o.max_bytes.unwrap_or(default.max_bytes),
+                    max_streams: o.max_streams.unwrap_or(default.max_streams),
+                    max_long_polls: o.max_long_polls.unwrap_or(default.max_long_polls),
+                };
+                (org.clone(), quota)
+            })
+            .collect();
+        Quotas {
+            default,
+            overrides,
+            retry_after: p.retry_after.0,
         }
     }
 }
@@ -631,6 +734,40 @@ impl Config {
                 "must be at least limits.max_bytes_per_run",
             ));
         }
+        let p = &self.limits.per_org;
+        let overrides = p.overrides.iter().map(|(org, o)| {
+            (
+                "limits.per_org.overrides",
+                format!("{org:?}: "),
+                [o.max_running_runs, o.max_streams, o.max_long_polls],
+                o.max_bytes,
+            )
+        });
+        let counts = [p.max_running_runs, p.max_streams, p.max_long_polls].map(Some);
+        let all = std::iter::once(("limits.per_org", String::new(), counts, p.max_bytes));
+        for (key, org, counts, bytes) in all.chain(overrides) {
+            if counts.contains(&Some(0)) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{org}max_running_runs, max_streams and max_long_polls must be at least 1"
+                    ),
+                ));
+            }
+            if bytes.is_some_and(|b| b < self.limits.max_bytes_per_run) {
+                return Err(invalid(
+                    key,
+                    format!("{org}max_bytes must be at least limits.max_bytes_per_run"),
+                ));
+            }
+        }
+        if p.retry_after.0 < Duration::from_secs(1) {
+            return Err(invalid("limits.per_org.retry_after", "must be at least 1s"));
+        }
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        positive("server.drain_timeout", self.server.drain_timeout)?;
         positive("store.retention", self.store.retention)?;
         positive("store.thread_retention", self.store.thread_retention)?;
         if self.store.full_retry_after.0 < Duration::from_secs(1) {
@@ -675,6 +812,12 @@ impl Config {
             return Err(invalid(
                 "upstream.poll_max_connections",
                 "must be at least 1",
+            ));
+        }
+        if u.poll_max_snapshot_bytes < 1024 {
+            return Err(invalid(
+                "upstream.poll_max_snapshot_bytes",
+                "must be at least 1024",
             ));
         }
         if u.poll_max_failures == 0 {

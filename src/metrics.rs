@@ -15,7 +15,8 @@ use std::sync::LazyLock;
 
 use pingora_prometheus::prometheus::{
     self, register_histogram_vec, register_int_counter, register_int_counter_vec,
-    register_int_gauge, Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge, TextEncoder,
+    register_int_gauge, register_int_gauge_vec, Encoder, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, TextEncoder,
 };
 
 /// `sluice_http_requests_total{route,status}`: client API requests answered.
@@ -118,11 +119,54 @@ pub static VIEW_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-/// `sluice_store_evictions_total`: finished runs evicted (retention or memory pressure).
-pub static STORE_EVICTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
-    register_int_counter!(
+/// `sluice_store_evictions_total{reason}`: finished runs evicted, by why ([`EVICTION_REASONS`]).
+pub static STORE_EVICTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
         "sluice_store_evictions_total",
-        "Finished runs evicted by the retention sweep."
+        "Finished runs evicted: retention passed, memory pressure (over_share: their \
+         organisation held more than an equal share; pressure: oldest first), or their \
+         organisation at its bytes quota starting a run (org_quota).",
+        &["reason"]
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_held_bytes{part}`: what the memory budget counts, by part.
+pub static HELD_BYTES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "sluice_held_bytes",
+        "Bytes held against limits.max_total_bytes, by part (events, runs, threads, views); \
+         their sum is sluice_store_bytes.",
+        &["part"]
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_quota_refusals_total{reason}`: requests refused with 429 because their
+/// organisation was at a quota (never labelled by organisation).
+pub static QUOTA_REFUSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_quota_refusals_total",
+        "Requests refused with 429 quota_exceeded, by the quota their organisation was at.",
+        &["reason"]
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_client_connections`: client connections open on the API listener.
+pub static CLIENT_CONNECTIONS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "sluice_client_connections",
+        "Client connections open on the API listener."
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_connections_refused_total`: client connections refused at `server.max_connections`.
+pub static CONNECTIONS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_connections_refused_total",
+        "Client connections answered 503 and closed because server.max_connections were open."
     )
     .expect("metric registers once")
 });
@@ -214,6 +258,9 @@ pub static STUCK_READERS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Reasons of `sluice_store_evictions_total{reason}`.
+pub const EVICTION_REASONS: [&str; 4] = ["retention", "pressure", "over_share", "org_quota"];
+
 /// Outcomes of `sluice_resumes_total{outcome}`.
 const RESUME_OUTCOMES: [&str; 3] = ["replayed", "live", "gone"];
 
@@ -229,6 +276,10 @@ pub struct LabelSets<'a> {
     pub auth_failures: &'a [&'static str],
     /// Backend failure kinds: `sluice_upstream_errors_total{kind}`.
     pub upstream_errors: &'a [&'static str],
+    /// Parts of the memory budget: `sluice_held_bytes{part}`.
+    pub held_parts: &'a [&'static str],
+    /// Quotas: `sluice_quota_refusals_total{reason}`.
+    pub quotas: &'a [&'static str],
 }
 
 /// Touch every metric so that each appears on `/metrics` from the start (with zeroes), including
@@ -244,7 +295,17 @@ pub fn init(labels: &LabelSets<'_>) {
     LazyLock::force(&EVENTS_INGESTED);
     LazyLock::force(&EVENT_BYTES_INGESTED);
     LazyLock::force(&STORE_BYTES);
-    LazyLock::force(&STORE_EVICTIONS);
+    for reason in EVICTION_REASONS {
+        STORE_EVICTIONS.with_label_values(&[reason]);
+    }
+    for part in labels.held_parts {
+        HELD_BYTES.with_label_values(&[part]);
+    }
+    for reason in labels.quotas {
+        QUOTA_REFUSALS.with_label_values(&[reason]);
+    }
+    LazyLock::force(&CLIENT_CONNECTIONS);
+    LazyLock::force(&CONNECTIONS_REFUSED);
     LazyLock::force(&VIEW_BYTES);
     LazyLock::force(&EVENTS_RENDERED);
     LazyLock::force(&EVENTS_FOLDED);

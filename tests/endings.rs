@@ -426,7 +426,7 @@ async fn a_run_evicted_while_it_is_replayed_cuts_the_stream() {
     gw.wait_terminal(&thread).await;
     wait_metric(
         &gw,
-        "sluice_store_evictions_total 1",
+        "sluice_store_evictions_total{reason=\"retention\"} 1",
         Duration::from_secs(10),
     )
     .await;
@@ -522,6 +522,7 @@ async fn a_draining_api_answers_new_requests_503_shutting_down() {
         retention: Duration::from_secs(60),
         thread_retention: Duration::from_secs(60),
         retry_after: Duration::from_secs(1),
+        quotas: sluice::store::budget::Quotas::unlimited(),
     }));
     let adapter = Arc::new(sluice::ingest::route::Routes::from_config(&config));
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
@@ -534,6 +535,7 @@ async fn a_draining_api_answers_new_requests_503_shutting_down() {
         cut,
         auth: sluice::auth::Authenticator::from_config(&config.auth),
         views: Default::default(),
+        gates: sluice::api::quota::Gates::new(config.limits.quotas()),
     };
     let ask = || Fake {
         method: "GET",

@@ -35,7 +35,10 @@ async fn finished_runs_are_evicted_after_their_retention_and_threads_after_their
     assert_eq!(evicted["evictedThroughSeq"], done["lastSeq"]);
     assert_eq!(evicted["runId"], done["runId"]);
     let m = gw.metrics().await;
-    assert!(m.contains("sluice_store_evictions_total 1"), "{m}");
+    assert!(
+        m.contains("sluice_store_evictions_total{reason=\"retention\"} 1"),
+        "{m}"
+    );
     assert!(
         !m.contains("sluice_store_bytes 0\n"),
         "the record is counted: {m}"

@@ -16,6 +16,7 @@
 use serde_json::{json, Map, Value};
 
 use super::invoke::{agent_allowed, wants_no_stream};
+use super::quota::Gate;
 use super::stream::{self, Dialect};
 use super::{Api, ApiError, Exchange, Identity, Reply};
 use crate::config::ConversationIds;
@@ -124,8 +125,14 @@ pub async fn run_agent(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Resu
     if !agent_allowed(&api.config.auth.org_agents, &who.org_id, &agent_id) {
         return Err(ApiError::AgentNotFound);
     }
-    // Before anything is started: a malformed cursor is refused with nothing done.
+    // Before anything is started: a malformed cursor is refused with nothing done, and a
+    // streamed answer takes its slot.
     let client_cursor = stream::cursor_of(ex)?;
+    let streams = req.stream && !wants_no_stream(ex.header("x-stream-response"));
+    let slot = match streams {
+        true => Some(api.gates.enter(&who.org_id, Gate::Stream)?),
+        false => None,
+    };
     let key = format!(
         "agentflow\u{1f}{}\u{1f}{}",
         req.conversation_id, req.message_id
@@ -189,7 +196,8 @@ pub async fn run_agent(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Resu
     let dialect = Dialect::AgentFlow {
         verbose: req.verbose,
     };
-    stream::stream_run(api, ex, &run, dialect, cursor, ids).await
+    let slot = slot.expect("taken for a streamed answer");
+    stream::stream_run(api, ex, &run, dialect, cursor, ids, slot).await
 }
 
 /// `stream: false`: wait for the run's end (or the client's hang-up), then answer its result.

@@ -59,6 +59,7 @@ pub async fn get_conversation(
         let live = thread.latest().is_some_and(|r| !r.status.is_terminal());
         let last = thread.last_seq();
         if (after.is_some() || live) && after.unwrap_or(last) >= last {
+            let _slot = api.gates.enter(&who.org_id, super::quota::Gate::LongPoll)?;
             let _waiting = metrics::Gauged::new(&metrics::LONG_POLLS_WAITING);
             let mut shutdown = api.shutdown.clone();
             let seen = thread.latest_run();
@@ -85,7 +86,7 @@ pub async fn get_conversation(
             None => return Err(StoreError::RunNotFound.into()),
         }
     };
-    let _ = ex.respond(Reply::json_bytes(200, body)).await;
+    let _ = ex.respond(Reply::json_pieces(200, body)).await;
     Ok(())
 }
 
@@ -94,9 +95,11 @@ pub async fn get_conversation(
 /// events `1..=evictedThroughSeq`). `lastSeq` and `streamStatus` are those the latest run's
 /// fold is at, so the messages are exactly the fold of events `1..=lastSeq`.
 ///
-/// Written directly as JSON: the messages are the views' serialised bytes, copied, never
-/// re-folded or re-parsed. `None` when one of the thread's runs was evicted meanwhile.
-pub async fn snapshot(api: &Api, thread: &ThreadInfo) -> Result<Option<Vec<u8>>, ApiError> {
+/// Written directly as JSON, in pieces: the messages are the views' serialised bytes, never
+/// re-folded or re-parsed, and large ones are shared rather than copied (a snapshot costs its
+/// small parts, however large the thread). `None` when one of the thread's runs was evicted
+/// meanwhile.
+pub async fn snapshot(api: &Api, thread: &ThreadInfo) -> Result<Option<Vec<Bytes>>, ApiError> {
     let store = api.store.as_ref();
     let mut messages: Vec<Bytes> = Vec::with_capacity(thread.runs.len() * 2);
     let mut latest: Option<(&RunInfo, LogState)> = None;
@@ -142,8 +145,7 @@ pub async fn snapshot(api: &Api, thread: &ThreadInfo) -> Result<Option<Vec<u8>>,
         ),
         (None, None) => return Err(ApiError::ThreadNotFound),
     };
-    let size: usize = messages.iter().map(|m| m.len() + 1).sum();
-    let mut out = Vec::with_capacity(size + 512);
+    let mut out = Pieces::default();
     let field = |out: &mut Vec<u8>, key: &str, value: &Value| {
         out.push(b'"');
         out.extend_from_slice(key.as_bytes());
@@ -152,35 +154,63 @@ pub async fn snapshot(api: &Api, thread: &ThreadInfo) -> Result<Option<Vec<u8>>,
         let _ = serde_json::to_writer(&mut *out, value);
         out.push(b',');
     };
-    out.push(b'{');
-    field(&mut out, "threadId", &json!(thread.thread_id.0));
-    field(&mut out, "runId", &json!(run_id.0));
-    field(&mut out, "agentId", &thread.agent_id);
-    field(&mut out, "organizationId", &json!(thread.org_id));
-    field(&mut out, "streamStatus", &json!(status.as_str()));
-    out.extend_from_slice(b"\"messages\":[");
-    for (i, m) in messages.iter().enumerate() {
+    out.own.push(b'{');
+    field(&mut out.own, "threadId", &json!(thread.thread_id.0));
+    field(&mut out.own, "runId", &json!(run_id.0));
+    field(&mut out.own, "agentId", &thread.agent_id);
+    field(&mut out.own, "organizationId", &json!(thread.org_id));
+    field(&mut out.own, "streamStatus", &json!(status.as_str()));
+    out.own.extend_from_slice(b"\"messages\":[");
+    for (i, m) in messages.into_iter().enumerate() {
         if i > 0 {
-            out.push(b',');
+            out.own.push(b',');
         }
-        out.extend_from_slice(m);
+        out.push(m);
     }
-    out.extend_from_slice(b"],");
-    field(&mut out, "lastSeq", &json!(last_seq));
-    field(&mut out, "evictedRuns", &json!(thread.evicted_runs));
-    field(
-        &mut out,
-        "evictedThroughSeq",
-        &json!(thread.evicted_through),
-    );
-    field(&mut out, "createdAt", &json!(timestamp(thread.created_at)));
-    field(&mut out, "updatedAt", &json!(timestamp(updated_at)));
+    out.own.extend_from_slice(b"],");
+    let tail = &mut out.own;
+    field(tail, "lastSeq", &json!(last_seq));
+    field(tail, "evictedRuns", &json!(thread.evicted_runs));
+    field(tail, "evictedThroughSeq", &json!(thread.evicted_through));
+    field(tail, "createdAt", &json!(timestamp(thread.created_at)));
+    field(tail, "updatedAt", &json!(timestamp(updated_at)));
     if let Some(error) = error {
-        field(&mut out, "errorText", &json!(error));
+        field(tail, "errorText", &json!(error));
     }
-    out.pop();
-    out.push(b'}');
-    Ok(Some(out))
+    tail.pop();
+    tail.push(b'}');
+    Ok(Some(out.finish()))
+}
+
+/// Pieces shared below this size are copied (one write beats several tiny ones).
+const SHARE_FROM: usize = 16 * 1024;
+
+/// A body built from small parts of its own and large shared pieces.
+#[derive(Default)]
+struct Pieces {
+    done: Vec<Bytes>,
+    /// Small parts since the last shared piece.
+    own: Vec<u8>,
+}
+
+impl Pieces {
+    fn push(&mut self, piece: Bytes) {
+        if piece.len() < SHARE_FROM {
+            self.own.extend_from_slice(&piece);
+            return;
+        }
+        if !self.own.is_empty() {
+            self.done.push(Bytes::from(std::mem::take(&mut self.own)));
+        }
+        self.done.push(piece);
+    }
+
+    fn finish(mut self) -> Vec<Bytes> {
+        if !self.own.is_empty() {
+            self.done.push(Bytes::from(self.own));
+        }
+        self.done
+    }
 }
 
 /// RFC 3339 with milliseconds, UTC.

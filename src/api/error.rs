@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use super::Reply;
 use crate::auth::AuthError;
+use crate::store::budget::QuotaKind;
 use crate::store::StoreError;
 
 /// Everything a client request can fail with.
@@ -38,6 +39,10 @@ pub enum ApiError {
     /// The store cannot take new runs now.
     #[error("the gateway is at capacity; retry later")]
     StoreFull(Duration),
+    /// The caller's organisation is at one of its quotas (`[limits.per_org]`); the duration is
+    /// the `Retry-After` hint.
+    #[error("your organisation is at its {} quota (limits.per_org); retry later", .0.as_str())]
+    QuotaExceeded(QuotaKind, Duration),
     /// The process is draining (SIGTERM): it takes no new requests, only finishes open ones.
     /// The duration is the `Retry-After` hint.
     #[error("the gateway is shutting down; retry on another instance or after a restart")]
@@ -78,6 +83,7 @@ impl ApiError {
             ApiError::AgentNotFound => 404,
             ApiError::AgentRefused(status, _) => *status,
             ApiError::StoreFull(_) | ApiError::ShuttingDown(_) => 503,
+            ApiError::QuotaExceeded(..) => 429,
         }
     }
 
@@ -92,6 +98,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::CursorExpired(_) => "cursor_expired",
             ApiError::StoreFull(_) => "store_full",
+            ApiError::QuotaExceeded(..) => "quota_exceeded",
             ApiError::ShuttingDown(_) => "shutting_down",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::NotFound => "not_found",
@@ -113,6 +120,14 @@ impl ApiError {
             ApiError::StoreFull(after) => reply
                 .headers
                 .push(("retry-after", after.as_secs().max(1).to_string())),
+            ApiError::QuotaExceeded(kind, after) => {
+                crate::metrics::QUOTA_REFUSALS
+                    .with_label_values(&[kind.as_str()])
+                    .inc();
+                reply
+                    .headers
+                    .push(("retry-after", after.as_secs().max(1).to_string()));
+            }
             ApiError::ShuttingDown(after) => {
                 reply
                     .headers
@@ -142,6 +157,7 @@ impl From<StoreError> for ApiError {
                 "this thread belongs to agent {agent}; start a new thread for another agent"
             )),
             StoreError::Full { retry_after } => ApiError::StoreFull(retry_after),
+            StoreError::Quota { kind, retry_after } => ApiError::QuotaExceeded(kind, retry_after),
             e @ (StoreError::RunLimit(_) | StoreError::Finished) => {
                 ApiError::Internal(e.to_string())
             }
@@ -156,6 +172,7 @@ impl Reply {
             status,
             headers: Vec::new(),
             body: Bytes::new(),
+            more: Vec::new(),
             close: false,
         }
     }
@@ -166,6 +183,7 @@ impl Reply {
             status,
             headers: vec![("content-type", "application/json".into())],
             body: Bytes::from(serde_json::to_vec(body).unwrap_or_default()),
+            more: Vec::new(),
             close: false,
         }
     }
@@ -175,7 +193,21 @@ impl Reply {
             status,
             headers: vec![("content-type", "application/json".into())],
             body: body.into(),
+            more: Vec::new(),
             close: false,
+        }
+    }
+
+    /// A JSON answer written from pieces (shared, not copied into one buffer).
+    pub fn json_pieces(status: u16, mut pieces: Vec<Bytes>) -> Reply {
+        let body = if pieces.is_empty() {
+            Bytes::new()
+        } else {
+            pieces.remove(0)
+        };
+        Reply {
+            more: pieces,
+            ..Reply::json_bytes(status, body)
         }
     }
 }

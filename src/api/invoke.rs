@@ -3,6 +3,7 @@
 
 use serde_json::{json, Map, Value};
 
+use super::quota::Gate;
 use super::{stream, Api, ApiError, Exchange, Identity, Reply};
 use crate::ingest::agentflow::path_segment;
 use crate::ingest::{Admission, RunJob};
@@ -141,6 +142,11 @@ pub async fn invoke_agent(
     if !agent_allowed(&api.config.auth.org_agents, &who.org_id, &req.agent_id) {
         return Err(ApiError::AgentNotFound);
     }
+    // A streamed answer takes its slot before anything is started.
+    let slot = match no_stream {
+        true => None,
+        false => Some(api.gates.enter(&who.org_id, Gate::Stream)?),
+    };
     let started = api
         .store
         .create_run(NewRun {
@@ -186,7 +192,8 @@ pub async fn invoke_agent(
         .and_then(|v| Cursor::parse(v.trim()))
         .filter(|c| c.seq >= run.first_seq && c.seq <= last_seq)
         .unwrap_or(Cursor::after(run.first_seq - 1));
-    stream::stream_run(api, ex, &run, stream::Dialect::UiMessage, cursor, ids).await
+    let slot = slot.expect("taken for a streamed answer");
+    stream::stream_run(api, ex, &run, stream::Dialect::UiMessage, cursor, ids, slot).await
 }
 
 /// How long, beyond the connect timeout, an invoke waits for the backend's first answer.

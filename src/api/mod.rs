@@ -7,6 +7,7 @@ pub mod conversation;
 pub mod error;
 pub mod invoke;
 pub mod locate;
+pub mod quota;
 pub mod route;
 pub mod stop;
 pub mod stream;
@@ -33,8 +34,31 @@ pub struct Reply {
     pub headers: Vec<(&'static str, String)>,
     /// Body.
     pub body: Bytes,
+    /// The rest of the body, after `body`: pieces shared with what they were taken from (e.g.
+    /// a run's kept message in a snapshot), written one after another, never copied together.
+    pub more: Vec<Bytes>,
     /// Close the connection after answering (the request body may be unread).
     pub close: bool,
+}
+
+impl Reply {
+    /// The body's length, all pieces together.
+    pub fn body_len(&self) -> usize {
+        self.body.len() + self.more.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    /// The whole body in one buffer (tests, and answers that are not written to a socket).
+    pub fn body_bytes(&self) -> Bytes {
+        if self.more.is_empty() {
+            return self.body.clone();
+        }
+        let mut all = Vec::with_capacity(self.body_len());
+        all.extend_from_slice(&self.body);
+        for piece in &self.more {
+            all.extend_from_slice(piece);
+        }
+        Bytes::from(all)
+    }
 }
 
 /// The client hung up.
@@ -73,6 +97,9 @@ pub trait Exchange: Send {
     /// Bound every later write of this answer's body to `timeout` (a backstop against a
     /// client that stops reading). No-op where there is nothing to bound.
     fn set_write_timeout(&mut self, _timeout: std::time::Duration) {}
+    /// Bound the reading of a request body left unread, after the answer, to `timeout` (past
+    /// it the connection is closed rather than kept). No-op where there is nothing to bound.
+    fn set_drain_timeout(&mut self, _timeout: std::time::Duration) {}
     /// Whether the last failed write failed because the write timeout passed (a stuck
     /// reader) rather than because the client went away.
     fn write_timed_out(&self) -> bool {
@@ -106,6 +133,8 @@ pub struct Api {
     pub auth: crate::auth::Authenticator,
     /// Runs' frames and folds, rendered and folded once for every reader on this instance.
     pub views: Arc<views::Views>,
+    /// Each organisation's open streams and waiting long-polls, against its quotas.
+    pub gates: quota::Gates,
 }
 
 impl Api {
@@ -114,6 +143,7 @@ impl Api {
         // Every answer's writes are bounded: a client that stops reading is dropped after
         // `stream.stuck_reader_timeout`, whatever the route (streams set the same bound).
         ex.set_write_timeout(self.config.stream.stuck_reader_timeout.0);
+        ex.set_drain_timeout(self.config.server.drain_timeout.0);
         let routed = route::route(ex.method(), ex.path());
         let label = routed.as_ref().map_or(route::UNMATCHED, |r| r.name());
         // A draining process takes no new work; answers already under way go on. Retry once

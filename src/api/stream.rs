@@ -16,6 +16,7 @@
 use bytes::Bytes;
 
 use super::locate::{locate, within, Located, Span};
+use super::quota::{Gate, Held};
 use super::views::{LogState, RunView};
 use super::{query_param, Api, ApiError, Exchange, Gone, Identity, Reply};
 use crate::metrics::{self, Gauged};
@@ -164,6 +165,7 @@ pub async fn resume(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<
             )));
         }
     };
+    let slot = api.gates.enter(&who.org_id, Gate::Stream)?;
     // From the run's start unless the cursor is inside it.
     let cursor = cursor
         .filter(|c| c.seq >= run.first_seq)
@@ -179,7 +181,7 @@ pub async fn resume(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<
         ("x-thread-id", run.thread_id.0.clone()),
         ("x-run-id", run.run_id.0.clone()),
     ];
-    stream_run(api, ex, &run, dialect, cursor, ids).await
+    stream_run(api, ex, &run, dialect, cursor, ids, slot).await
 }
 
 /// Stream `run` to the client in `dialect` from after `cursor` (`seq: 0` = from the start).
@@ -196,6 +198,7 @@ pub async fn stream_run(
     dialect: Dialect,
     cursor: Cursor,
     extra_headers: Vec<(&'static str, String)>,
+    _slot: Held<'_>,
 ) -> Result<(), ApiError> {
     let store = api.store.as_ref();
     let mut source = match dialect {
@@ -371,7 +374,7 @@ impl Reader<'_> {
                     None => self.at.seq,
                 };
                 let batch = store
-                    .read_after(&self.run.run_id, after, READ_BATCH)
+                    .read_after(&self.run.run_id, after, READ_BATCH, SEND_BYTES)
                     .await?;
                 self.state = Some(LogState {
                     last_seq: batch.last_seq,

@@ -10,7 +10,9 @@
 //! first read, catch up in bounded batches (yielding between them, so a long run's first read
 //! does not hold a worker thread), and are dropped ([`Views::prune`], from housekeeping) when
 //! the store no longer has their run, or when their run has ended and nobody has read it for
-//! [`VIEW_IDLE`] (a later reader rebuilds it, with the same frames and ids).
+//! [`VIEW_IDLE`] (a later reader rebuilds it, with the same frames and ids). What they hold is
+//! charged to the memory budget ([`Part::Views`]); under pressure every view nobody is reading
+//! goes at the next prune.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,10 +24,14 @@ use crate::event::Event;
 use crate::metrics;
 use crate::render::fold::Fold;
 use crate::render::frames::UiFrames;
+use crate::store::budget::{Budget, Part};
 use crate::store::{RunId, RunInfo, RunStatus, Store, StoreError};
 
 /// Events read from the store per catch-up step.
 const CATCH_UP_BATCH: usize = 1024;
+
+/// Payload bytes read from the store per catch-up step (about: at least one event).
+const CATCH_UP_BYTES: usize = 1024 * 1024;
 
 /// How long the view of a finished run is kept after its last reader asked for it.
 pub const VIEW_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -39,18 +45,28 @@ pub struct Views {
     runs: Mutex<HashMap<RunId, Arc<RunView>>>,
     /// When the views began: `RunView::last_used` counts milliseconds from here.
     epoch: std::time::Instant,
+    /// What the views hold is charged here ([`Part::Views`]), beside the store's log.
+    budget: Arc<Budget>,
 }
 
 impl Default for Views {
+    /// Views charging a budget of their own, without limit.
     fn default() -> Self {
-        Views {
-            runs: Mutex::default(),
-            epoch: std::time::Instant::now(),
-        }
+        Views::with_budget(Arc::new(Budget::new(u64::MAX)))
     }
 }
 
 impl Views {
+    /// Views charging `budget` (the store's, so that frames and folds count against
+    /// `limits.max_total_bytes`).
+    pub fn with_budget(budget: Arc<Budget>) -> Self {
+        Views {
+            runs: Mutex::default(),
+            epoch: std::time::Instant::now(),
+            budget,
+        }
+    }
+
     /// The view of `run`, created on first use.
     pub fn of(&self, run: &RunInfo) -> Arc<RunView> {
         let now = self.epoch.elapsed().as_millis() as u64;
@@ -59,21 +75,27 @@ impl Views {
             view.last_used.store(now, Ordering::Relaxed);
             return view.clone();
         }
-        let view = Arc::new(RunView::new(run));
+        let view = Arc::new(RunView::new(run, self.budget.clone()));
         view.last_used.store(now, Ordering::Relaxed);
         runs.insert(run.run_id.clone(), view.clone());
         view
     }
 
     /// Drop the views of runs the store no longer holds, and those of ended runs nobody asked
-    /// for in the last `idle`. Returns the bytes the remaining views hold.
+    /// for in the last `idle`; under memory pressure (the budget at its high-water mark), also
+    /// every view nobody is reading now (a later reader rebuilds it). Returns the bytes the
+    /// remaining views hold.
     pub async fn prune(&self, store: &dyn Store, idle: std::time::Duration) -> usize {
         let views: Vec<Arc<RunView>> = lock(&self.runs).values().cloned().collect();
         let now = self.epoch.elapsed().as_millis() as u64;
         let idle = idle.as_millis() as u64;
+        let pressed = self.budget.total() >= self.budget.high_water();
         let mut held = 0;
         for view in views {
+            // Held here, in the map, and by nobody else.
+            let unread = Arc::strong_count(&view) <= 2;
             let drop = match store.run(&view.run_id).await {
+                Ok(_) if pressed && unread => true,
                 Err(StoreError::RunNotFound) => true,
                 Ok(run) => {
                     run.status.is_terminal()
@@ -119,6 +141,9 @@ pub struct RunView {
     fold: Mutex<FoldView>,
     /// The run's user message, serialised once.
     user_json: Bytes,
+    /// The budget its bytes are charged to, and what it is charged now.
+    budget: Arc<Budget>,
+    charged: AtomicU64,
 }
 
 /// The kept fold and what it has seen.
@@ -132,6 +157,9 @@ struct FoldView {
     finished: Option<Bytes>,
     /// How many events were folded (each exactly once).
     folded: u64,
+    /// Payload bytes folded into `fold` (what the kept fold is charged until the run ends and
+    /// only its JSON is kept).
+    folded_bytes: u64,
 }
 
 /// A run's folded assistant message at one point of its log.
@@ -144,10 +172,12 @@ pub struct Folded {
 }
 
 impl RunView {
-    fn new(run: &RunInfo) -> RunView {
+    fn new(run: &RunInfo, budget: Arc<Budget>) -> RunView {
         RunView {
             run_id: run.run_id.clone(),
             last_used: AtomicU64::new(0),
+            budget,
+            charged: AtomicU64::new(0),
             ui: Mutex::new(UiFrames::new(
                 run.assistant_message_id.clone(),
                 run.first_seq,
@@ -158,6 +188,7 @@ impl RunView {
                 synced: None,
                 finished: None,
                 folded: 0,
+                folded_bytes: 0,
             }),
             user_json: Bytes::from(serde_json::to_vec(&*run.user_message).unwrap_or_default()),
         }
@@ -168,11 +199,26 @@ impl RunView {
         self.user_json.clone()
     }
 
-    /// Bytes the view holds (frames; the fold is counted by its serialised size once kept).
+    /// Bytes the view holds: its frames, its fold (the payload bytes folded while the run goes
+    /// on, its JSON once the run has ended) and its user message.
     pub fn bytes_held(&self) -> usize {
         let frames = lock(&self.ui).bytes_held();
-        let fold = lock(&self.fold).finished.as_ref().map_or(0, Bytes::len);
+        let fold = {
+            let f = lock(&self.fold);
+            match &f.finished {
+                Some(json) => json.len(),
+                None => f.folded_bytes as usize,
+            }
+        };
         frames + fold + self.user_json.len()
+    }
+
+    /// Charge the budget what the view holds now.
+    fn recharge(&self) {
+        let now = self.bytes_held() as u64;
+        let before = self.charged.swap(now, Ordering::AcqRel);
+        let mut held = before;
+        self.budget.recharge(Part::Views, &mut held, now);
     }
 
     /// The UI-message frames (read them with [`UiFrames::read`] under the lock).
@@ -184,13 +230,16 @@ impl RunView {
     /// state as of that read: when its `last_seq` is the frames' own, they are complete.
     pub async fn catch_up_frames(&self, store: &dyn Store) -> Result<LogState, StoreError> {
         let have = lock(&self.ui).last_seq();
-        let batch = store.read_after(&self.run_id, have, CATCH_UP_BATCH).await?;
+        let batch = store
+            .read_after(&self.run_id, have, CATCH_UP_BATCH, CATCH_UP_BYTES)
+            .await?;
         {
             let mut ui = lock(&self.ui);
             let before = ui.last_seq();
             ui.extend(&batch.events);
             metrics::EVENTS_RENDERED.inc_by(ui.last_seq() - before);
         }
+        self.recharge();
         Ok(LogState {
             last_seq: batch.last_seq,
             status: batch.status,
@@ -210,7 +259,9 @@ impl RunView {
                 }
             }
             let have = lock(&self.fold).last_seq;
-            let batch = store.read_after(&self.run_id, have, CATCH_UP_BATCH).await?;
+            let batch = store
+                .read_after(&self.run_id, have, CATCH_UP_BATCH, CATCH_UP_BYTES)
+                .await?;
             {
                 let mut f = lock(&self.fold);
                 f.apply(&batch.events);
@@ -227,9 +278,12 @@ impl RunView {
                 }
                 if let Some(at) = f.synced.filter(|s| s.last_seq == f.last_seq) {
                     let json = f.json(at.status.is_terminal());
+                    drop(f);
+                    self.recharge();
                     return Ok(Folded { json, at });
                 }
             }
+            self.recharge();
             // A long log is folded in steps, giving the worker back between them.
             tokio::task::yield_now().await;
         }
@@ -248,6 +302,7 @@ impl FoldView {
                 self.fold.push(ev);
                 self.last_seq = ev.seq;
                 self.folded += 1;
+                self.folded_bytes += ev.data.len() as u64;
                 metrics::EVENTS_FOLDED.inc();
             }
         }
@@ -263,8 +318,17 @@ impl FoldView {
         let json = Bytes::from(json);
         if finished {
             self.finished = Some(json.clone());
+            // An ended run's message never changes again: only its JSON is kept.
+            self.fold = Fold::new("");
         }
         json
+    }
+}
+
+impl Drop for RunView {
+    fn drop(&mut self) {
+        self.budget
+            .release(Part::Views, self.charged.load(Ordering::Acquire));
     }
 }
 
@@ -288,6 +352,7 @@ mod tests {
             retention: Duration::from_secs(60),
             thread_retention: Duration::from_secs(60),
             retry_after: Duration::from_secs(1),
+            quotas: crate::store::budget::Quotas::unlimited(),
         })
     }
 

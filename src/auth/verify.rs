@@ -17,6 +17,15 @@
 //! 6. [`claims::check`]: time rules, issuer, audience, `azp`, subject,
 //!    pending session, organisation and role;
 //! 7. cache insert.
+//!
+//! The cache ([`TokenCache`]) never stores a token, only its keyed 128-bit
+//! hash and the verified [`Principal`]; it answers only while `exp > now`
+//! and for at most [`CACHE_MAX_TTL_SECS`] after a verification, and
+//! [`TokenCache::clear`] empties it after a key revocation. It is split into
+//! up to 16 shards, each behind its own mutex and picked by bits of the keyed
+//! hash; each shard keeps its entries in insertion order, so an insert into
+//! a full shard evicts its oldest entry in O(1), without scanning (see
+//! [`TokenCache`]).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -268,92 +277,297 @@ fn b64url_decode(input: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A bounded, thread-safe cache of verified tokens, keyed by a 128-bit keyed
-/// hash of the token (two SipHash-1-3 with secret random keys, a PRF: nobody
-/// without the keys can make a token collide with a cached one; the token
-/// itself is never stored). A hit costs about 0.7 µs on a ~900-byte token,
-/// where a SHA-256 of it took about 6 µs on CPUs without SHA instructions. An entry is returned only
-/// while `now < exp` and for at most [`CACHE_MAX_TTL_SECS`] after insertion.
-/// When full, expired entries are dropped first, then the entry closest to
-/// expiry. Call [`TokenCache::clear`] after revoking a key.
-#[derive(Debug)]
+/// Most shards a [`TokenCache`] is split into.
+const CACHE_SHARDS: usize = 16;
+
+/// A small cache gets fewer shards, so that each holds at least this many
+/// entries (a shard fills up on its own: many tiny shards would start
+/// evicting long before the whole cache is full).
+const MIN_SHARD_CAPACITY: usize = 64;
+
+/// "No slot" in a shard's insertion-order list.
+const NIL: usize = usize::MAX;
+
+/// A bounded, thread-safe cache of verified tokens.
+///
+/// **Keys.** A token is keyed by a 128-bit keyed hash (two SipHash-1-3 with
+/// secret random keys, a PRF: nobody without the keys can make a token
+/// collide with a cached one, nor choose which shard it lands in); the token
+/// itself is never stored. A hit costs about 0.7 µs on a ~900-byte token,
+/// where a SHA-256 of it took about 6 µs on CPUs without SHA instructions.
+///
+/// **Validity.** An entry is returned only while `now < exp` and for at most
+/// [`CACHE_MAX_TTL_SECS`] after its insertion; a lookup that finds it expired
+/// drops it. Call [`TokenCache::clear`] after revoking a key.
+///
+/// **Structure.** The capacity is split over up to 16 shards (a power of
+/// two, fewer for a small cache so that every shard holds at least 64
+/// entries, and never more shards than entries; the per-shard capacities
+/// add up to exactly the total). Bits of the keyed hash pick the shard, and
+/// each shard has its own mutex, so concurrent lookups of different tokens
+/// rarely wait for each other. A shard is a map from key to slot plus the
+/// slots in a doubly-linked list in insertion order (FIFO). Shards fill up
+/// independently, so the first evictions come a little before the whole
+/// cache is full: with 16 shards of 625, typically after about 9,350
+/// distinct tokens, and 10,000 distinct tokens leave about 9,850 cached.
+///
+/// **Eviction, O(1).** An insert of a new token first drops the shard's
+/// oldest entry if it has expired (opportunistic clean-up), then, if the
+/// shard is still full, drops its oldest entry. So an insert removes at most
+/// one entry, found at the head of the list: nothing is scanned, and the work
+/// does not grow with the capacity (the map and list operations are O(1),
+/// amortised as for any hash map). Every entry lives at most
+/// [`CACHE_MAX_TTL_SECS`], so the oldest insertion is usually among the first
+/// to expire; an expired entry behind a live one stays (and is never
+/// returned) until it reaches the head, is looked up, or the cache is
+/// cleared. Inserting a token already cached (verified again) refreshes its
+/// entry and moves it to the back.
 pub struct TokenCache {
     capacity: usize,
-    entries: Mutex<HashMap<[u8; 16], CacheEntry>>,
+    /// Empty when `capacity` is 0; otherwise a power-of-two count.
+    shards: Box<[Mutex<Shard>]>,
     keys: [std::collections::hash_map::RandomState; 2],
 }
 
-#[derive(Debug)]
-struct CacheEntry {
+impl std::fmt::Debug for TokenCache {
+    // Counts only: neither keys nor principals.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("capacity", &self.capacity)
+            .field("shards", &self.shards.len())
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+/// One shard: at most `capacity` entries, kept in a slab (`slots`, dense:
+/// `slots.len()` is the entry count) linked in insertion order from `head`
+/// (oldest) to `tail` (newest), and `map` from key to slot index.
+struct Shard {
+    capacity: usize,
+    map: HashMap<u128, usize>,
+    slots: Vec<Slot>,
+    head: usize,
+    tail: usize,
+}
+
+struct Slot {
+    key: u128,
     principal: Principal,
+    /// Already capped at insertion time + [`CACHE_MAX_TTL_SECS`].
     exp: u64,
+    prev: usize,
+    next: usize,
+}
+
+impl Shard {
+    fn new(capacity: usize) -> Self {
+        let prealloc = capacity.min(256);
+        Shard {
+            capacity,
+            map: HashMap::with_capacity(prealloc),
+            slots: Vec::with_capacity(prealloc),
+            head: NIL,
+            tail: NIL,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.slots.clear();
+        self.head = NIL;
+        self.tail = NIL;
+    }
+
+    fn get(&mut self, key: u128, now_secs: u64) -> Option<Principal> {
+        let idx = *self.map.get(&key)?;
+        let slot = &self.slots[idx];
+        if slot.exp > now_secs {
+            return Some(slot.principal.clone());
+        }
+        self.remove(idx);
+        None
+    }
+
+    /// Insert (or refresh) `key`; `exp` is already capped and `> now_secs`.
+    /// Returns the key of the entry evicted to make room, if any: at most
+    /// one, always the oldest.
+    fn insert(&mut self, key: u128, principal: Principal, exp: u64, now_secs: u64) -> Option<u128> {
+        if let Some(&idx) = self.map.get(&key) {
+            let slot = &mut self.slots[idx];
+            slot.principal = principal;
+            slot.exp = exp;
+            self.unlink(idx);
+            self.push_back(idx);
+            return None;
+        }
+        let mut evicted = None;
+        if self.head != NIL && self.slots[self.head].exp <= now_secs {
+            evicted = Some(self.remove(self.head));
+        }
+        if self.slots.len() >= self.capacity && self.head != NIL {
+            // Not reached after the removal above (len < capacity then).
+            evicted = Some(self.remove(self.head));
+        }
+        let idx = self.slots.len();
+        self.slots.push(Slot {
+            key,
+            principal,
+            exp,
+            prev: NIL,
+            next: NIL,
+        });
+        self.push_back(idx);
+        self.map.insert(key, idx);
+        evicted
+    }
+
+    /// Remove the entry in slot `idx` and return its key. The last slot moves
+    /// into the hole, so the slab stays dense.
+    fn remove(&mut self, idx: usize) -> u128 {
+        self.unlink(idx);
+        let removed = self.slots.swap_remove(idx);
+        self.map.remove(&removed.key);
+        if idx < self.slots.len() {
+            let (key, prev, next) = {
+                let moved = &self.slots[idx];
+                (moved.key, moved.prev, moved.next)
+            };
+            match prev {
+                NIL => self.head = idx,
+                p => self.slots[p].next = idx,
+            }
+            match next {
+                NIL => self.tail = idx,
+                n => self.slots[n].prev = idx,
+            }
+            self.map.insert(key, idx);
+        }
+        removed.key
+    }
+
+    fn unlink(&mut self, idx: usize) {
+        let (prev, next) = (self.slots[idx].prev, self.slots[idx].next);
+        match prev {
+            NIL => self.head = next,
+            p => self.slots[p].next = next,
+        }
+        match next {
+            NIL => self.tail = prev,
+            n => self.slots[n].prev = prev,
+        }
+    }
+
+    fn push_back(&mut self, idx: usize) {
+        self.slots[idx].prev = self.tail;
+        self.slots[idx].next = NIL;
+        match self.tail {
+            NIL => self.head = idx,
+            t => self.slots[t].next = idx,
+        }
+        self.tail = idx;
+    }
+}
+
+/// How many shards a cache of `capacity` gets: a power of two, at most
+/// [`CACHE_SHARDS`], fewer when shards would hold under
+/// [`MIN_SHARD_CAPACITY`] entries; 0 for a disabled cache.
+fn shard_count(capacity: usize) -> usize {
+    if capacity == 0 {
+        return 0;
+    }
+    let wanted = (capacity / MIN_SHARD_CAPACITY).clamp(1, CACHE_SHARDS);
+    1 << wanted.ilog2()
 }
 
 impl TokenCache {
     /// A cache of at most `capacity` tokens; 0 disables caching.
     pub fn new(capacity: usize) -> Self {
+        Self::with_shards(capacity, shard_count(capacity))
+    }
+
+    /// A cache of at most `capacity` tokens over `shards` shards, rounded
+    /// down to a power of two and to at most `capacity` (so that every shard
+    /// holds at least one entry).
+    fn with_shards(capacity: usize, shards: usize) -> Self {
+        let n = match shards.min(capacity) {
+            0 => 0,
+            n => 1 << n.ilog2(),
+        };
+        let shards = (0..n)
+            .map(|i| Mutex::new(Shard::new(capacity / n + usize::from(i < capacity % n))))
+            .collect();
         TokenCache {
             capacity,
-            entries: Mutex::new(HashMap::with_capacity(capacity.min(4096))),
+            shards,
             keys: [Default::default(), Default::default()],
         }
     }
 
-    fn key(&self, token: &str) -> [u8; 16] {
+    fn key(&self, token: &str) -> u128 {
         use std::hash::BuildHasher;
         let [a, b] = &self.keys;
-        let mut key = [0u8; 16];
-        key[..8].copy_from_slice(&a.hash_one(token.as_bytes()).to_le_bytes());
-        key[8..].copy_from_slice(&b.hash_one(token.as_bytes()).to_le_bytes());
-        key
+        (u128::from(a.hash_one(token.as_bytes())) << 64) | u128::from(b.hash_one(token.as_bytes()))
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<[u8; 16], CacheEntry>> {
-        // A panic while holding the lock cannot leave a half-written entry.
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    /// The shard holding `key` (low bits of the keyed hash; the shard count
+    /// is a power of two and the cache is enabled).
+    fn shard_index(&self, key: u128) -> usize {
+        (key as usize) & (self.shards.len() - 1)
     }
 
-    /// The principal of a cached token still valid at `now_secs`.
+    fn lock(&self, index: usize) -> MutexGuard<'_, Shard> {
+        let mutex = &self.shards[index];
+        match mutex.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => {
+                // A panic mid-update may have left the list half-linked: a
+                // cache can always start again empty.
+                let mut guard = poisoned.into_inner();
+                guard.clear();
+                mutex.clear_poison();
+                guard
+            }
+        }
+    }
+
+    /// The principal of a cached token still valid at `now_secs` (an entry
+    /// found expired is dropped).
     pub fn get(&self, token: &str, now_secs: u64) -> Option<Principal> {
         if self.capacity == 0 {
             return None;
         }
         let key = self.key(token);
-        let mut entries = self.lock();
-        match entries.get(&key) {
-            Some(e) if e.exp > now_secs => Some(e.principal.clone()),
-            Some(_) => {
-                entries.remove(&key);
-                None
-            }
-            None => None,
-        }
+        self.lock(self.shard_index(key)).get(key, now_secs)
     }
 
     /// Remember a verified token until `exp`, or [`CACHE_MAX_TTL_SECS`]
-    /// from `now_secs` if sooner (ignored if `exp` is already past).
+    /// from `now_secs` if sooner (ignored if `exp` is already past). Evicts
+    /// at most one entry, the oldest of the token's shard (see the type's
+    /// documentation).
     pub fn insert(&self, token: &str, principal: Principal, exp: u64, now_secs: u64) {
         if self.capacity == 0 || exp <= now_secs {
             return;
         }
         let exp = exp.min(now_secs.saturating_add(CACHE_MAX_TTL_SECS));
         let key = self.key(token);
-        let mut entries = self.lock();
-        if entries.len() >= self.capacity && !entries.contains_key(&key) {
-            entries.retain(|_, e| e.exp > now_secs);
-            if entries.len() >= self.capacity {
-                let soonest = entries.iter().min_by_key(|(_, e)| e.exp).map(|(k, _)| *k);
-                if let Some(k) = soonest {
-                    entries.remove(&k);
-                }
-            }
-        }
-        entries.insert(key, CacheEntry { principal, exp });
+        self.lock(self.shard_index(key))
+            .insert(key, principal, exp, now_secs);
     }
 
-    /// Number of entries (including expired ones not yet dropped).
+    /// The total capacity (the sum of the shards' capacities).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Number of entries (including expired ones not yet dropped), counted
+    /// shard by shard: not a snapshot when other threads insert meanwhile.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        (0..self.shards.len()).map(|i| self.lock(i).len()).sum()
     }
 
     /// True when the cache holds no entry.
@@ -361,9 +575,12 @@ impl TokenCache {
         self.len() == 0
     }
 
-    /// Drop every entry (e.g. after a key revocation).
+    /// Drop every entry (e.g. after a key revocation), shard by shard: every
+    /// entry inserted before the call is gone when it returns.
     pub fn clear(&self) {
-        self.lock().clear();
+        for i in 0..self.shards.len() {
+            self.lock(i).clear();
+        }
     }
 }
 
@@ -372,6 +589,7 @@ mod tests {
     use super::*;
     use crate::auth::testkeys::{self, b64url, mint, unsigned};
     use jsonwebtoken::{encode, EncodingKey, Header};
+    use proptest::prelude::*;
     use serde_json::{json, Value};
     use std::sync::OnceLock;
 
@@ -948,11 +1166,15 @@ mod tests {
         assert_eq!(c.get("t6", 0), None);
         c.clear();
         assert!(c.is_empty());
-        // when full, every expired entry goes, not just one
+        // when full, one entry goes (the oldest, expired here), not every
+        // expired one: no scan; "b" stays until looked up or evicted
         c.insert("a", p.clone(), 100, 0);
         c.insert("b", p.clone(), 110, 0);
         c.insert("c", p.clone(), 400, 0);
         c.insert("d", p.clone(), 500, 200);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.get("a", 0), None);
+        assert_eq!(c.get("b", 200), None, "expired: never returned, dropped");
         assert_eq!(c.len(), 2);
         c.clear();
         // keys are digests, never the token
@@ -964,6 +1186,359 @@ mod tests {
         c.insert("secret-token", p, 100, 0);
         let dump = format!("{:?}", c);
         assert!(!dump.contains("secret-token"));
+    }
+
+    fn user(n: usize) -> Principal {
+        Principal {
+            user_id: format!("user_{n}"),
+            ..admin()
+        }
+    }
+
+    /// Checks a shard's structure and returns its keys, oldest first.
+    fn shard_order(s: &Shard) -> Vec<u128> {
+        assert!(s.slots.len() <= s.capacity, "beyond the shard's capacity");
+        assert_eq!(s.map.len(), s.slots.len());
+        let mut order = Vec::new();
+        let (mut prev, mut idx) = (NIL, s.head);
+        while idx != NIL {
+            let slot = &s.slots[idx];
+            assert_eq!(slot.prev, prev, "broken back link");
+            assert_eq!(s.map.get(&slot.key), Some(&idx), "map and slab disagree");
+            order.push(slot.key);
+            assert!(order.len() <= s.slots.len(), "cycle in the list");
+            (prev, idx) = (idx, slot.next);
+        }
+        assert_eq!(s.tail, prev);
+        assert_eq!(order.len(), s.slots.len(), "slot not in the list");
+        order
+    }
+
+    fn check_structure(c: &TokenCache) {
+        let mut total = 0;
+        for i in 0..c.shards.len() {
+            total += shard_order(&c.lock(i)).len();
+        }
+        assert!(total <= c.capacity());
+        assert_eq!(total, c.len());
+    }
+
+    #[test]
+    fn shard_layout() {
+        let layout = |c: &TokenCache| -> Vec<usize> {
+            (0..c.shards.len()).map(|i| c.lock(i).capacity).collect()
+        };
+        assert_eq!(layout(&TokenCache::new(0)), Vec::<usize>::new());
+        assert_eq!(layout(&TokenCache::new(1)), vec![1]);
+        assert_eq!(layout(&TokenCache::new(127)), vec![127]);
+        assert_eq!(layout(&TokenCache::new(128)), vec![64, 64]);
+        assert_eq!(layout(&TokenCache::new(10_000)), vec![625; 16]);
+        assert_eq!(TokenCache::new(1 << 20).shards.len(), CACHE_SHARDS);
+        // 1001 / 64 = 15 shards wanted: 8, the power of two below
+        assert_eq!(layout(&TokenCache::new(1001))[..2], [126, 125]);
+        // fewer entries than shards: never an empty shard, the total is exact
+        for capacity in 0..=70 {
+            for shards in [1, 2, 3, 4, 8, 16, 32, 64] {
+                let l = layout(&TokenCache::with_shards(capacity, shards));
+                assert_eq!(l.iter().sum::<usize>(), capacity);
+                assert!(l.len() <= shards && l.len() <= capacity);
+                assert!(l.len().is_power_of_two() || capacity == 0);
+                assert!(l.iter().all(|&n| n >= 1));
+                assert!(l.iter().max().unwrap_or(&0) - l.iter().min().unwrap_or(&0) <= 1);
+            }
+        }
+        let dump = format!("{:?}", TokenCache::new(10_000));
+        assert!(dump.contains("capacity: 10000") && dump.contains("shards: 16"));
+    }
+
+    #[test]
+    fn insert_into_a_full_shard_evicts_exactly_the_oldest() {
+        let p = admin();
+        let mut s = Shard::new(4);
+        // inserted first but expiring last: FIFO evicts it anyway (there is
+        // no search for the entry closest to expiry)
+        assert_eq!(s.insert(1, p.clone(), 1_000, 0), None);
+        assert_eq!(s.insert(2, p.clone(), 100, 0), None);
+        assert_eq!(s.insert(3, p.clone(), 200, 0), None);
+        assert_eq!(s.insert(4, p.clone(), 300, 0), None);
+        assert_eq!(s.insert(5, p.clone(), 400, 0), Some(1));
+        assert_eq!(shard_order(&s), [2, 3, 4, 5]);
+        // every entry expired: still exactly one removal per insert
+        assert_eq!(s.insert(6, p.clone(), 900, 500), Some(2));
+        assert_eq!(shard_order(&s), [3, 4, 5, 6]);
+        assert_eq!(s.insert(7, p.clone(), 900, 500), Some(3));
+        assert_eq!(shard_order(&s), [4, 5, 6, 7]);
+        // refreshing a cached key evicts nothing and moves it to the back
+        assert_eq!(s.insert(4, p.clone(), 900, 500), None);
+        assert_eq!(shard_order(&s), [5, 6, 7, 4]);
+        // not full, oldest expired: dropped on the next insert (only it)
+        assert_eq!(s.get(6, 500), Some(p.clone()));
+        assert_eq!(s.get(5, 500), None); // expired at 400: dropped by the lookup
+        assert_eq!(shard_order(&s), [6, 7, 4]);
+        assert_eq!(s.insert(8, p.clone(), 950, 500), None);
+        assert_eq!(shard_order(&s), [6, 7, 4, 8]);
+        assert_eq!(s.insert(9, p.clone(), 950, 920), Some(6));
+        assert_eq!(shard_order(&s), [7, 4, 8, 9]);
+        // capacity 1: each new key replaces the previous one
+        let mut one = Shard::new(1);
+        assert_eq!(one.insert(1, p.clone(), 10, 0), None);
+        assert_eq!(one.insert(2, p.clone(), 10, 0), Some(1));
+        assert_eq!(shard_order(&one), [2]);
+        // the slab never grows past the capacity (no reallocation once full)
+        let mut big = Shard::new(1_000);
+        for k in 0..10_000u128 {
+            let evicted = big.insert(k, p.clone(), 10, 0);
+            assert_eq!(evicted, k.checked_sub(1_000));
+        }
+        assert_eq!(big.slots.len(), 1_000);
+        assert_eq!(shard_order(&big), (9_000..10_000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn removal_from_the_middle_keeps_the_order() {
+        let p = admin();
+        let mut s = Shard::new(8);
+        for k in 0..8u128 {
+            s.insert(k, p.clone(), if k % 3 == 1 { 50 } else { 100 }, 0);
+        }
+        for k in [4, 1, 7] {
+            assert_eq!(s.get(k, 60), None); // 1, 4 and 7 expired at 50
+        }
+        assert_eq!(shard_order(&s), [0, 2, 3, 5, 6]);
+        assert_eq!(s.remove(s.head), 0);
+        assert_eq!(s.remove(s.tail), 6);
+        assert_eq!(shard_order(&s), [2, 3, 5]);
+        s.insert(9, p.clone(), 100, 60);
+        assert_eq!(shard_order(&s), [2, 3, 5, 9]);
+        s.clear();
+        assert_eq!(shard_order(&s), Vec::<u128>::new());
+        s.insert(1, p, 100, 0);
+        assert_eq!(shard_order(&s), [1]);
+    }
+
+    #[test]
+    fn expired_entries_are_never_returned() {
+        let c = TokenCache::new(10_000);
+        assert_eq!(c.shards.len(), 16);
+        for i in 0..1_000u64 {
+            c.insert(&format!("tok-{i}"), user(i as usize), 1_000 + i, 900);
+        }
+        check_structure(&c);
+        for now in [900, 1_000, 1_250, 1_999, 2_000, 5_000] {
+            for i in 0..1_000u64 {
+                let hit = c.get(&format!("tok-{i}"), now);
+                // exp is capped at 900 + CACHE_MAX_TTL_SECS
+                let exp = (1_000 + i).min(900 + CACHE_MAX_TTL_SECS);
+                if exp > now {
+                    assert_eq!(hit, Some(user(i as usize)), "tok-{i} at {now}");
+                } else {
+                    assert_eq!(hit, None, "tok-{i} at {now}");
+                }
+            }
+            check_structure(&c);
+        }
+        // every lookup of an expired entry dropped it
+        assert!(c.is_empty());
+        // and a lookup with an earlier clock after that finds nothing either
+        assert_eq!(c.get("tok-999", 900), None);
+    }
+
+    #[test]
+    fn small_capacities_still_cache() {
+        let p = admin();
+        for capacity in 1..=40 {
+            // one shard below 2 × MIN_SHARD_CAPACITY: strict FIFO over all
+            let c = TokenCache::new(capacity);
+            for i in 0..3 * capacity {
+                c.insert(&format!("t{i}"), p.clone(), 100, 0);
+                assert!(c.len() <= capacity);
+            }
+            for i in 0..3 * capacity {
+                assert_eq!(c.get(&format!("t{i}"), 0).is_some(), i >= 2 * capacity);
+            }
+            // more shards than a tiny capacity would allow: still bounded,
+            // and the token just inserted is always found
+            let c = TokenCache::with_shards(capacity, 16);
+            for i in 0..5 * capacity {
+                let t = format!("t{i}");
+                c.insert(&t, p.clone(), 100, 0);
+                assert_eq!(c.get(&t, 0), Some(p.clone()));
+                assert!(c.len() <= capacity);
+            }
+            check_structure(&c);
+        }
+    }
+
+    #[test]
+    fn a_poisoned_shard_starts_again_empty() {
+        let c = TokenCache::new(4);
+        c.insert("t", admin(), 100, 0);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _guard = c.shards[0].lock();
+            panic!("poison the shard");
+        }));
+        assert!(r.is_err() && c.shards[0].is_poisoned());
+        assert_eq!(c.get("t", 0), None);
+        assert!(!c.shards[0].is_poisoned());
+        c.insert("t", admin(), 100, 0);
+        assert_eq!(c.get("t", 0), Some(admin()));
+    }
+
+    #[test]
+    fn concurrent_inserts_stay_bounded_and_correct() {
+        let c = std::sync::Arc::new(TokenCache::new(200));
+        assert_eq!(c.shards.len(), 2);
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2_000 {
+                        let n = (i * 7 + t * 13) % 500;
+                        let tok = format!("tok-{n}");
+                        if i % 3 == 0 {
+                            if let Some(p) = c.get(&tok, 10) {
+                                assert_eq!(p, user(n));
+                            }
+                        } else {
+                            c.insert(&tok, user(n), 100, 10);
+                        }
+                        assert!(c.len() <= 200);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        check_structure(&c);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert { tok: usize, exp_in: u64 },
+        Get { tok: usize },
+        Tick { secs: u64 },
+        Rewind { secs: u64 },
+        Clear,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0usize..48, 0u64..400).prop_map(|(tok, exp_in)| Op::Insert { tok, exp_in }),
+            6 => (0usize..48).prop_map(|tok| Op::Get { tok }),
+            2 => (0u64..80).prop_map(|secs| Op::Tick { secs }),
+            1 => (0u64..40).prop_map(|secs| Op::Rewind { secs }),
+            1 => Just(Op::Clear),
+        ]
+    }
+
+    /// The same FIFO policy written naively (a `Vec` per shard, linear
+    /// searches), to compare the slab and list against.
+    struct FifoModel {
+        /// Per shard: its capacity and its (key, principal, exp), oldest first.
+        shards: Vec<(usize, Vec<ModelEntry>)>,
+    }
+
+    type ModelEntry = (u128, Principal, u64);
+
+    impl FifoModel {
+        fn get(&mut self, shard: usize, key: u128, now: u64) -> Option<Principal> {
+            let entries = &mut self.shards[shard].1;
+            let pos = entries.iter().position(|e| e.0 == key)?;
+            if entries[pos].2 > now {
+                return Some(entries[pos].1.clone());
+            }
+            entries.remove(pos);
+            None
+        }
+
+        fn insert(&mut self, shard: usize, key: u128, p: Principal, exp: u64, now: u64) {
+            let (capacity, entries) = &mut self.shards[shard];
+            if let Some(pos) = entries.iter().position(|e| e.0 == key) {
+                entries.remove(pos);
+            } else {
+                if entries.first().is_some_and(|e| e.2 <= now) {
+                    entries.remove(0);
+                }
+                if entries.len() >= *capacity {
+                    entries.remove(0);
+                }
+            }
+            entries.push((key, p, exp));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Random insert/get/clock sequences against two models: the
+        /// security contract (a hit is the principal of the token's latest
+        /// insert, while `now < exp` capped at insert + max TTL; never beyond
+        /// the capacity) and the exact FIFO policy per shard.
+        #[test]
+        fn cache_matches_the_models(
+            capacity in 0usize..24,
+            shards in prop_oneof![Just(1usize), Just(2), Just(4), Just(16)],
+            ops in proptest::collection::vec(op(), 1..200),
+        ) {
+            let c = TokenCache::with_shards(capacity, shards);
+            let mut fifo = FifoModel {
+                shards: (0..c.shards.len()).map(|i| (c.lock(i).capacity, Vec::new())).collect(),
+            };
+            // token → (principal, capped exp) of its latest accepted insert
+            let mut latest: HashMap<usize, (Principal, u64)> = HashMap::new();
+            let mut now = NOW;
+            let mut version = 0;
+            for op in ops {
+                match op {
+                    Op::Insert { tok, exp_in } => {
+                        version += 1;
+                        let p = user(tok * 1_000 + version);
+                        let exp = now + exp_in;
+                        c.insert(&format!("tok-{tok}"), p.clone(), exp, now);
+                        if exp > now {
+                            let capped = exp.min(now + CACHE_MAX_TTL_SECS);
+                            latest.insert(tok, (p.clone(), capped));
+                            if capacity > 0 {
+                                let key = c.key(&format!("tok-{tok}"));
+                                fifo.insert(c.shard_index(key), key, p, capped, now);
+                            }
+                        }
+                    }
+                    Op::Get { tok } => {
+                        let got = c.get(&format!("tok-{tok}"), now);
+                        if let Some(p) = &got {
+                            let (want, exp) = latest.get(&tok).expect("hit never inserted");
+                            prop_assert_eq!(p, want, "a stale or foreign principal");
+                            prop_assert!(now < *exp, "an expired hit");
+                        }
+                        if capacity == 0 {
+                            prop_assert_eq!(got, None);
+                        } else {
+                            let key = c.key(&format!("tok-{tok}"));
+                            let want = fifo.get(c.shard_index(key), key, now);
+                            prop_assert_eq!(got, want);
+                        }
+                    }
+                    Op::Tick { secs } => now += secs,
+                    Op::Rewind { secs } => now -= secs,
+                    Op::Clear => {
+                        c.clear();
+                        latest.clear();
+                        for s in &mut fifo.shards {
+                            s.1.clear();
+                        }
+                        prop_assert!(c.is_empty());
+                    }
+                }
+                prop_assert!(c.len() <= capacity, "beyond capacity");
+                check_structure(&c);
+                for (i, (_, entries)) in fifo.shards.iter().enumerate() {
+                    let keys: Vec<u128> = entries.iter().map(|e| e.0).collect();
+                    prop_assert_eq!(shard_order(&c.lock(i)), keys);
+                }
+            }
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use super::{Admission, Ending, Failure, RunSink};
 use crate::client;
 use crate::event::NewEvent;
 use crate::sse::{Decoder, SseEvent};
+use crate::store::clip_error;
 
 /// Most bytes of a non-2xx answer kept as its error text.
 pub const ERROR_BODY_LIMIT: usize = 64 * 1024;
@@ -37,7 +38,8 @@ pub async fn admit(http: &mut HttpSession, idle: Duration, sink: &RunSink) -> Re
 }
 
 /// The message of an error body: a JSON error's message (`{"error":{"message"}}`,
-/// `{"error":"…"}`, `{"message":"…"}`, `{"detail":"…"}`), or the start of the text.
+/// `{"error":"…"}`, `{"message":"…"}`, `{"detail":"…"}`), or the start of the text; at most
+/// about 500 bytes, control characters escaped ([`clip_error`]).
 pub fn error_text(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
@@ -47,10 +49,10 @@ pub fn error_text(body: &[u8]) -> String {
             .or_else(|| v.get("message"))
             .or_else(|| v.get("detail"));
         if let Some(serde_json::Value::String(s)) = pick {
-            return s.clone();
+            return clip_error(s);
         }
     }
-    text.trim().chars().take(500).collect()
+    clip_error(&text)
 }
 
 /// An SSE answer body, read in batches.
@@ -175,6 +177,15 @@ mod tests {
         assert_eq!(error_text(br#"{"message":"x"}"#), "x");
         assert_eq!(error_text(br#"{"detail":"d"}"#), "d");
         assert_eq!(error_text(b"  plain text \n"), "plain text");
-        assert_eq!(error_text(&[b'a'; 900]).len(), 500);
+        // At most about 500 bytes (a cut is marked), control characters escaped.
+        let long = error_text(&[b'a'; 900]);
+        assert!(long.len() <= 503 && long.ends_with('…'), "{long}");
+        let json = format!(
+            r#"{{"error":{{"message":"{}\nforged log line"}}}}"#,
+            "b".repeat(70_000)
+        );
+        let text = error_text(json.as_bytes());
+        assert!(text.len() <= 503 && !text.contains('\n'));
+        assert_eq!(error_text(br#"{"detail":"a\nb"}"#), "a\\u{a}b");
     }
 }

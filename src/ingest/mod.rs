@@ -22,7 +22,7 @@ use async_trait::async_trait;
 
 use crate::event::NewEvent;
 use crate::metrics;
-use crate::store::{RunInfo, RunLimit, RunStatus, Store, StoreError};
+use crate::store::{clip_error, RunInfo, RunLimit, RunStatus, Store, StoreError};
 
 /// Everything an adapter needs to start one run on its backend.
 #[derive(Clone, Debug)]
@@ -336,6 +336,7 @@ impl Ingestor {
                     .await
             }
             Ending::AgentError(text, event) => {
+                let text = clip_error(&text);
                 self.store
                     .finish(run, RunStatus::Error, Some(text), Some(event))
                     .await
@@ -346,6 +347,7 @@ impl Ingestor {
                 } else {
                     RunStatus::Error
                 };
+                let message = clip_error(&message);
                 log::info!(
                     "run {run} ended {} by the backend: {message}",
                     status.as_str()
@@ -360,7 +362,7 @@ impl Ingestor {
                     .with_label_values(&[f.kind()])
                     .inc();
                 let status = f.status();
-                let message = f.message();
+                let message = clip_error(&f.message());
                 log::info!("run {run} ended {}: {message}", status.as_str());
                 let closing = crate::agentflow::synthetic_error(status.as_str(), &message);
                 self.store

@@ -113,6 +113,7 @@ fn adapter(
                 max_failures: u.poll_max_failures,
                 conversation_path: conversation_path.into(),
                 idle_timeout: u.idle_timeout.0,
+                max_snapshot_bytes: u.poll_max_snapshot_bytes,
             },
         )),
     }

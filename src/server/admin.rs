@@ -11,16 +11,15 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::metrics;
-use crate::store::Store;
+use crate::store::budget::{Budget, Part};
 
 /// Serves the admin routes.
 pub struct AdminApp {
-    /// The store, for the bytes-held gauge and readiness.
-    pub store: Arc<dyn Store>,
     /// Set once the process is shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
-    /// `limits.max_total_bytes`, for readiness.
-    pub max_total_bytes: u64,
+    /// What is held against `limits.max_total_bytes` (the store's and the views'), for the
+    /// gauges and readiness.
+    pub budget: Arc<Budget>,
     /// `server.admin_token`: when set, `/metrics` needs it as a bearer token.
     pub token: Option<String>,
 }
@@ -76,14 +75,19 @@ impl ServeHttp for AdminApp {
                 resp
             }
             "/metrics" => {
-                metrics::STORE_BYTES.set(self.store.bytes_held() as i64);
+                metrics::STORE_BYTES.set(self.budget.total() as i64);
+                for part in Part::ALL {
+                    metrics::HELD_BYTES
+                        .with_label_values(&[part.as_str()])
+                        .set(self.budget.part(part) as i64);
+                }
                 reply(200, "text/plain; version=0.0.4", metrics::render())
             }
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 if *self.shutdown.borrow() {
                     reply(503, "text/plain", b"shutting down\n".to_vec())
-                } else if self.store.bytes_held() >= self.max_total_bytes / 10 * 9 {
+                } else if self.budget.total() >= self.budget.high_water() {
                     reply(503, "text/plain", b"store full\n".to_vec())
                 } else {
                     reply(200, "text/plain", b"ready\n".to_vec())

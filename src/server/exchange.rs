@@ -121,9 +121,10 @@ impl Exchange for PingoraExchange<'_> {
     }
 
     async fn respond(&mut self, reply: Reply) -> Result<(), Gone> {
+        let len = reply.body_len();
         let mut resp = self.header_for(reply.status, reply.headers)?;
         if reply.status != 204 && reply.status != 304 {
-            resp.insert_header("content-length", reply.body.len().to_string())
+            resp.insert_header("content-length", len.to_string())
                 .map_err(|_| Gone)?;
         }
         // A refusal before the body was read (a bad token, an unknown route, a drain) closes
@@ -137,10 +138,20 @@ impl Exchange for PingoraExchange<'_> {
             .write_response_header(Box::new(resp), false)
             .await
             .map_err(|_| Gone)?;
-        let sent = self
+        let last = reply.more.len();
+        let mut sent = self
             .session
-            .write_response_body(Some(reply.body), true)
+            .write_response_body(Some(reply.body), last == 0)
             .await;
+        for (i, piece) in reply.more.into_iter().enumerate() {
+            if sent.is_err() {
+                break;
+            }
+            sent = self
+                .session
+                .write_response_body(Some(piece), i + 1 == last)
+                .await;
+        }
         if sent.is_err() {
             // A client that stopped reading (the write timed out) or went away: never reuse
             // a connection whose answer was cut.
@@ -190,6 +201,12 @@ impl Exchange for PingoraExchange<'_> {
     fn set_write_timeout(&mut self, timeout: std::time::Duration) {
         // Pingora bounds each body write with it (HTTP/1.1 `write_body`, HTTP/2 `write_body`).
         self.session.set_write_timeout(Some(timeout));
+    }
+
+    fn set_drain_timeout(&mut self, timeout: std::time::Duration) {
+        self.session
+            .as_downstream_mut()
+            .set_total_drain_timeout(Some(timeout));
     }
 
     async fn closed(&mut self) {

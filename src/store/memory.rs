@@ -3,14 +3,24 @@
 //! Runs live in a `DashMap` of cells; each cell holds its log behind a mutex. Each thread has
 //! one change signal (a `Notify`), shared by its runs' cells and fired on every change (an append, an end,
 //! a new run, an eviction), so waiters (streams, long polls) sleep on a channel instead of
-//! holding a thread. Memory is bounded by the per-run and total limits: finished runs are
-//! evicted when their retention passes, and first (oldest finished first) under pressure; new
-//! runs are refused once the store is 90% full even after eviction, leaving headroom for runs
-//! already in progress. A thread's record (a few hundred bytes, counted in the budget) outlives
-//! its runs for `thread_retention` after its last run was evicted.
+//! holding a thread.
 //!
-//! Lock order: `keys` → `conversations` → `threads` → a run cell. A thread entry may be held
-//! while a run cell is locked, never the reverse.
+//! Memory is bounded by the per-run limits and the [`Budget`], which counts what is held (event
+//! payloads and their overhead, run records with their user messages, thread records; the
+//! views share it): finished runs are evicted when their retention passes, and first under
+//! pressure; new runs are refused once the budget is 90% used even after eviction, leaving
+//! headroom for runs already in progress. A thread's record (a few hundred bytes) outlives its
+//! runs for `thread_retention` after its last run was evicted.
+//!
+//! Organisations are kept apart by their [`Quotas`]: a new run is refused (`429`) when its
+//! organisation has its most runs in progress, or holds its most bytes even after its own
+//! finished runs were evicted; eviction under pressure takes first from the organisations
+//! holding more than an equal share of the budget, so one tenant's load does not evict the
+//! others' conversations while its own are kept.
+//!
+//! Lock order: `keys` → `conversations` → `threads` → a run cell → an organisation's finished
+//! queue. A thread entry may be held while a run cell is locked, never the reverse; `orgs` is
+//! only ever taken alone.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -22,9 +32,10 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
+use super::budget::{value_bytes, Budget, Part, QuotaKind, Quotas, EVENT_OVERHEAD, RUN_OVERHEAD};
 use super::{
-    BackendThread, LatestRun, NewRun, ReadBatch, RunId, RunInfo, RunLimit, RunOutcome, RunStatus,
-    Started, Store, StoreError, ThreadId, ThreadInfo,
+    clip_error, BackendThread, LatestRun, NewRun, ReadBatch, RunId, RunInfo, RunLimit, RunOutcome,
+    RunStatus, Started, Store, StoreError, ThreadId, ThreadInfo,
 };
 use crate::event::{Event, NewEvent};
 
@@ -70,6 +81,8 @@ pub struct MemoryLimits {
     pub thread_retention: Duration,
     /// `Retry-After` for [`StoreError::Full`].
     pub retry_after: Duration,
+    /// Per-organisation quotas (running runs and bytes are enforced here).
+    pub quotas: Quotas,
 }
 
 /// What a thread record is charged in the memory budget, besides its ids and texts.
@@ -78,12 +91,46 @@ pub const THREAD_RECORD_BYTES: u64 = 256;
 struct RunState {
     info: RunInfo,
     events: Vec<Event>,
+    /// What the events are charged ([`Part::Events`]): payloads, per-event overhead and the
+    /// log's capacity.
+    events_charged: u64,
 }
 
 struct RunCell {
     state: Mutex<RunState>,
     /// The thread's change signal (shared by all its runs).
     changed: Arc<Changes>,
+    /// Its organisation's tally.
+    org: Arc<Org>,
+    /// What its record and user message are charged ([`Part::Runs`]).
+    record: u64,
+}
+
+/// What one organisation holds.
+#[derive(Default)]
+struct Org {
+    /// Runs in progress.
+    running: AtomicU64,
+    /// Bytes its runs and threads hold.
+    bytes: AtomicU64,
+    /// The part of `bytes` held by its finished runs.
+    finished_bytes: AtomicU64,
+    /// Its finished runs in the order they finished (oldest first).
+    finished: Mutex<VecDeque<(Instant, RunId)>>,
+}
+
+impl Org {
+    fn add(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
+    fn sub(&self, n: u64) {
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    fn is_idle(&self) -> bool {
+        self.running.load(Ordering::Acquire) == 0 && self.bytes.load(Ordering::Acquire) == 0
+    }
 }
 
 impl RunCell {
@@ -126,10 +173,16 @@ struct ThreadRec {
     /// Bytes this record is charged.
     bytes: u64,
     changed: Arc<Changes>,
+    org: Arc<Org>,
 }
 
 impl ThreadRec {
-    fn new(org_id: &str, agent_id: &serde_json::Value, conversation: Option<String>) -> Self {
+    fn new(
+        org_id: &str,
+        org: Arc<Org>,
+        agent_id: &serde_json::Value,
+        conversation: Option<String>,
+    ) -> Self {
         let mut rec = ThreadRec {
             org_id: org_id.to_owned(),
             agent_id: agent_id.clone(),
@@ -144,6 +197,7 @@ impl ThreadRec {
             emptied_at: None,
             bytes: 0,
             changed: Arc::default(),
+            org,
         };
         rec.bytes = rec.charge();
         rec
@@ -174,11 +228,12 @@ pub struct MemoryStore {
     keys: DashMap<(String, String, String), RunId>,
     /// (organisation, client conversation id) → thread.
     conversations: DashMap<(String, String), ThreadId>,
-    total_bytes: AtomicU64,
-    /// The part of `total_bytes` held by finished (evictable) runs.
+    /// What is held, against `max_total_bytes` (shared with the views).
+    budget: Arc<Budget>,
+    /// The part of the budget held by finished (evictable) runs.
     finished_bytes: AtomicU64,
-    /// Finished runs in the order they finished (oldest first).
-    finished: Mutex<VecDeque<(Instant, RunId)>>,
+    /// Organisation id → what it holds, and its finished runs.
+    orgs: DashMap<String, Arc<Org>>,
     /// Threads whose last run was evicted, in that order (their records expire in turn).
     emptied: Mutex<VecDeque<(Instant, ThreadId)>>,
 }
@@ -190,19 +245,40 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store with a budget of its own.
     pub fn new(limits: MemoryLimits) -> Self {
+        let budget = Arc::new(Budget::new(limits.max_total_bytes));
+        Self::with_budget(limits, budget)
+    }
+
+    /// An empty store charging `budget` (shared with whatever else it bounds, e.g. the views).
+    pub fn with_budget(limits: MemoryLimits, budget: Arc<Budget>) -> Self {
         MemoryStore {
             limits,
             runs: DashMap::with_hasher(IdHashing::default()),
             threads: DashMap::with_hasher(IdHashing::default()),
             keys: DashMap::new(),
             conversations: DashMap::new(),
-            total_bytes: AtomicU64::new(0),
+            budget,
             finished_bytes: AtomicU64::new(0),
-            finished: Mutex::new(VecDeque::new()),
+            orgs: DashMap::new(),
             emptied: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// The budget this store charges.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// What `org` holds now: (runs in progress, bytes).
+    pub fn org_usage(&self, org: &str) -> (u64, u64) {
+        self.orgs.get(org).map_or((0, 0), |o| {
+            (
+                o.running.load(Ordering::Acquire),
+                o.bytes.load(Ordering::Acquire),
+            )
+        })
     }
 
     fn cell(&self, run: &RunId) -> Result<Arc<RunCell>, StoreError> {
@@ -212,26 +288,98 @@ impl MemoryStore {
             .ok_or(StoreError::RunNotFound)
     }
 
+    fn org(&self, org: &str) -> Arc<Org> {
+        if let Some(o) = self.orgs.get(org) {
+            return o.clone();
+        }
+        self.orgs.entry(org.to_owned()).or_default().clone()
+    }
+
     fn full(&self) -> StoreError {
         StoreError::Full {
             retry_after: self.limits.retry_after,
         }
     }
 
-    /// Evict finished runs, oldest first, until `fits()` holds or none are left.
+    fn over_quota(&self, kind: QuotaKind) -> StoreError {
+        StoreError::Quota {
+            kind,
+            retry_after: self.limits.quotas.retry_after,
+        }
+    }
+
+    /// Evict finished runs until `fits(total held)` holds or none are left: first those of the
+    /// organisations holding more than an equal share of the budget (the largest holder's
+    /// oldest first), then the oldest of all.
     ///
     /// Evicts nothing when even evicting every finished run would not be enough: finished
     /// conversations are not thrown away for a request that would be refused anyway.
     fn evict_until(&self, fits: impl Fn(u64) -> bool) {
-        let total = self.total_bytes.load(Ordering::Acquire);
         let finished = self.finished_bytes.load(Ordering::Acquire);
-        if !fits(total.saturating_sub(finished)) {
+        if !fits(self.budget.total().saturating_sub(finished)) {
             return;
         }
-        while !fits(self.total_bytes.load(Ordering::Acquire)) {
-            let next = lock(&self.finished).pop_front();
+        while !fits(self.budget.total()) {
+            match self.pressure_victim() {
+                Some((run, fair)) => {
+                    self.evict(&run);
+                    crate::metrics::STORE_EVICTIONS
+                        .with_label_values(&[if fair { "over_share" } else { "pressure" }])
+                        .inc();
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// The finished run to evict next under pressure, and whether its organisation holds more
+    /// than its share.
+    fn pressure_victim(&self) -> Option<(RunId, bool)> {
+        let holders = self
+            .orgs
+            .iter()
+            .filter(|o| o.bytes.load(Ordering::Acquire) > 0)
+            .count()
+            .max(1) as u64;
+        let share = self.budget.max_total() / holders;
+        let mut largest: Option<(u64, Arc<Org>)> = None;
+        let mut oldest: Option<(Instant, Arc<Org>)> = None;
+        for o in self.orgs.iter() {
+            let Some(front) = lock(&o.finished).front().map(|(at, _)| *at) else {
+                continue;
+            };
+            let bytes = o.bytes.load(Ordering::Acquire);
+            if largest.as_ref().is_none_or(|(b, _)| bytes > *b) {
+                largest = Some((bytes, o.value().clone()));
+            }
+            if oldest.as_ref().is_none_or(|(at, _)| front < *at) {
+                oldest = Some((front, o.value().clone()));
+            }
+        }
+        let (org, fair) = match largest {
+            Some((bytes, org)) if bytes > share => (org, true),
+            _ => (oldest?.1, false),
+        };
+        let run = lock(&org.finished).pop_front().map(|(_, run)| run)?;
+        Some((run, fair))
+    }
+
+    /// Evict `org`'s own finished runs, oldest first, until it holds less than `max` bytes.
+    /// Evicts nothing when its runs in progress alone hold that much.
+    fn evict_own(&self, org: &Org, max: u64) {
+        let bytes = org.bytes.load(Ordering::Acquire);
+        if bytes < max || bytes - org.finished_bytes.load(Ordering::Acquire) >= max {
+            return;
+        }
+        while org.bytes.load(Ordering::Acquire) >= max {
+            let next = lock(&org.finished).pop_front();
             match next {
-                Some((_, run)) => self.evict(&run),
+                Some((_, run)) => {
+                    self.evict(&run);
+                    crate::metrics::STORE_EVICTIONS
+                        .with_label_values(&["org_quota"])
+                        .inc();
+                }
                 None => return,
             }
         }
@@ -243,7 +391,7 @@ impl MemoryStore {
             return;
         };
         // What eviction needs of the run (not its user message).
-        let (outcome, thread_id, key, last_seq, bytes) = {
+        let (outcome, thread_id, key, last_seq, events_charged) = {
             let st = lock(&cell.state);
             let i = &st.info;
             let outcome = RunOutcome {
@@ -256,14 +404,24 @@ impl MemoryStore {
                 .idempotency_key
                 .clone()
                 .map(|k| (i.org_id.clone(), i.user_id.clone(), k));
-            (outcome, i.thread_id.clone(), key, i.last_seq, i.bytes)
+            (
+                outcome,
+                i.thread_id.clone(),
+                key,
+                i.last_seq,
+                st.events_charged,
+            )
         };
         if let Some(key) = key {
             self.keys.remove_if(&key, |_, r| r == run);
         }
-        self.total_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let charged = cell.record + events_charged;
+        self.budget.release(Part::Runs, cell.record);
+        self.budget.release(Part::Events, events_charged);
         // Only finished runs are evicted.
-        self.finished_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        self.finished_bytes.fetch_sub(charged, Ordering::AcqRel);
+        cell.org.finished_bytes.fetch_sub(charged, Ordering::AcqRel);
+        cell.org.sub(charged);
         let emptied = match self.threads.get_mut(&thread_id) {
             Some(mut t) => {
                 t.runs.retain(|r| r != run);
@@ -276,8 +434,7 @@ impl MemoryStore {
                 // always a prefix of the thread.
                 t.evicted_through = t.evicted_through.max(last_seq);
                 t.latest_evicted = Some(outcome);
-                let bytes = t.charge();
-                self.recharge(&mut t.bytes, bytes);
+                self.recharge_thread(&mut t);
                 if t.runs.is_empty() {
                     t.emptied_at = Some(Instant::now());
                 }
@@ -292,14 +449,12 @@ impl MemoryStore {
         }
     }
 
-    /// Change a record's charge from `*held` to `now`.
-    fn recharge(&self, held: &mut u64, now: u64) {
-        if now >= *held {
-            self.total_bytes.fetch_add(now - *held, Ordering::AcqRel);
-        } else {
-            self.total_bytes.fetch_sub(*held - now, Ordering::AcqRel);
-        }
-        *held = now;
+    /// Charge a thread record what it holds now.
+    fn recharge_thread(&self, t: &mut ThreadRec) {
+        let (before, now) = (t.bytes, t.charge());
+        self.budget.recharge(Part::Threads, &mut t.bytes, now);
+        t.org.add(now);
+        t.org.sub(before);
     }
 
     /// Remove a thread record whose runs were all evicted at least `thread_retention` ago, and
@@ -314,7 +469,8 @@ impl MemoryStore {
         let Some((_, t)) = self.threads.remove_if(thread, |_, t| expired(t)) else {
             return;
         };
-        self.total_bytes.fetch_sub(t.bytes, Ordering::AcqRel);
+        self.budget.release(Part::Threads, t.bytes);
+        t.org.sub(t.bytes);
         t.changed.bump();
         if let Some(conv) = t.conversation {
             self.conversations
@@ -322,15 +478,19 @@ impl MemoryStore {
         }
     }
 
-    fn high_water(&self) -> u64 {
-        self.limits.max_total_bytes / 10 * 9
-    }
-
     /// Create a run (no idempotency bookkeeping). Evicts nothing: callers make room first,
     /// before taking any lock that eviction needs.
     fn create_new(&self, new: NewRun) -> Result<RunInfo, StoreError> {
-        if self.total_bytes.load(Ordering::Acquire) >= self.high_water() {
+        if self.budget.total() >= self.budget.high_water() {
             return Err(self.full());
+        }
+        let quota = *self.limits.quotas.of(&new.org_id);
+        let org = self.org(&new.org_id);
+        if org.bytes.load(Ordering::Acquire) >= quota.max_bytes {
+            return Err(self.over_quota(QuotaKind::Bytes));
+        }
+        if org.running.load(Ordering::Acquire) >= quota.max_running_runs {
+            return Err(self.over_quota(QuotaKind::RunningRuns));
         }
         let thread_id = match (&new.thread_id, &new.conversation) {
             (Some(t), _) => t.clone(),
@@ -344,7 +504,7 @@ impl MemoryStore {
                     }
                     entry => {
                         let t = ThreadId::generate();
-                        self.insert_thread(&t, &new, Some(conv.clone()));
+                        self.insert_thread(&t, &new, &org, Some(conv.clone()));
                         entry.insert(t.clone());
                         t
                     }
@@ -352,7 +512,7 @@ impl MemoryStore {
             }
             (None, None) => {
                 let t = ThreadId::generate();
-                self.insert_thread(&t, &new, None);
+                self.insert_thread(&t, &new, &org, None);
                 t
             }
         };
@@ -371,6 +531,35 @@ impl MemoryStore {
                 }
                 base = base.max(info.last_seq);
             }
+        }
+        let record = record_charge(&new);
+        // Taken last, atomically: concurrent starts never pass the 90 % mark or the quota
+        // together (the run's record, user message included, is charged only if it fits).
+        let refusal = if !self
+            .budget
+            .try_charge(Part::Runs, record, self.budget.high_water())
+        {
+            Some(self.full())
+        } else if org
+            .running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < quota.max_running_runs).then_some(n + 1)
+            })
+            .is_err()
+        {
+            self.budget.release(Part::Runs, record);
+            Some(self.over_quota(QuotaKind::RunningRuns))
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            if thread.runs.is_empty() && thread.emptied_at.is_none() {
+                // A thread made for this run: it expires like one whose runs were evicted.
+                thread.emptied_at = Some(Instant::now());
+                drop(thread);
+                lock(&self.emptied).push_back((Instant::now(), thread_id));
+            }
+            return Err(refusal);
         }
         let now = SystemTime::now();
         let run_id = RunId::generate();
@@ -391,12 +580,16 @@ impl MemoryStore {
             user_message: new.user_message.into(),
             idempotency_key: new.idempotency_key,
         };
+        org.add(record);
         let cell = RunCell {
             state: Mutex::new(RunState {
                 info: info.clone(),
                 events: Vec::new(),
+                events_charged: 0,
             }),
             changed: thread.changed.clone(),
+            org,
+            record,
         };
         self.runs.insert(run_id.clone(), Arc::new(cell));
         thread.runs.push(run_id);
@@ -405,9 +598,16 @@ impl MemoryStore {
         Ok(info)
     }
 
-    fn insert_thread(&self, id: &ThreadId, new: &NewRun, conversation: Option<String>) {
-        let rec = ThreadRec::new(&new.org_id, &new.agent_id, conversation);
-        self.total_bytes.fetch_add(rec.bytes, Ordering::AcqRel);
+    fn insert_thread(
+        &self,
+        id: &ThreadId,
+        new: &NewRun,
+        org: &Arc<Org>,
+        conversation: Option<String>,
+    ) {
+        let rec = ThreadRec::new(&new.org_id, org.clone(), &new.agent_id, conversation);
+        self.budget.charge(Part::Threads, rec.bytes);
+        org.add(rec.bytes);
         self.threads.insert(id.clone(), rec);
     }
 
@@ -437,8 +637,18 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn create_run(&self, mut new: NewRun) -> Result<Started, StoreError> {
         // Make room first: eviction takes the locks of `keys`, which the entry below holds.
-        let high_water = self.high_water();
-        self.evict_until(|total| total < high_water);
+        // Room for the run's record, and its thread's when it starts one.
+        let thread = match new.thread_id {
+            Some(_) => 0,
+            None => {
+                THREAD_RECORD_BYTES + (new.org_id.len() + new.agent_id.to_string().len()) as u64
+            }
+        };
+        let (high_water, record) = (self.budget.high_water(), record_charge(&new) + thread);
+        self.evict_until(|total| total + record <= high_water);
+        if let Some(org) = self.orgs.get(&new.org_id).map(|o| o.value().clone()) {
+            self.evict_own(&org, self.limits.quotas.of(&new.org_id).max_bytes);
+        }
         let Some(key) = new.idempotency_key.clone() else {
             return self.create_new(new).map(|run| Started {
                 run,
@@ -489,14 +699,17 @@ impl Store for MemoryStore {
 
     async fn append(&self, run: &RunId, mut events: Vec<NewEvent>) -> Result<u64, StoreError> {
         let cell = self.cell(run)?;
-        let incoming: u64 = events.iter().map(|e| e.data.len() as u64).sum();
-        let max_total = self.limits.max_total_bytes;
-        self.evict_until(|total| total + incoming <= max_total);
+        let incoming: u64 = events.iter().map(|e| charge_of(&e.data)).sum();
+        // A run already accepted is bounded by what the store holds, not by the views derived
+        // from it (those are dropped under pressure, and new runs are refused counting them).
+        let max_total = self.budget.max_total();
+        let views = || self.budget.part(Part::Views);
+        self.evict_until(|total| total.saturating_sub(views()) + incoming <= max_total);
         let mut st = lock(&cell.state);
         if st.info.status.is_terminal() {
             return Err(StoreError::Finished);
         }
-        // Keep the events that fit the run's limits; refuse the rest.
+        // Keep the events that fit the run's limits (on payload bytes); refuse the rest.
         let mut room_events = self
             .limits
             .max_events_per_run
@@ -504,6 +717,7 @@ impl Store for MemoryStore {
         let mut room_bytes = self.limits.max_bytes_per_run.saturating_sub(st.info.bytes);
         let mut fit = 0;
         let mut fit_bytes = 0;
+        let mut fit_charge = 0;
         let mut limit = None;
         for ev in &events {
             let n = ev.data.len() as u64;
@@ -519,23 +733,28 @@ impl Store for MemoryStore {
             room_bytes -= n;
             fit += 1;
             fit_bytes += n;
+            fit_charge += charge_of(&ev.data);
         }
         events.truncate(fit);
         // Reserve the bytes; refuse if the budget is exhausted even after eviction.
-        let reserved = self
-            .total_bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-                (t + fit_bytes <= max_total).then_some(t + fit_bytes)
-            });
-        if reserved.is_err() {
+        if !self
+            .budget
+            .try_charge(Part::Events, fit_charge, max_total + views())
+        {
             return Err(self.full());
         }
         let appended = !events.is_empty();
+        let capacity = st.events.capacity();
         for ev in events {
             st.info.last_seq += 1;
             let seq = st.info.last_seq;
             st.events.push(ev.at(seq));
         }
+        // The log's own growth (its spare capacity is memory held too).
+        let grown = log_bytes(st.events.capacity() - capacity);
+        self.budget.charge(Part::Events, grown);
+        st.events_charged += fit_charge + grown;
+        cell.org.add(fit_charge + grown);
         st.info.bytes += fit_bytes;
         st.info.updated_at = SystemTime::now();
         let last = st.info.last_seq;
@@ -565,23 +784,30 @@ impl Store for MemoryStore {
         if let Some(ev) = final_event {
             // The closing event is small and must not be lost to a limit: it is always kept.
             let n = ev.data.len() as u64;
-            self.total_bytes.fetch_add(n, Ordering::AcqRel);
+            let capacity = st.events.capacity();
+            let charge = charge_of(&ev.data);
             st.info.bytes += n;
             st.info.last_seq += 1;
             let seq = st.info.last_seq;
             st.events.push(ev.at(seq));
+            let charge = charge + log_bytes(st.events.capacity() - capacity);
+            self.budget.charge(Part::Events, charge);
+            cell.org.add(charge);
+            st.events_charged += charge;
         }
         st.info.status = if status.is_terminal() {
             status
         } else {
             RunStatus::Error
         };
-        st.info.error = error;
+        st.info.error = error.map(|e| clip_error(&e));
         st.info.updated_at = SystemTime::now();
-        self.finished_bytes
-            .fetch_add(st.info.bytes, Ordering::AcqRel);
+        let charged = cell.record + st.events_charged;
+        self.finished_bytes.fetch_add(charged, Ordering::AcqRel);
+        cell.org.finished_bytes.fetch_add(charged, Ordering::AcqRel);
+        cell.org.running.fetch_sub(1, Ordering::AcqRel);
+        lock(&cell.org.finished).push_back((Instant::now(), run.clone()));
         drop(st);
-        lock(&self.finished).push_back((Instant::now(), run.clone()));
         cell.bump();
         Ok(true)
     }
@@ -645,8 +871,7 @@ impl Store for MemoryStore {
     async fn set_backend_thread(&self, thread: &ThreadId, backend: BackendThread) {
         if let Some(mut t) = self.threads.get_mut(thread) {
             t.backend = Some(backend);
-            let bytes = t.charge();
-            self.recharge(&mut t.bytes, bytes);
+            self.recharge_thread(&mut t);
         }
     }
 
@@ -655,17 +880,24 @@ impl Store for MemoryStore {
         run: &RunId,
         after: u64,
         max: usize,
+        max_bytes: usize,
     ) -> Result<ReadBatch, StoreError> {
         let cell = self.cell(run)?;
         let st = lock(&cell.state);
         let first = st.info.first_seq;
         let start = (after + 1).saturating_sub(first) as usize;
+        let mut bytes = 0;
         let events = st
             .events
             .get(start.min(st.events.len())..)
             .unwrap_or(&[])
             .iter()
             .take(max)
+            .take_while(|e| {
+                let first = bytes == 0;
+                bytes += e.data.len().max(1);
+                first || bytes <= max_bytes
+            })
             .cloned()
             .collect();
         Ok(ReadBatch {
@@ -715,20 +947,50 @@ impl Store for MemoryStore {
 
     async fn sweep(&self) -> usize {
         let now = Instant::now();
-        let expired = drain_expired(&self.finished, now, self.limits.retention);
-        let n = expired.len();
-        for run in expired {
-            self.evict(&run);
+        let orgs: Vec<Arc<Org>> = self.orgs.iter().map(|o| o.value().clone()).collect();
+        let mut n = 0;
+        for org in orgs {
+            let expired = drain_expired(&org.finished, now, self.limits.retention);
+            n += expired.len();
+            for run in expired {
+                self.evict(&run);
+            }
         }
+        crate::metrics::STORE_EVICTIONS
+            .with_label_values(&["retention"])
+            .inc_by(n as u64);
         for thread in drain_expired(&self.emptied, now, self.limits.thread_retention) {
             self.forget_thread(&thread, now);
         }
+        // Organisations that hold nothing and are referenced by nothing are forgotten.
+        self.orgs
+            .retain(|_, o| Arc::strong_count(o) > 1 || !o.is_idle());
         n
     }
 
     fn bytes_held(&self) -> u64 {
-        self.total_bytes.load(Ordering::Acquire)
+        self.budget.total()
     }
+}
+
+/// What a run's record is charged: its fixed overhead, its texts and its user message.
+fn record_charge(new: &NewRun) -> u64 {
+    let texts = new.org_id.len()
+        + new.user_id.len()
+        + new.agent_id.to_string().len()
+        + new.idempotency_key.as_ref().map_or(0, String::len);
+    RUN_OVERHEAD + value_bytes(&new.user_message) + texts as u64
+}
+
+/// What an event is charged: its payload and the per-event overhead (its slot in the log is
+/// charged as the log grows).
+fn charge_of(data: &bytes::Bytes) -> u64 {
+    data.len() as u64 + EVENT_OVERHEAD
+}
+
+/// What `slots` more event slots of a log take.
+fn log_bytes(slots: usize) -> u64 {
+    (slots * std::mem::size_of::<Event>()) as u64
 }
 
 /// Take the entries of a time-ordered queue older than `keep`.
@@ -767,12 +1029,29 @@ mod tests {
             retention: Duration::from_secs(3600),
             thread_retention: Duration::from_secs(3600),
             retry_after: Duration::from_secs(5),
+            quotas: crate::store::budget::Quotas::unlimited(),
         }
     }
 
     /// What `n` thread records of the tests' organisation and agent are charged.
     fn records(n: u64) -> u64 {
         n * (THREAD_RECORD_BYTES + "o".len() as u64 + "7".len() as u64)
+    }
+
+    /// What the record of a run made by [`new_run`] (no key) is charged.
+    fn record() -> u64 {
+        let new = new_run(None, "o");
+        RUN_OVERHEAD + value_bytes(&new.user_message) + ("o".len() + "u".len() + "7".len()) as u64
+    }
+
+    /// What a log of `n` events is charged for its slots (it grows as a `Vec` does).
+    fn slots(n: u64) -> u64 {
+        let cap = if n == 0 {
+            0
+        } else {
+            n.next_power_of_two().max(4)
+        };
+        cap * std::mem::size_of::<Event>() as u64
     }
 
     fn new_run(thread: Option<ThreadId>, org: &str) -> NewRun {
@@ -800,22 +1079,22 @@ mod tests {
             2
         );
         assert_eq!(s.append(&r.run_id, vec![ev("c")]).await.unwrap(), 3);
-        let b = s.read_after(&r.run_id, 0, 100).await.unwrap();
+        let b = s.read_after(&r.run_id, 0, 100, usize::MAX).await.unwrap();
         assert_eq!(
             b.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
             [1, 2, 3]
         );
-        let b = s.read_after(&r.run_id, 1, 1).await.unwrap();
+        let b = s.read_after(&r.run_id, 1, 1, usize::MAX).await.unwrap();
         assert_eq!(b.events.len(), 1);
         assert_eq!((b.events[0].seq, &b.events[0].data[..]), (2, &b"b"[..]));
         assert!(s
-            .read_after(&r.run_id, 3, 10)
+            .read_after(&r.run_id, 3, 10, usize::MAX)
             .await
             .unwrap()
             .events
             .is_empty());
         assert!(s
-            .read_after(&r.run_id, 99, 10)
+            .read_after(&r.run_id, 99, 10, usize::MAX)
             .await
             .unwrap()
             .events
@@ -858,7 +1137,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let b = s.read_after(&r.run_id, 0, 10).await.unwrap();
+        let b = s.read_after(&r.run_id, 0, 10, usize::MAX).await.unwrap();
         assert_eq!((b.last_seq, b.status), (2, RunStatus::Timeout));
         assert_eq!(&b.events[1].data[..], b"t");
         assert_eq!(
@@ -970,13 +1249,18 @@ mod tests {
             s.append(&r.run_id, vec![ev("1"), ev("")]).await,
             Err(StoreError::RunLimit(RunLimit::Events))
         );
-        let b = s.read_after(&r.run_id, 0, 10).await.unwrap();
+        let b = s.read_after(&r.run_id, 0, 10, usize::MAX).await.unwrap();
         assert_eq!(b.last_seq, 4);
         assert_eq!(
             b.events.iter().map(|e| &e.data[..]).collect::<Vec<_>>(),
             [&b"12345"[..], b"1234", b"", b"1"]
         );
-        assert_eq!(s.bytes_held(), 10 + records(1));
+        // Everything held is counted: payloads, per-event overhead, the log, the records.
+        assert_eq!(
+            s.bytes_held(),
+            10 + 4 * EVENT_OVERHEAD + slots(4) + record() + records(1)
+        );
+        assert_eq!(s.org_usage("o"), (1, s.bytes_held()));
         // The run's end is still recorded, with its closing event.
         assert!(s
             .finish(&r.run_id, RunStatus::Error, None, Some(ev("e")))
@@ -1025,11 +1309,15 @@ mod tests {
             .run;
         assert_eq!(r2.first_seq, 4);
         assert_eq!(s.append(&r2.run_id, vec![ev("c")]).await, Ok(4));
-        let b = s.read_after(&r2.run_id, 3, 10).await.unwrap();
+        let b = s.read_after(&r2.run_id, 3, 10, usize::MAX).await.unwrap();
         assert_eq!(b.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [4]);
         // A cursor before the run's start reads the run from its first event.
         assert_eq!(
-            s.read_after(&r2.run_id, 0, 10).await.unwrap().events.len(),
+            s.read_after(&r2.run_id, 0, 10, usize::MAX)
+                .await
+                .unwrap()
+                .events
+                .len(),
             1
         );
         let th = s.thread("o", &t).await.unwrap();
@@ -1046,7 +1334,9 @@ mod tests {
     #[tokio::test]
     async fn finished_runs_are_evicted_first_then_new_runs_refused() {
         let mut l = limits();
-        l.max_total_bytes = 10_000;
+        // What the live run and the threads hold besides payloads, when its log is at 9000.
+        let besides = record() + records(2) + 40 + 2 * EVENT_OVERHEAD + slots(2);
+        l.max_total_bytes = 10_000 + besides;
         l.max_bytes_per_run = 50_000;
         let s = MemoryStore::new(l);
         let old = s.create_run(new_run(None, "o")).await.unwrap().run;
@@ -1073,7 +1363,7 @@ mod tests {
             th.latest_evicted.map(|o| (o.run_id, o.status)),
             Some((old.run_id.clone(), RunStatus::Completed))
         );
-        let held = 5000 + records(2) + 40;
+        let held = 5000 + EVENT_OVERHEAD + slots(1) + record() + records(2) + 40;
         assert_eq!(s.bytes_held(), held);
         s.append(&live.run_id, vec![ev(&"z".repeat(4000))])
             .await
@@ -1092,7 +1382,7 @@ mod tests {
             .unwrap();
         // Once it has finished it can be evicted to admit new work.
         s.create_run(new_run(None, "o")).await.unwrap();
-        assert_eq!(s.bytes_held(), records(3) + 80);
+        assert_eq!(s.bytes_held(), records(3) + 80 + record());
     }
 
     #[tokio::test]
@@ -1109,7 +1399,8 @@ mod tests {
             .await
             .unwrap();
         let live = s.create_run(new_run(None, "o")).await.unwrap().run;
-        let fill = 9000 - records(2) as usize;
+        // Live: both thread records, its own record and one event.
+        let fill = (9000 - records(2) - record() - EVENT_OVERHEAD - slots(1)) as usize;
         s.append(&live.run_id, vec![ev(&"y".repeat(fill))])
             .await
             .unwrap();
@@ -1124,7 +1415,8 @@ mod tests {
             Err(StoreError::Full { .. })
         ));
         assert!(s.run(&done.run_id).await.is_ok());
-        assert_eq!(s.bytes_held(), 9050);
+        let done_holds = 50 + EVENT_OVERHEAD + slots(1) + record();
+        assert_eq!(s.bytes_held(), 9000 + done_holds);
     }
 
     #[tokio::test]
@@ -1139,10 +1431,11 @@ mod tests {
                 idempotency_key: Some(format!("k{i}")),
                 ..new_run(None, "o")
             };
+            let total = s.bytes_held();
             let run = tokio::time::timeout(Duration::from_secs(5), s.create_run(new))
                 .await
                 .expect("no deadlock")
-                .unwrap()
+                .unwrap_or_else(|e| panic!("run {i}: {e} (held {total})"))
                 .run;
             s.append(&run.run_id, vec![ev(&"x".repeat(400))])
                 .await
@@ -1178,7 +1471,7 @@ mod tests {
         assert_eq!(s.run(&done.run_id).await, Err(StoreError::RunNotFound));
         assert!(s.run(&live.run_id).await.is_ok());
         // The thread record outlives its run for `thread_retention`, then goes too.
-        assert_eq!(s.bytes_held(), records(2) + 40);
+        assert_eq!(s.bytes_held(), records(2) + 40 + record());
         assert!(s.thread("o", &done.thread_id).await.is_ok());
         tokio::time::sleep(Duration::from_millis(200)).await;
         s.sweep().await;
@@ -1187,7 +1480,168 @@ mod tests {
             Err(StoreError::ThreadNotFound)
         );
         assert!(s.thread("o", &live.thread_id).await.is_ok());
-        assert_eq!(s.bytes_held(), records(1));
+        assert_eq!(s.bytes_held(), records(1) + record());
+    }
+
+    #[tokio::test]
+    async fn user_messages_are_counted_and_bound_new_runs() {
+        let mut l = limits();
+        l.max_total_bytes = 1 << 20;
+        let s = MemoryStore::new(l);
+        let big = |i: usize| NewRun {
+            user_message: json!({"id": format!("m{i}"), "role": "user",
+                "parts": [{"type": "text", "text": "x".repeat(100_000)}]}),
+            ..new_run(None, "o")
+        };
+        let mut started = 0;
+        for i in 0..20 {
+            match s.create_run(big(i)).await {
+                Ok(_) => started += 1,
+                Err(StoreError::Full { .. }) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // About nine 100 kB messages fit under 90 % of 1 MiB; none of them has an event.
+        assert!((8..=10).contains(&started), "{started} runs started");
+        assert!(s.bytes_held() >= started * 100_000);
+        assert!(s.bytes_held() <= s.budget().max_total());
+    }
+
+    #[tokio::test]
+    async fn reads_are_bounded_by_bytes_but_always_make_progress() {
+        let s = MemoryStore::new(limits());
+        let r = s.create_run(new_run(None, "o")).await.unwrap().run;
+        let batch = vec![
+            ev(&"a".repeat(3000)),
+            ev("b"),
+            ev(&"c".repeat(3000)),
+            ev("d"),
+        ];
+        s.append(&r.run_id, batch).await.unwrap();
+        let seqs = |b: ReadBatch| b.events.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(s.read_after(&r.run_id, 0, 10, 3001).await.unwrap()),
+            [1, 2]
+        );
+        assert_eq!(seqs(s.read_after(&r.run_id, 0, 10, 1).await.unwrap()), [1]);
+        assert_eq!(
+            seqs(s.read_after(&r.run_id, 1, 10, 6001).await.unwrap()),
+            [2, 3, 4]
+        );
+    }
+
+    fn quotas(running: u64, bytes: u64) -> Quotas {
+        let mut q = Quotas::unlimited();
+        q.default.max_running_runs = running;
+        q.default.max_bytes = bytes;
+        q
+    }
+
+    #[tokio::test]
+    async fn an_organisation_at_its_running_quota_is_refused_and_others_are_not() {
+        let mut l = limits();
+        l.quotas = quotas(2, u64::MAX);
+        let s = MemoryStore::new(l);
+        let a1 = s.create_run(new_run(None, "a")).await.unwrap().run;
+        s.create_run(new_run(None, "a")).await.unwrap();
+        let refused = s.create_run(new_run(None, "a")).await;
+        assert!(matches!(
+            refused,
+            Err(StoreError::Quota {
+                kind: QuotaKind::RunningRuns,
+                ..
+            })
+        ));
+        // The refusal left no thread behind.
+        assert_eq!(s.threads.len(), 2);
+        s.create_run(new_run(None, "b")).await.unwrap();
+        // A run's end gives its place back; a re-attach by key needs none.
+        s.finish(&a1.run_id, RunStatus::Completed, None, None)
+            .await
+            .unwrap();
+        s.create_run(new_run(None, "a")).await.unwrap();
+        assert_eq!(s.org_usage("a").0, 2);
+    }
+
+    #[tokio::test]
+    async fn an_organisation_at_its_bytes_quota_evicts_its_own_runs_first_then_is_refused() {
+        let mut l = limits();
+        let quota = 20_000;
+        l.quotas = quotas(u64::MAX, quota);
+        l.max_bytes_per_run = 50_000;
+        let s = MemoryStore::new(l);
+        let b = s.create_run(new_run(None, "b")).await.unwrap().run;
+        s.append(&b.run_id, vec![ev("b")]).await.unwrap();
+        s.finish(&b.run_id, RunStatus::Completed, None, None)
+            .await
+            .unwrap();
+        // Org a fills its quota with finished runs: its own oldest go to make room.
+        let mut runs = Vec::new();
+        for _ in 0..8 {
+            let r = s.create_run(new_run(None, "a")).await.unwrap().run;
+            s.append(&r.run_id, vec![ev(&"x".repeat(4000))])
+                .await
+                .unwrap();
+            s.finish(&r.run_id, RunStatus::Completed, None, None)
+                .await
+                .unwrap();
+            runs.push(r);
+        }
+        assert!(s.run(&runs[0].run_id).await.is_err(), "a's oldest went");
+        assert!(s.run(&runs[7].run_id).await.is_ok());
+        assert!(s.org_usage("a").1 < quota + 5_000);
+        // b's finished run is untouched.
+        assert!(s.run(&b.run_id).await.is_ok());
+        // Runs in progress alone at the quota: refused, nothing evicted.
+        let live = s.create_run(new_run(None, "a")).await.unwrap().run;
+        s.append(&live.run_id, vec![ev(&"y".repeat(10_000)); 2])
+            .await
+            .unwrap();
+        let kept = s.runs.len();
+        assert!(matches!(
+            s.create_run(new_run(None, "a")).await,
+            Err(StoreError::Quota {
+                kind: QuotaKind::Bytes,
+                ..
+            })
+        ));
+        assert_eq!(s.runs.len(), kept, "nothing evicted for a refusal");
+        assert!(s.run(&b.run_id).await.is_ok());
+        s.create_run(new_run(None, "b")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn pressure_evicts_from_the_organisation_over_its_share_first() {
+        let mut l = limits();
+        l.max_total_bytes = 40_000;
+        l.max_bytes_per_run = 40_000;
+        let s = MemoryStore::new(l);
+        // b finished first (its run is the oldest of all), then a holds far more than half.
+        let b = s.create_run(new_run(None, "b")).await.unwrap().run;
+        s.append(&b.run_id, vec![ev(&"b".repeat(2000))])
+            .await
+            .unwrap();
+        s.finish(&b.run_id, RunStatus::Completed, None, None)
+            .await
+            .unwrap();
+        let mut a = Vec::new();
+        for _ in 0..4 {
+            let r = s.create_run(new_run(None, "a")).await.unwrap().run;
+            s.append(&r.run_id, vec![ev(&"a".repeat(6000))])
+                .await
+                .unwrap();
+            s.finish(&r.run_id, RunStatus::Completed, None, None)
+                .await
+                .unwrap();
+            a.push(r);
+        }
+        // A live run of a needs room: a's finished runs go, b's older one stays.
+        let live = s.create_run(new_run(None, "a")).await.unwrap().run;
+        s.append(&live.run_id, vec![ev(&"l".repeat(9000))])
+            .await
+            .unwrap();
+        assert!(s.run(&a[0].run_id).await.is_err());
+        assert!(s.run(&b.run_id).await.is_ok(), "b is within its share");
     }
 
     #[tokio::test]
@@ -1400,7 +1854,7 @@ mod tests {
                     n = s.append(&r.run_id, evs).await.unwrap();
                 }
                 for k in 0..=n {
-                    let got = s.read_after(&r.run_id, k, usize::MAX).await.unwrap();
+                    let got = s.read_after(&r.run_id, k, usize::MAX, usize::MAX).await.unwrap();
                     let seqs: Vec<u64> = got.events.iter().map(|e| e.seq).collect();
                     prop_assert_eq!(seqs, ((k + 1)..=n).collect::<Vec<_>>());
                     for e in &got.events {

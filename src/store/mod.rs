@@ -16,6 +16,7 @@
 //! Organisation isolation lives here too: every lookup of a thread takes the caller's
 //! organisation, and a thread of another organisation is reported exactly like a missing one.
 
+pub mod budget;
 pub mod memory;
 
 use std::fmt;
@@ -295,6 +296,37 @@ pub enum StoreError {
     /// The run has already ended; nothing was appended.
     #[error("run already ended")]
     Finished,
+    /// The caller's organisation is at one of its quotas (`[limits.per_org]`).
+    #[error("organisation is at its {} quota", .kind.as_str())]
+    Quota {
+        /// Which quota.
+        kind: budget::QuotaKind,
+        /// How long the client should wait before retrying.
+        retry_after: Duration,
+    },
+}
+
+/// The longest error text a run keeps (in bytes, cut at a character boundary).
+pub const MAX_ERROR_BYTES: usize = 500;
+
+/// An error text as a run keeps it: at most [`MAX_ERROR_BYTES`], with control characters
+/// (newlines included) written as `\u{..}` escapes, so a backend's text cannot forge log lines
+/// or carry a large body into every snapshot.
+pub fn clip_error(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_ERROR_BYTES + 4));
+    for c in text.trim().chars() {
+        let piece = if c.is_control() {
+            c.escape_unicode().to_string()
+        } else {
+            c.to_string()
+        };
+        if out.len() + piece.len() > MAX_ERROR_BYTES {
+            out.push('…');
+            break;
+        }
+        out.push_str(&piece);
+    }
+    out
 }
 
 /// The run store.
@@ -354,12 +386,14 @@ pub trait Store: Send + Sync + 'static {
     /// Record the backend thread of a thread (kept as long as the thread's record).
     async fn set_backend_thread(&self, thread: &ThreadId, backend: BackendThread);
 
-    /// Events with `seq > after`, at most `max` of them, plus the run's current state.
+    /// Events with `seq > after`, at most `max` of them and about `max_bytes` of payload (the
+    /// first is always included, whatever its size), plus the run's current state.
     async fn read_after(
         &self,
         run: &RunId,
         after: u64,
         max: usize,
+        max_bytes: usize,
     ) -> Result<ReadBatch, StoreError>;
 
     /// Wait until the run has an event after `after` or has ended, or `timeout` passes
@@ -376,6 +410,35 @@ pub trait Store: Send + Sync + 'static {
     /// whose `thread_retention` has passed. Returns how many runs were evicted.
     async fn sweep(&self) -> usize;
 
-    /// Bytes currently held: event payloads plus the thread records.
+    /// Bytes currently held, as the budget counts them: events with their overhead, run and
+    /// thread records, and whatever else shares the budget (this instance's views).
     fn bytes_held(&self) -> u64;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn error_texts_are_cut_and_escaped() {
+        assert_eq!(clip_error("  upstream said no \n"), "upstream said no");
+        assert_eq!(clip_error("a\nb\u{1b}[31m"), "a\\u{a}b\\u{1b}[31m");
+        let long = clip_error(&"é".repeat(1000));
+        assert!(long.len() <= MAX_ERROR_BYTES + '…'.len_utf8());
+        assert!(long.ends_with('…'));
+    }
+
+    proptest! {
+        #[test]
+        fn a_kept_error_is_short_and_has_no_control_character(text in ".{0,800}") {
+            let kept = clip_error(&text);
+            prop_assert!(kept.len() <= MAX_ERROR_BYTES + '…'.len_utf8());
+            prop_assert!(!kept.chars().any(char::is_control));
+            // Short printable texts are kept as they are (trimmed).
+            if text.len() <= MAX_ERROR_BYTES && !text.chars().any(char::is_control) {
+                prop_assert_eq!(kept, text.trim());
+            }
+        }
+    }
 }

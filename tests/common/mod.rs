@@ -22,6 +22,12 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Its process id.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Send SIGTERM (graceful shutdown).
     pub fn terminate(&self) {
         let _ = Command::new("kill")

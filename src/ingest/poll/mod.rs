@@ -59,9 +59,6 @@ use crate::client;
 use crate::config::UpstreamUrl;
 use crate::metrics;
 
-/// Most bytes of one conversation snapshot (the whole thread's messages).
-const SNAPSHOT_LIMIT: usize = 16 * 1024 * 1024;
-
 /// Settings for [`PollAdapter`].
 #[derive(Clone, Debug)]
 pub struct PollSettings {
@@ -81,6 +78,8 @@ pub struct PollSettings {
     pub conversation_path: String,
     /// Longest one request (connect, send, whole answer) may take.
     pub idle_timeout: Duration,
+    /// Largest snapshot body read (a larger one fails the poll).
+    pub max_snapshot_bytes: usize,
 }
 
 impl Default for PollSettings {
@@ -94,6 +93,7 @@ impl Default for PollSettings {
             max_failures: 5,
             conversation_path: "/api/getConversation".into(),
             idle_timeout: Duration::from_secs(60),
+            max_snapshot_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -224,7 +224,8 @@ impl PollAdapter {
             .await
             .map_err(send_failure)
         };
-        let reply = match self.exchange(deadline, up, SNAPSHOT_LIMIT, send).await? {
+        let limit = self.settings.max_snapshot_bytes;
+        let reply = match self.exchange(deadline, up, limit, send).await? {
             Ok(r) => r,
             Err(f) => return Some(Answer::Failed(f)),
         };
@@ -603,6 +604,7 @@ mod tests {
             max_failures: 3,
             conversation_path: "/api/getConversation".into(),
             idle_timeout: Duration::from_secs(5),
+            max_snapshot_bytes: 1 << 20,
         }
     }
 
@@ -667,7 +669,7 @@ mod tests {
                 .unwrap();
         }
         let events = store
-            .read_after(&job.run.run_id, 0, 1000)
+            .read_after(&job.run.run_id, 0, 1000, usize::MAX)
             .await
             .unwrap()
             .events
@@ -690,6 +692,7 @@ mod tests {
             retention: Duration::from_secs(60),
             thread_retention: Duration::from_secs(3600),
             retry_after: Duration::from_secs(1),
+            quotas: crate::store::budget::Quotas::unlimited(),
         }))
     }
 
@@ -887,6 +890,29 @@ mod tests {
             Ending::Backend(RunStatus::Stopped, "no provider key".into())
         );
         assert_eq!(out.events.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_over_the_limit_fails_the_poll() {
+        let st = store();
+        let big = "x".repeat(5000);
+        let up = scripted(vec![accepted(), snapshot("completed", &big)]).await;
+        let mut s = settings();
+        s.max_snapshot_bytes = 4096;
+        let out = run(&adapter(&up, s), &st, "u1").await;
+        assert!(
+            matches!(&out.ending, Ending::Failed(f) if f.message().contains("larger than 4096")),
+            "{:?}",
+            out.ending
+        );
+        // Within the limit, the same answer is read.
+        let up = scripted(vec![accepted(), snapshot("completed", &big)]).await;
+        let out = run(&adapter(&up, settings()), &st, "u1").await;
+        assert!(
+            matches!(out.ending, Ending::Completed(_)),
+            "{:?}",
+            out.ending
+        );
     }
 
     #[tokio::test]
