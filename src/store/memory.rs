@@ -19,8 +19,8 @@
 //! others' conversations while its own are kept.
 //!
 //! Lock order: `keys` → `conversations` → `threads` → a run cell → an organisation's finished
-//! queue. A thread entry may be held while a run cell is locked, never the reverse; `orgs` is
-//! only ever taken alone.
+//! queue, and `keys` → `orgs` → an organisation's finished queue. A thread entry may be held
+//! while a run cell is locked, never the reverse; a finished queue is always taken last.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasherDefault, Hasher};

@@ -550,6 +550,7 @@ admin_listen = "127.0.0.1:0"
 threads = 2
 grace_period = "1s"
 graceful_shutdown_timeout = "1s"
+max_connections = 60000
 
 [auth]
 mode = "jwt"
@@ -566,6 +567,13 @@ run_timeout = "1h"
 max_events_per_run = 200000
 max_bytes_per_run = 134217728
 max_total_bytes = 8589934592
+
+# One tenant drives the whole bench: its quotas are the gateway's.
+[limits.per_org]
+max_running_runs = 60000
+max_bytes = 8589934592
+max_streams = 60000
+max_long_polls = 60000
 
 [store]
 retention = "1h"
