@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test prereqs js-deps bench bench-load lint
+.PHONY: demo test prereqs js-deps bench bench-load lint fuzz
 
 demo: prereqs
 	$(CARGO) run --release -- demo
@@ -24,6 +24,10 @@ bench-load: prereqs
 	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn); \
 	DURATION='$(DURATION)' REPS='$(REPS)' ONLY='$(ONLY)' SCENARIOS='$(SCENARIOS)' \
 	  target/release/examples/load --sluice target/release/sluice
+
+# Fuzz every network parser for FUZZ_SECONDS each (default 60; `make test`: 2), see fuzz/README.md.
+fuzz: prereqs
+	FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60) $(CARGO) test --release --test fuzz -- --nocapture
 
 lint:
 	$(CARGO) fmt --check

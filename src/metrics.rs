@@ -7,7 +7,8 @@
 //! kinds), never ids or raw paths.
 //!
 //! This module depends on no other layer of the crate: the closed label sets that belong to a
-//! layer (terminal run statuses, authentication failure reasons, upstream error kinds) are
+//! layer (terminal run statuses, authentication failure reasons, upstream error kinds, the
+//! memory budget's parts, the quotas) are
 //! handed in as `&'static str` names by the server wiring through [`LabelSets`] at [`init`];
 //! the layers, in turn, record into the metrics defined here.
 
@@ -83,10 +84,14 @@ pub static EVENT_BYTES_INGESTED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-/// `sluice_store_bytes`: payload bytes held by the store (set at scrape time).
+/// `sluice_store_bytes`: everything the memory budget counts (set at scrape time).
 pub static STORE_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge!("sluice_store_bytes", "Payload bytes held by the run store.")
-        .expect("metric registers once")
+    register_int_gauge!(
+        "sluice_store_bytes",
+        "Bytes held against limits.max_total_bytes: events with their overhead, run and thread \
+         records, and the views of runs being read (sluice_held_bytes by part)."
+    )
+    .expect("metric registers once")
 });
 
 /// `sluice_events_rendered_total`: events rendered into shared UI-message frames (once per

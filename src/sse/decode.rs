@@ -75,7 +75,10 @@ enum Bom {
 /// of that line seen so far plus the data and event type buffers stay within
 /// `max_event_bytes`; otherwise it fails with [`DecodeError::EventTooLarge`]. Comment lines
 /// and unknown fields count while they are read, so a line that never ends fails instead of
-/// growing without bound. Events completed earlier in the same chunk are still pushed.
+/// growing without bound. A dispatched event's `data` plus `event` text stays within the
+/// limit too: invalid UTF-8 grows when replaced (one byte becomes the three of U+FFFD), and
+/// an event that outgrows the limit that way fails the same way. Events completed earlier in
+/// the same chunk are still pushed.
 #[derive(Debug)]
 pub struct Decoder {
     max_event_bytes: usize,
@@ -237,11 +240,11 @@ impl Decoder {
     fn end_line(&mut self, tail: &[u8], out: &mut Vec<SseEvent>) -> Result<(), DecodeError> {
         self.check_size(self.line.len() + tail.len())?;
         if self.line.is_empty() {
-            self.process_line(tail, out);
+            self.process_line(tail, out)?;
         } else {
             let mut line = std::mem::take(&mut self.line);
             line.extend_from_slice(tail);
-            self.process_line(&line, out);
+            self.process_line(&line, out)?;
             line.clear();
             self.line = line;
         }
@@ -249,15 +252,14 @@ impl Decoder {
     }
 
     /// Interpret one line (§9.2.6).
-    fn process_line(&mut self, line: &[u8], out: &mut Vec<SseEvent>) {
+    fn process_line(&mut self, line: &[u8], out: &mut Vec<SseEvent>) -> Result<(), DecodeError> {
         // §9.2.6: an empty line dispatches the event.
         if line.is_empty() {
-            self.dispatch(out);
-            return;
+            return self.dispatch(out);
         }
         // §9.2.6: a line starting with ':' is a comment.
         if line[0] == b':' {
-            return;
+            return Ok(());
         }
         // §9.2.6: split at the first ':' and drop one leading space from the value; a line
         // without ':' is a field name with an empty value.
@@ -293,19 +295,26 @@ impl Decoder {
             }
             _ => {}
         }
+        Ok(())
     }
 
-    /// §9.2.6 "dispatch the event".
-    fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
+    /// §9.2.6 "dispatch the event". Fails if replacing invalid UTF-8 made the event's text
+    /// outgrow the limit.
+    fn dispatch(&mut self, out: &mut Vec<SseEvent>) -> Result<(), DecodeError> {
         if self.data.is_empty() {
             // Nothing to fire; the last event ID buffer is kept as is.
             self.event.clear();
-            return;
+            return Ok(());
         }
         // Remove the one trailing LF.
         self.data.pop();
         let event = lossy(&self.event);
         let data = lossy(&self.data);
+        if event.len() + data.len() > self.max_event_bytes {
+            return Err(DecodeError::EventTooLarge {
+                limit: self.max_event_bytes,
+            });
+        }
         self.event.clear();
         self.data.clear();
         let id = if self.last_id.is_empty() {
@@ -314,6 +323,7 @@ impl Decoder {
             Some(self.last_id.clone())
         };
         out.push(SseEvent { event, data, id });
+        Ok(())
     }
 }
 
@@ -644,6 +654,18 @@ mod tests {
         // The same in one chunk without a newline.
         let (_, result, _) = run(1000, &[&[b':'; 5000]]);
         assert_eq!(result, Err(DecodeError::EventTooLarge { limit: 1000 }));
+    }
+
+    #[test]
+    fn size_limit_counts_replaced_invalid_utf8() {
+        // 10 bytes held ("\xFF" x 9 and the LF), but 27 once each byte becomes U+FFFD.
+        let stream: &[u8] = b"data: ok\n\ndata:\xFF\xFF\xFF\xFF\xFF\xFF\xFF\xFF\xFF\n\n";
+        let (events, result, _) = run(26, &[stream]);
+        assert_eq!(result, Err(DecodeError::EventTooLarge { limit: 26 }));
+        assert_eq!(events, vec![ev("", "ok", None)]);
+        let (events, result, _) = run(27, &[stream]);
+        assert_eq!(result, Ok(()));
+        assert_eq!(events[1].data, "\u{FFFD}".repeat(9));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! (and `tool_progress` for preliminary output), sources, files and data parts their own events,
 //! anything else an opaque `ui_part`. Nothing is ever retracted; odd JSON never panics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Value};
 
@@ -64,6 +64,10 @@ impl SnapshotDiff {
         if self.parts.len() < parts.len() {
             self.parts.resize_with(parts.len(), PartSeen::default);
         }
+        // The calls read in this snapshot: a call is read from its first part only (a message
+        // has one part per call), or two parts naming the same call would take turns and
+        // write their progress again on every poll of an unchanged snapshot.
+        let mut calls = HashSet::new();
         for (i, part) in parts.iter().enumerate() {
             let Some(ty) = part.get("type").and_then(Value::as_str) else {
                 continue;
@@ -86,10 +90,27 @@ impl SnapshotDiff {
                 }
                 "dynamic-tool" => {
                     let name = part.get("toolName").and_then(Value::as_str).unwrap_or("");
-                    tool_part(ev, &mut self.tools, part_id, name, part, &mut out);
+                    tool_part(
+                        ev,
+                        &mut self.tools,
+                        &mut calls,
+                        part_id,
+                        name,
+                        part,
+                        &mut out,
+                    );
                 }
                 _ if ty.starts_with("tool-") => {
-                    tool_part(ev, &mut self.tools, part_id, &ty[5..], part, &mut out)
+                    let name = &ty[5..];
+                    tool_part(
+                        ev,
+                        &mut self.tools,
+                        &mut calls,
+                        part_id,
+                        name,
+                        part,
+                        &mut out,
+                    )
                 }
                 _ if ty.starts_with("data-") => data_part(ev, seen, &ty[5..], part, &mut out),
                 _ if !seen.emitted => {
@@ -145,6 +166,7 @@ fn text_part(
 fn tool_part(
     ev: &Events,
     tools: &mut HashMap<String, ToolSeen>,
+    calls: &mut HashSet<String>,
     part_id: PartId,
     name: &str,
     part: &Value,
@@ -158,6 +180,9 @@ fn tool_part(
             &fallback
         }
     };
+    if !calls.insert(call.to_owned()) {
+        return;
+    }
     if !tools.contains_key(call) {
         tools.insert(call.to_owned(), ToolSeen::default());
     }
@@ -435,6 +460,22 @@ mod tests {
         // Fewer parts: nothing retracted, nothing sent.
         assert!(d.diff(&msg(json!([]))).is_empty());
         assert!(d.diff(&json!({"parts": "nope"})).is_empty());
+    }
+
+    #[test]
+    fn a_call_named_by_two_parts_is_read_from_the_first() {
+        // Found by fuzzing (fuzz/regressions/poll/): the two parts' progress took turns, so an
+        // unchanged snapshot wrote two `tool_progress` events on every poll.
+        let mut d = differ();
+        let part = |n: u32| {
+            json!({"type": "tool-x", "toolCallId": "c1", "state": "output-available",
+                   "input": {}, "output": n, "preliminary": true})
+        };
+        let snap = msg(json!([part(1), part(2)]));
+        let evs = d.diff(&snap);
+        assert_eq!(types(&evs), ["start", "tool_progress"]);
+        assert_eq!(json_of(&evs[1])["content"]["output"], 1);
+        assert!(d.diff(&snap).is_empty());
     }
 
     #[test]
