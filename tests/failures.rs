@@ -188,10 +188,12 @@ async fn a_full_store_refuses_new_runs_with_503_and_retry_after() {
     let gw = gateway_with(
         &mock.addrs[0],
         "max_event_bytes = 1024\n",
-        "[limits]\nmax_bytes_per_run = 2048\nmax_total_bytes = 8192\n[store]\nfull_retry_after = \"7s\"\n",
+        "[limits]\nmax_bytes_per_run = 2048\nmax_total_bytes = 8192\n\
+         [limits.per_org]\nmax_bytes = 8192\n[store]\nfull_retry_after = \"7s\"\n",
     );
-    // Hanging runs hold their first two events (~450 bytes) and never finish, so nothing can be
-    // evicted: new runs are admitted until 90% of the budget is held, then refused.
+    // Hanging runs hold their records and first two events and never finish, so nothing can be
+    // evicted: new runs are admitted until 90% of the budget is held, then refused. (The one
+    // organisation may hold the whole budget: its own quota is not what is tested here.)
     let mut refused = None;
     for _ in 0..40 {
         let resp = gw.invoke("scenario:hang", None, true).await;
