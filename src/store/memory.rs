@@ -368,7 +368,9 @@ impl MemoryStore {
     /// Evicts nothing when its runs in progress alone hold that much.
     fn evict_own(&self, org: &Org, max: u64) {
         let bytes = org.bytes.load(Ordering::Acquire);
-        if bytes < max || bytes - org.finished_bytes.load(Ordering::Acquire) >= max {
+        // (Two loads, not one snapshot: saturating, as a run may finish between them.)
+        let live = bytes.saturating_sub(org.finished_bytes.load(Ordering::Acquire));
+        if bytes < max || live >= max {
             return;
         }
         while org.bytes.load(Ordering::Acquire) >= max {
