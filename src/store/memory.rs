@@ -738,25 +738,40 @@ impl Store for MemoryStore {
             fit_charge += charge_of(&ev.data);
         }
         events.truncate(fit);
+        // The log's growth is memory held too, charged with the events. It keeps one spare slot,
+        // so that the closing event (always kept) never grows it past what was charged.
+        let capacity = st.events.capacity();
+        let need = st.events.len() + fit + 1;
+        let grow_to = if need > capacity {
+            need.max(capacity * 2).max(4)
+        } else {
+            capacity
+        };
+        let charge = fit_charge + log_bytes(grow_to - capacity);
         // Reserve the bytes; refuse if the budget is exhausted even after eviction.
         if !self
             .budget
-            .try_charge(Part::Events, fit_charge, max_total + views())
+            .try_charge(Part::Events, charge, max_total + views())
         {
             return Err(self.full());
         }
+        let len = st.events.len();
+        st.events.reserve_exact(grow_to - len);
+        // Whatever the allocator made of it, what is charged is what is held.
+        let actual = fit_charge + log_bytes(st.events.capacity() - capacity);
+        if actual > charge {
+            self.budget.charge(Part::Events, actual - charge);
+        } else {
+            self.budget.release(Part::Events, charge - actual);
+        }
         let appended = !events.is_empty();
-        let capacity = st.events.capacity();
         for ev in events {
             st.info.last_seq += 1;
             let seq = st.info.last_seq;
             st.events.push(ev.at(seq));
         }
-        // The log's own growth (its spare capacity is memory held too).
-        let grown = log_bytes(st.events.capacity() - capacity);
-        self.budget.charge(Part::Events, grown);
-        st.events_charged += fit_charge + grown;
-        cell.org.add(fit_charge + grown);
+        st.events_charged += actual;
+        cell.org.add(actual);
         st.info.bytes += fit_bytes;
         st.info.updated_at = SystemTime::now();
         let last = st.info.last_seq;
@@ -846,7 +861,8 @@ impl Store for MemoryStore {
         after: u64,
         timeout: Duration,
     ) -> Result<(), StoreError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        // `Duration::MAX`: no deadline, and no timer.
+        let deadline = (timeout != Duration::MAX).then(|| tokio::time::Instant::now() + timeout);
         let changes = match self.threads.get(thread) {
             Some(t) if t.org_id == org_id => t.changed.clone(),
             _ => return Err(StoreError::ThreadNotFound),
@@ -860,8 +876,13 @@ impl Store for MemoryStore {
             if last > after || latest != *seen {
                 return Ok(());
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Ok(());
+            match deadline {
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                None => notified.await,
             }
         }
     }
@@ -1046,12 +1067,13 @@ mod tests {
         RUN_OVERHEAD + value_bytes(&new.user_message) + ("o".len() + "u".len() + "7".len()) as u64
     }
 
-    /// What a log of `n` events is charged for its slots (it grows as a `Vec` does).
+    /// What a log of `n` events, appended a few at a time, is charged for its slots (it doubles
+    /// as a `Vec` does, keeping one spare slot for the closing event).
     fn slots(n: u64) -> u64 {
         let cap = if n == 0 {
             0
         } else {
-            n.next_power_of_two().max(4)
+            (n + 1).next_power_of_two().max(4)
         };
         cap * std::mem::size_of::<Event>() as u64
     }
@@ -1390,7 +1412,8 @@ mod tests {
     #[tokio::test]
     async fn nothing_is_evicted_for_a_request_that_would_be_refused_anyway() {
         let mut l = limits();
-        l.max_total_bytes = 10_000;
+        // Room for the live run at 90 % and the finished one beside it.
+        l.max_total_bytes = 11_000;
         l.max_bytes_per_run = 50_000;
         let s = MemoryStore::new(l);
         let done = s.create_run(new_run(None, "o")).await.unwrap().run;
@@ -1402,7 +1425,7 @@ mod tests {
             .unwrap();
         let live = s.create_run(new_run(None, "o")).await.unwrap().run;
         // Live: both thread records, its own record and one event.
-        let fill = (9000 - records(2) - record() - EVENT_OVERHEAD - slots(1)) as usize;
+        let fill = (9900 - records(2) - record() - EVENT_OVERHEAD - slots(1)) as usize;
         s.append(&live.run_id, vec![ev(&"y".repeat(fill))])
             .await
             .unwrap();
@@ -1413,12 +1436,12 @@ mod tests {
             Err(StoreError::Full { .. })
         ));
         assert!(matches!(
-            s.append(&live.run_id, vec![ev(&"z".repeat(1001))]).await,
+            s.append(&live.run_id, vec![ev(&"z".repeat(2001))]).await,
             Err(StoreError::Full { .. })
         ));
         assert!(s.run(&done.run_id).await.is_ok());
         let done_holds = 50 + EVENT_OVERHEAD + slots(1) + record();
-        assert_eq!(s.bytes_held(), 9000 + done_holds);
+        assert_eq!(s.bytes_held(), 9900 + done_holds);
     }
 
     #[tokio::test]

@@ -334,11 +334,16 @@ pub fn clip_error(text: &str) -> String {
 pub trait Store: Send + Sync + 'static {
     /// Create a run (and its thread when `new.thread_id` is `None`), or return the retained run
     /// of the same organisation, user and idempotency key (atomically: concurrent retries get
-    /// one run). A key whose run ended `error` or `timeout` starts a new run in the same thread
-    /// instead (the failed one stays in its history). A client conversation id maps to one
-    /// thread per organisation, created atomically on first use. Refuses an unknown or foreign thread ([`StoreError::ThreadNotFound`]), a thread
-    /// whose latest run is in progress ([`StoreError::RunInProgress`]), another agent's thread,
-    /// and a full store.
+    /// one run) when it is for the same agent and, if the request names a thread, that thread;
+    /// a key reused for another agent or thread is a new message: a new run, which the key names
+    /// from then on. A key whose run ended `error` or `timeout` starts a new run in the same
+    /// thread instead (the failed one stays in its history). A client conversation id maps to
+    /// one thread per organisation, created atomically on first use.
+    ///
+    /// Refuses an unknown or foreign thread ([`StoreError::ThreadNotFound`]), a thread whose
+    /// latest run is in progress ([`StoreError::RunInProgress`]), another agent's thread, a full
+    /// store ([`StoreError::Full`]: the run's record would take it past 90 %), and an
+    /// organisation at its running-runs or bytes quota ([`StoreError::Quota`]).
     async fn create_run(&self, new: NewRun) -> Result<Started, StoreError>;
 
     /// Forget an idempotency key of `user_id` in `org_id` if it still names `run` (e.g. the backend refused
@@ -369,8 +374,8 @@ pub trait Store: Send + Sync + 'static {
     async fn thread(&self, org_id: &str, thread: &ThreadId) -> Result<ThreadInfo, StoreError>;
 
     /// Wait until the thread has an event after `after`, or its latest run is no longer what
-    /// the caller saw in `seen` (a new run started, or the latest ended), or `timeout` passes.
-    /// Holds no thread while waiting.
+    /// the caller saw in `seen` (a new run started, or the latest ended), or `timeout` passes
+    /// (`Duration::MAX`: no deadline). Holds no thread while waiting.
     async fn wait_thread(
         &self,
         org_id: &str,
@@ -386,8 +391,8 @@ pub trait Store: Send + Sync + 'static {
     /// Record the backend thread of a thread (kept as long as the thread's record).
     async fn set_backend_thread(&self, thread: &ThreadId, backend: BackendThread);
 
-    /// Events with `seq > after`, at most `max` of them and about `max_bytes` of payload (the
-    /// first is always included, whatever its size), plus the run's current state.
+    /// Events with `seq > after`, at most `max` of them and about `max_bytes` of payload (with
+    /// `max` ≥ 1 the first is always included, whatever its size), plus the run's current state.
     async fn read_after(
         &self,
         run: &RunId,
