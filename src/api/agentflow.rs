@@ -196,7 +196,7 @@ pub async fn run_agent(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Resu
     let dialect = Dialect::AgentFlow {
         verbose: req.verbose,
     };
-    let slot = slot.expect("taken for a streamed answer");
+    let slot = slot.ok_or_else(|| ApiError::Internal("a stream without its slot".into()))?;
     stream::stream_run(api, ex, &run, dialect, cursor, ids, slot).await
 }
 

@@ -192,7 +192,7 @@ pub async fn invoke_agent(
         .and_then(|v| Cursor::parse(v.trim()))
         .filter(|c| c.seq >= run.first_seq && c.seq <= last_seq)
         .unwrap_or(Cursor::after(run.first_seq - 1));
-    let slot = slot.expect("taken for a streamed answer");
+    let slot = slot.ok_or_else(|| ApiError::Internal("a stream without its slot".into()))?;
     stream::stream_run(api, ex, &run, stream::Dialect::UiMessage, cursor, ids, slot).await
 }
 

@@ -78,7 +78,6 @@ pub fn new_server(config: &Config) -> Server {
     server
 }
 
-/// Where the gateway listens.
 /// Allocations of 128 KiB and more (user messages, large events, request bodies) are mapped
 /// on their own and given back to the system when freed. glibc's default raises that threshold
 /// as such blocks are freed, after which they come from its heaps and stay resident after the
@@ -93,6 +92,7 @@ fn return_large_blocks() {
     }
 }
 
+/// Where the gateway listens.
 #[derive(Clone, Copy, Debug)]
 pub struct Listening {
     /// Client API.
