@@ -404,6 +404,9 @@ pub struct LimitsSection {
     /// messages, thread records, rendered frames and kept folds); finished runs are evicted
     /// first, then new runs are refused with 503 above 90 %.
     pub max_total_bytes: u64,
+    /// Most bytes of request bodies held at once, in all (being read, or until handled); a
+    /// body that would pass it is refused with 503 `overloaded`.
+    pub max_body_bytes_in_flight: u64,
     /// `[limits.per_org]`: what one organisation may take.
     pub per_org: PerOrgSection,
 }
@@ -415,6 +418,7 @@ impl Default for LimitsSection {
             max_events_per_run: 100_000,
             max_bytes_per_run: 32 * 1024 * 1024,
             max_total_bytes: 512 * 1024 * 1024,
+            max_body_bytes_in_flight: 64 * 1024 * 1024,
             per_org: PerOrgSection::default(),
         }
     }
@@ -718,6 +722,12 @@ impl Config {
         }
         if self.limits.max_body_bytes < 1024 {
             return Err(invalid("limits.max_body_bytes", "must be at least 1024"));
+        }
+        if self.limits.max_body_bytes_in_flight < self.limits.max_body_bytes as u64 {
+            return Err(invalid(
+                "limits.max_body_bytes_in_flight",
+                "must be at least limits.max_body_bytes",
+            ));
         }
         if self.limits.max_events_per_run == 0 {
             return Err(invalid("limits.max_events_per_run", "must be at least 1"));

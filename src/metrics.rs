@@ -158,6 +158,15 @@ pub static QUOTA_REFUSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// `sluice_request_body_bytes`: request body bytes held (`limits.max_body_bytes_in_flight`).
+pub static REQUEST_BODY_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "sluice_request_body_bytes",
+        "Request body bytes held now: being read, or read and not yet handled."
+    )
+    .expect("metric registers once")
+});
+
 /// `sluice_client_connections`: client connections open on the API listener.
 pub static CLIENT_CONNECTIONS: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
@@ -310,6 +319,7 @@ pub fn init(labels: &LabelSets<'_>) {
         QUOTA_REFUSALS.with_label_values(&[reason]);
     }
     LazyLock::force(&CLIENT_CONNECTIONS);
+    LazyLock::force(&REQUEST_BODY_BYTES);
     LazyLock::force(&CONNECTIONS_REFUSED);
     LazyLock::force(&VIEW_BYTES);
     LazyLock::force(&EVENTS_RENDERED);

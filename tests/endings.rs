@@ -536,6 +536,7 @@ async fn a_draining_api_answers_new_requests_503_shutting_down() {
         auth: sluice::auth::Authenticator::from_config(&config.auth),
         views: Default::default(),
         gates: sluice::api::quota::Gates::new(config.limits.quotas()),
+        bodies: sluice::api::quota::Bodies::new(config.limits.max_body_bytes_in_flight),
     };
     let ask = || Fake {
         method: "GET",

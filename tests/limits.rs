@@ -491,3 +491,74 @@ async fn connections_beyond_the_cap_are_refused_and_closed() {
     let m = gw.metrics().await;
     assert!(!m.contains("sluice_connections_refused_total 0\n"), "{m}");
 }
+
+#[tokio::test]
+async fn request_bodies_in_flight_are_bounded() {
+    use tokio::io::AsyncReadExt;
+    let mock = mock_agent();
+    let gw = gateway_with(
+        &mock.addrs[0],
+        "",
+        "[limits]\nmax_body_bytes = 65536\nmax_body_bytes_in_flight = 131072\n",
+    );
+    let addr = gw.base.trim_start_matches("http://").to_string();
+    let body = serde_json::to_vec(&invoke_body(json!(1), &"x".repeat(60_000), None)).unwrap();
+    let head = |len: usize| {
+        format!(
+            "POST /api/invokeAgent HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             x-stream-response: false\r\ncontent-length: {len}\r\n\r\n"
+        )
+    };
+    // Two clients send all of their body but its last byte: about 120 kB held.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        sock.write_all(head(body.len()).as_bytes()).await.unwrap();
+        sock.write_all(&body[..body.len() - 1]).await.unwrap();
+        slow.push(sock);
+    }
+    // Once the gateway holds them...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = gw.metrics().await;
+        let held: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("sluice_request_body_bytes "))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        if held >= 2 * (body.len() as u64 - 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slow bodies were never read: {held}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...a third body does not fit beside them: 503 overloaded, and the connection closed.
+    let refused = gw
+        .http
+        .post(gw.url("/api/invokeAgent"))
+        .header("x-stream-response", "false")
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let err: Value = refused.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "overloaded", "{err}");
+    // The held bodies complete and are answered; then there is room again.
+    for mut sock in slow {
+        sock.write_all(&body[body.len() - 1..]).await.unwrap();
+        let mut buf = vec![0; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf))
+            .await
+            .expect("answered")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    }
+    let resp = gw.invoke(&"y".repeat(60_000), None, true).await;
+    assert_eq!(resp.status(), 202);
+}

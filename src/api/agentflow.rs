@@ -121,6 +121,8 @@ pub async fn run_agent(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Resu
     let agent = agent_of(ex.path()).ok_or(ApiError::NotFound)?;
     let body = ex.read_body(api.config.limits.max_body_bytes).await?;
     let req = parse_run(&body)?;
+    // Parsed: the raw body no longer counts against `limits.max_body_bytes_in_flight`.
+    drop(body);
     let agent_id = Value::String(agent.clone());
     if !agent_allowed(&api.config.auth.org_agents, &who.org_id, &agent_id) {
         return Err(ApiError::AgentNotFound);

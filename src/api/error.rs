@@ -43,6 +43,10 @@ pub enum ApiError {
     /// the `Retry-After` hint.
     #[error("your organisation is at its {} quota (limits.per_org); retry later", .0.as_str())]
     QuotaExceeded(QuotaKind, Duration),
+    /// Request bodies already held take `limits.max_body_bytes_in_flight`; the duration is the
+    /// `Retry-After` hint.
+    #[error("the gateway is reading as many request bodies as it may (limits.max_body_bytes_in_flight); retry later")]
+    Overloaded(Duration),
     /// The process is draining (SIGTERM): it takes no new requests, only finishes open ones.
     /// The duration is the `Retry-After` hint.
     #[error("the gateway is shutting down; retry on another instance or after a restart")]
@@ -82,7 +86,7 @@ impl ApiError {
             ApiError::Auth(e) => e.status(),
             ApiError::AgentNotFound => 404,
             ApiError::AgentRefused(status, _) => *status,
-            ApiError::StoreFull(_) | ApiError::ShuttingDown(_) => 503,
+            ApiError::StoreFull(_) | ApiError::ShuttingDown(_) | ApiError::Overloaded(_) => 503,
             ApiError::QuotaExceeded(..) => 429,
         }
     }
@@ -99,6 +103,7 @@ impl ApiError {
             ApiError::CursorExpired(_) => "cursor_expired",
             ApiError::StoreFull(_) => "store_full",
             ApiError::QuotaExceeded(..) => "quota_exceeded",
+            ApiError::Overloaded(_) => "overloaded",
             ApiError::ShuttingDown(_) => "shutting_down",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::NotFound => "not_found",
@@ -127,6 +132,13 @@ impl ApiError {
                 reply
                     .headers
                     .push(("retry-after", after.as_secs().max(1).to_string()));
+            }
+            ApiError::Overloaded(after) => {
+                reply
+                    .headers
+                    .push(("retry-after", after.as_secs().max(1).to_string()));
+                // The rest of the body is not read.
+                reply.close = true;
             }
             ApiError::ShuttingDown(after) => {
                 reply

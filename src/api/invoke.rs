@@ -138,6 +138,8 @@ pub async fn invoke_agent(
 ) -> Result<(), ApiError> {
     let body = ex.read_body(api.config.limits.max_body_bytes).await?;
     let req = parse_invoke(&body)?;
+    // Parsed: the raw body no longer counts against `limits.max_body_bytes_in_flight`.
+    drop(body);
     let no_stream = wants_no_stream(ex.header("x-stream-response"));
     if !agent_allowed(&api.config.auth.org_agents, &who.org_id, &req.agent_id) {
         return Err(ApiError::AgentNotFound);

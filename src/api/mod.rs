@@ -135,6 +135,8 @@ pub struct Api {
     pub views: Arc<views::Views>,
     /// Each organisation's open streams and waiting long-polls, against its quotas.
     pub gates: quota::Gates,
+    /// The request bodies held at once (`limits.max_body_bytes_in_flight`).
+    pub bodies: quota::Bodies,
 }
 
 impl Api {

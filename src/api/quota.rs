@@ -5,11 +5,19 @@
 //! A request takes a [`Held`] slot before it starts streaming or waiting and gives it back when
 //! the slot drops; an organisation at its quota gets `429 quota_exceeded` with `Retry-After`,
 //! whatever the others hold.
+//!
+//! Beside them, [`Bodies`]: the request bodies held at once, in all organisations
+//! (`limits.max_body_bytes_in_flight`), counted as they are read and until the last copy of a
+//! body is dropped; a body that would pass it is refused with `503 overloaded`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 
 use super::ApiError;
+use crate::metrics;
 use crate::store::budget::{QuotaKind, Quotas};
 
 /// What a slot is for.
@@ -87,10 +95,103 @@ impl Drop for Held<'_> {
     }
 }
 
+/// The request bodies held at once, against a maximum.
+#[derive(Clone, Debug)]
+pub struct Bodies(Arc<BodyCount>);
+
+#[derive(Debug)]
+struct BodyCount {
+    held: AtomicU64,
+    max: u64,
+}
+
+impl Bodies {
+    /// At most `max` bytes of request bodies at once.
+    pub fn new(max: u64) -> Bodies {
+        Bodies(Arc::new(BodyCount {
+            held: AtomicU64::new(0),
+            max,
+        }))
+    }
+
+    /// Count `n` more bytes being read, unless that would pass the maximum.
+    pub fn take(&self, n: usize) -> bool {
+        let taken = self
+            .0
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h + n as u64 <= self.0.max).then_some(h + n as u64)
+            })
+            .is_ok();
+        if taken {
+            metrics::REQUEST_BODY_BYTES.add(n as i64);
+        }
+        taken
+    }
+
+    /// Give back `n` bytes taken (a body abandoned before it was whole).
+    pub fn give_back(&self, n: usize) {
+        self.0.give_back(n);
+    }
+
+    /// A whole body whose bytes (already taken) stay counted until its last copy is dropped.
+    pub fn hold(&self, body: Vec<u8>) -> Bytes {
+        Bytes::from_owner(HeldBody {
+            body,
+            count: self.0.clone(),
+        })
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        self.0.held.load(Ordering::Acquire)
+    }
+}
+
+struct HeldBody {
+    body: Vec<u8>,
+    count: Arc<BodyCount>,
+}
+
+impl AsRef<[u8]> for HeldBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+impl BodyCount {
+    fn give_back(&self, n: usize) {
+        self.held.fetch_sub(n as u64, Ordering::AcqRel);
+        metrics::REQUEST_BODY_BYTES.sub(n as i64);
+    }
+}
+
+impl Drop for HeldBody {
+    fn drop(&mut self) {
+        self.count.give_back(self.body.len());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::budget::OrgQuota;
+
+    #[test]
+    fn bodies_are_counted_until_their_last_copy_goes() {
+        let b = Bodies::new(100);
+        assert!(b.take(60));
+        let body = b.hold(vec![1; 60]);
+        let copy = body.slice(10..20);
+        assert!(!b.take(41), "over the maximum");
+        assert!(b.take(40));
+        b.give_back(40);
+        drop(body);
+        assert_eq!(b.held(), 60, "a slice still holds the body");
+        drop(copy);
+        assert_eq!(b.held(), 0);
+        assert!(b.take(100));
+    }
 
     fn gates() -> Gates {
         let mut quotas = Quotas::unlimited();

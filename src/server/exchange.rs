@@ -14,11 +14,14 @@
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use std::time::Duration;
+
+use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::api::quota::Bodies;
 use crate::api::{ApiError, Exchange, Gone, Reply};
 use crate::metrics;
 
@@ -30,17 +33,20 @@ pub struct PingoraExchange<'a> {
     write_timed_out: bool,
     /// Whether the request body was read to its end.
     body_read: bool,
+    /// The request bodies held at once, if the app bounds them.
+    bodies: Option<Bodies>,
 }
 
 impl<'a> PingoraExchange<'a> {
-    /// Wrap a session whose request header has been read.
-    pub fn new(session: &'a mut Session) -> Self {
+    /// Wrap a session whose request header has been read; its body counts against `bodies`.
+    pub fn new(session: &'a mut Session, bodies: Option<Bodies>) -> Self {
         PingoraExchange {
             session,
             status: None,
             aborted: false,
             write_timed_out: false,
             body_read: false,
+            bodies,
         }
     }
 
@@ -98,23 +104,38 @@ impl Exchange for PingoraExchange<'_> {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(ApiError::PayloadTooLarge(limit));
         }
-        let mut body = BytesMut::new();
+        let mut body = Vec::new();
+        let bodies = self.bodies.clone();
+        // Counted as it is read; given back if the body is abandoned, else held with it.
+        let abandon = |body: &Vec<u8>, e: ApiError| {
+            if let Some(b) = &bodies {
+                b.give_back(body.len());
+            }
+            Err(e)
+        };
         loop {
             match self.session.read_request_body().await {
                 Ok(Some(chunk)) => {
                     if body.len() + chunk.len() > limit {
-                        return Err(ApiError::PayloadTooLarge(limit));
+                        return abandon(&body, ApiError::PayloadTooLarge(limit));
+                    }
+                    if bodies.as_ref().is_some_and(|b| !b.take(chunk.len())) {
+                        return abandon(&body, ApiError::Overloaded(Duration::from_secs(1)));
                     }
                     body.extend_from_slice(&chunk);
                 }
                 Ok(None) => {
                     self.body_read = true;
-                    return Ok(body.freeze());
+                    return Ok(match &bodies {
+                        Some(b) => b.hold(body),
+                        None => Bytes::from(body),
+                    });
                 }
                 Err(e) => {
-                    return Err(ApiError::InvalidRequest(format!(
-                        "could not read the request body: {e}"
-                    )))
+                    return abandon(
+                        &body,
+                        ApiError::InvalidRequest(format!("could not read the request body: {e}")),
+                    )
                 }
             }
         }
@@ -245,6 +266,10 @@ pub trait LocalApp: Send + Sync + 'static {
     fn records_metrics(&self) -> bool {
         false
     }
+    /// The bound on request bodies held at once, if any.
+    fn bodies(&self) -> Option<Bodies> {
+        None
+    }
 }
 
 /// Per-request state of [`Local`].
@@ -280,7 +305,7 @@ impl<A: LocalApp> ProxyHttp for Local<A> {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut LocalCtx) -> Result<bool> {
-        let mut ex = PingoraExchange::new(session);
+        let mut ex = PingoraExchange::new(session, self.0.bodies());
         ctx.route = self.0.handle(&mut ex).await;
         if ex.aborted() {
             // An error after the header was sent makes Pingora close the connection without

@@ -109,6 +109,9 @@ impl LocalApp for Api {
     fn records_metrics(&self) -> bool {
         true
     }
+    fn bodies(&self) -> Option<crate::api::quota::Bodies> {
+        Some(self.bodies.clone())
+    }
 }
 
 /// Add the gateway's services (client API, admin, housekeeping) to `server`.
@@ -155,6 +158,7 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
         auth: crate::auth::Authenticator::from_config(&config.auth),
         views: views.clone(),
         gates: crate::api::quota::Gates::new(quotas),
+        bodies: crate::api::quota::Bodies::new(config.limits.max_body_bytes_in_flight),
     });
 
     let proxy = pingora::proxy::http_proxy(&server.configuration, Local(api));

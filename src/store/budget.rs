@@ -61,6 +61,8 @@ impl Part {
 pub struct Budget {
     max_total: u64,
     total: AtomicU64,
+    /// The total without the views: what the log itself holds.
+    logged: AtomicU64,
     parts: [AtomicU64; 4],
 }
 
@@ -70,6 +72,7 @@ impl Budget {
         Budget {
             max_total,
             total: AtomicU64::new(0),
+            logged: AtomicU64::new(0),
             parts: Default::default(),
         }
     }
@@ -95,10 +98,36 @@ impl Budget {
         self.parts[part.index()].load(Ordering::Acquire)
     }
 
+    /// What is held without the views (derived data, dropped under pressure): the bound an
+    /// accepted run's appends are checked against.
+    pub fn logged(&self) -> u64 {
+        self.logged.load(Ordering::Acquire)
+    }
+
     /// Count `n` more bytes held (whatever the total: for what must not be refused).
     pub fn charge(&self, part: Part, n: u64) {
         self.total.fetch_add(n, Ordering::AcqRel);
+        if part != Part::Views {
+            self.logged.fetch_add(n, Ordering::AcqRel);
+        }
         self.parts[part.index()].fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Count `n` bytes of a logged part (not the views) only if what is logged stays within
+    /// `limit`, whatever the views hold.
+    pub fn try_charge_logged(&self, part: Part, n: u64, limit: u64) -> bool {
+        debug_assert!(part != Part::Views);
+        let ok = self
+            .logged
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t + n <= limit).then_some(t + n)
+            })
+            .is_ok();
+        if ok {
+            self.total.fetch_add(n, Ordering::AcqRel);
+            self.parts[part.index()].fetch_add(n, Ordering::AcqRel);
+        }
+        ok
     }
 
     /// Count `n` bytes held only if the total stays within `limit`.
@@ -110,6 +139,9 @@ impl Budget {
             })
             .is_ok();
         if ok {
+            if part != Part::Views {
+                self.logged.fetch_add(n, Ordering::AcqRel);
+            }
             self.parts[part.index()].fetch_add(n, Ordering::AcqRel);
         }
         ok
@@ -118,6 +150,9 @@ impl Budget {
     /// Count `n` bytes no longer held.
     pub fn release(&self, part: Part, n: u64) {
         self.total.fetch_sub(n, Ordering::AcqRel);
+        if part != Part::Views {
+            self.logged.fetch_sub(n, Ordering::AcqRel);
+        }
         self.parts[part.index()].fetch_sub(n, Ordering::AcqRel);
     }
 
@@ -259,6 +294,13 @@ mod tests {
         b.release(Part::Events, 300);
         assert_eq!(b.total(), b.part(Part::Runs));
         assert_eq!(b.high_water(), 900);
+        // Views count in the total, not in what is logged.
+        b.charge(Part::Views, 800);
+        assert_eq!((b.total(), b.logged()), (900, 100));
+        assert!(!b.try_charge(Part::Runs, 200, b.max_total()));
+        assert!(b.try_charge_logged(Part::Events, 200, b.max_total()));
+        assert_eq!((b.total(), b.logged(), b.part(Part::Events)), (1100, 300, 200));
+        assert!(!b.try_charge_logged(Part::Events, 701, b.max_total()));
     }
 
     #[test]

@@ -308,18 +308,18 @@ impl MemoryStore {
         }
     }
 
-    /// Evict finished runs until `fits(total held)` holds or none are left: first those of the
-    /// organisations holding more than an equal share of the budget (the largest holder's
-    /// oldest first), then the oldest of all.
+    /// Evict finished runs until `measure()` (what is held, as the caller counts it) is at most
+    /// `target`, or none are left: first those of the organisations holding more than an equal
+    /// share of the budget (the largest holder's oldest first), then the oldest of all.
     ///
     /// Evicts nothing when even evicting every finished run would not be enough: finished
     /// conversations are not thrown away for a request that would be refused anyway.
-    fn evict_until(&self, fits: impl Fn(u64) -> bool) {
+    fn evict_until(&self, measure: impl Fn() -> u64, target: u64) {
         let finished = self.finished_bytes.load(Ordering::Acquire);
-        if !fits(self.budget.total().saturating_sub(finished)) {
+        if measure().saturating_sub(finished) > target {
             return;
         }
-        while !fits(self.budget.total()) {
+        while measure() > target {
             match self.pressure_victim() {
                 Some((run, fair)) => {
                     self.evict(&run);
@@ -647,7 +647,7 @@ impl Store for MemoryStore {
             }
         };
         let (high_water, record) = (self.budget.high_water(), record_charge(&new) + thread);
-        self.evict_until(|total| total + record <= high_water);
+        self.evict_until(|| self.budget.total(), high_water.saturating_sub(record));
         if let Some(org) = self.orgs.get(&new.org_id).map(|o| o.value().clone()) {
             self.evict_own(&org, self.limits.quotas.of(&new.org_id).max_bytes);
         }
@@ -701,12 +701,17 @@ impl Store for MemoryStore {
 
     async fn append(&self, run: &RunId, mut events: Vec<NewEvent>) -> Result<u64, StoreError> {
         let cell = self.cell(run)?;
-        let incoming: u64 = events.iter().map(|e| charge_of(&e.data)).sum();
-        // A run already accepted is bounded by what the store holds, not by the views derived
-        // from it (those are dropped under pressure, and new runs are refused counting them).
+        // Room for the events and for the log's growth to hold them. A run already accepted is
+        // bounded by what the log holds, not by the views derived from it (those are dropped
+        // under pressure, and new runs are refused counting them).
+        let (len, capacity) = {
+            let st = lock(&cell.state);
+            (st.events.len(), st.events.capacity())
+        };
+        let incoming: u64 = events.iter().map(|e| charge_of(&e.data)).sum::<u64>()
+            + log_bytes(grown_capacity(len, capacity, events.len()) - capacity);
         let max_total = self.budget.max_total();
-        let views = || self.budget.part(Part::Views);
-        self.evict_until(|total| total.saturating_sub(views()) + incoming <= max_total);
+        self.evict_until(|| self.budget.logged(), max_total.saturating_sub(incoming));
         let mut st = lock(&cell.state);
         if st.info.status.is_terminal() {
             return Err(StoreError::Finished);
@@ -741,17 +746,12 @@ impl Store for MemoryStore {
         // The log's growth is memory held too, charged with the events. It keeps one spare slot,
         // so that the closing event (always kept) never grows it past what was charged.
         let capacity = st.events.capacity();
-        let need = st.events.len() + fit + 1;
-        let grow_to = if need > capacity {
-            need.max(capacity * 2).max(4)
-        } else {
-            capacity
-        };
+        let grow_to = grown_capacity(st.events.len(), capacity, fit);
         let charge = fit_charge + log_bytes(grow_to - capacity);
         // Reserve the bytes; refuse if the budget is exhausted even after eviction.
         if !self
             .budget
-            .try_charge(Part::Events, charge, max_total + views())
+            .try_charge_logged(Part::Events, charge, max_total)
         {
             return Err(self.full());
         }
@@ -1009,6 +1009,18 @@ fn record_charge(new: &NewRun) -> u64 {
 /// charged as the log grows).
 fn charge_of(data: &bytes::Bytes) -> u64 {
     data.len() as u64 + EVENT_OVERHEAD
+}
+
+/// The capacity a log of `len` events (with `capacity` slots) grows to for `adding` more: it
+/// doubles as a `Vec` does, and keeps one spare slot, so that the closing event (always kept)
+/// never grows it past what was charged.
+fn grown_capacity(len: usize, capacity: usize, adding: usize) -> usize {
+    let need = len + adding + 1;
+    if need > capacity {
+        need.max(capacity * 2).max(4)
+    } else {
+        capacity
+    }
 }
 
 /// What `slots` more event slots of a log take.
