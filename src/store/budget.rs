@@ -299,7 +299,10 @@ mod tests {
         assert_eq!((b.total(), b.logged()), (900, 100));
         assert!(!b.try_charge(Part::Runs, 200, b.max_total()));
         assert!(b.try_charge_logged(Part::Events, 200, b.max_total()));
-        assert_eq!((b.total(), b.logged(), b.part(Part::Events)), (1100, 300, 200));
+        assert_eq!(
+            (b.total(), b.logged(), b.part(Part::Events)),
+            (1100, 300, 200)
+        );
         assert!(!b.try_charge_logged(Part::Events, 701, b.max_total()));
     }
 
