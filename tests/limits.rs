@@ -229,7 +229,7 @@ fn rss(pid: u32) -> u64 {
 /// debug build tests run), plus what requests in flight hold (`SENDERS` messages of
 /// `MESSAGE_BYTES` each read, parsed and forwarded to the backend; 30 snapshots of threads with
 /// such messages; two backends' 300 kB events being decoded), plus allocator slack. Measured
-/// peaks: 73 to 82 MiB at a 24 MiB budget, 110 MiB at 48 MiB (`docs/benchmarks.md`).
+/// peaks: 64 to 82 MiB at a 24 MiB budget, 110 MiB at 48 MiB (`docs/benchmarks.md`).
 const OVERHEAD_BYTES: u64 = 72 << 20;
 const SENDERS: usize = 8;
 const MESSAGE_BYTES: usize = 400_000;
