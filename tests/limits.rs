@@ -561,4 +561,38 @@ async fn request_bodies_in_flight_are_bounded() {
     }
     let resp = gw.invoke(&"y".repeat(60_000), None, true).await;
     assert_eq!(resp.status(), 202);
+    // A body abandoned half-way (the client goes) or refused as too large is given back.
+    let mut gone = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    gone.write_all(head(body.len()).as_bytes()).await.unwrap();
+    gone.write_all(&body[..30_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(gone);
+    let big = gw
+        .http
+        .post(gw.url("/api/invokeAgent"))
+        .header("transfer-encoding", "chunked")
+        .body(reqwest::Body::wrap_stream(chunked(vec![vec![
+            b'x';
+            70_000
+        ]])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 413);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = gw.metrics().await;
+        if m.lines().any(|l| l == "sluice_request_body_bytes 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bodies never given back:\n{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A body sent as a stream of chunks (so that its length is not announced).
+fn chunked(
+    chunks: Vec<Vec<u8>>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures_util::stream::iter(chunks.into_iter().map(Ok))
 }

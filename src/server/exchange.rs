@@ -105,37 +105,31 @@ impl Exchange for PingoraExchange<'_> {
             return Err(ApiError::PayloadTooLarge(limit));
         }
         let mut body = Vec::new();
-        let bodies = self.bodies.clone();
-        // Counted as it is read; given back if the body is abandoned, else held with it.
-        let abandon = |body: &Vec<u8>, e: ApiError| {
-            if let Some(b) = &bodies {
-                b.give_back(body.len());
-            }
-            Err(e)
+        // Counted as it is read; given back if the body is abandoned (an error, or this future
+        // dropped), else held with the body until its last copy goes.
+        let mut taken = Taken {
+            bodies: self.bodies.clone(),
+            n: 0,
         };
         loop {
             match self.session.read_request_body().await {
                 Ok(Some(chunk)) => {
                     if body.len() + chunk.len() > limit {
-                        return abandon(&body, ApiError::PayloadTooLarge(limit));
+                        return Err(ApiError::PayloadTooLarge(limit));
                     }
-                    if bodies.as_ref().is_some_and(|b| !b.take(chunk.len())) {
-                        return abandon(&body, ApiError::Overloaded(Duration::from_secs(1)));
+                    if !taken.take(chunk.len()) {
+                        return Err(ApiError::Overloaded(Duration::from_secs(1)));
                     }
                     body.extend_from_slice(&chunk);
                 }
                 Ok(None) => {
                     self.body_read = true;
-                    return Ok(match &bodies {
-                        Some(b) => b.hold(body),
-                        None => Bytes::from(body),
-                    });
+                    return Ok(taken.hold(body));
                 }
                 Err(e) => {
-                    return abandon(
-                        &body,
-                        ApiError::InvalidRequest(format!("could not read the request body: {e}")),
-                    )
+                    return Err(ApiError::InvalidRequest(format!(
+                        "could not read the request body: {e}"
+                    )))
                 }
             }
         }
@@ -269,6 +263,41 @@ pub trait LocalApp: Send + Sync + 'static {
     /// The bound on request bodies held at once, if any.
     fn bodies(&self) -> Option<Bodies> {
         None
+    }
+}
+
+/// Request body bytes taken from [`Bodies`] while a body is read: given back when dropped,
+/// unless the whole body was handed over to be held with it.
+struct Taken {
+    bodies: Option<Bodies>,
+    n: usize,
+}
+
+impl Taken {
+    fn take(&mut self, n: usize) -> bool {
+        match &self.bodies {
+            Some(b) if !b.take(n) => false,
+            _ => {
+                self.n += n;
+                true
+            }
+        }
+    }
+
+    fn hold(mut self, body: Vec<u8>) -> Bytes {
+        self.n = 0;
+        match self.bodies.take() {
+            Some(b) => b.hold(body),
+            None => Bytes::from(body),
+        }
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bodies {
+            b.give_back(self.n);
+        }
     }
 }
 
