@@ -202,14 +202,10 @@ async fn an_organisation_at_its_quota_is_refused_while_another_is_untouched() {
 
     let metrics = orgs.gw.metrics().await;
     for reason in ["running_runs", "streams", "long_polls", "bytes"] {
-        let line = format!("sluice_quota_refusals_total{{reason=\"{reason}\"}} ");
-        let n: u64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&line))
-            .unwrap_or_else(|| panic!("no {line} in metrics"))
-            .trim()
-            .parse()
-            .unwrap();
+        let n = metric(
+            &metrics,
+            &format!("sluice_quota_refusals_total{{reason=\"{reason}\"}}"),
+        );
         assert!(n >= 1, "{reason}: {n}");
     }
     assert!(!metrics.contains("org_a"), "no organisation ids in labels");
@@ -394,14 +390,14 @@ async fn a_flood_is_bounded_and_accepted_runs_keep_every_event() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let m = gw.metrics().await;
-        let count = |prefix: &str| -> u64 {
-            m.lines()
-                .find_map(|l| l.strip_prefix(prefix))
-                .map_or(0, |v| v.trim().parse().unwrap())
+        let ended = |status: &str| {
+            metric(
+                &m,
+                &format!("sluice_runs_ended_total{{status=\"{status}\"}}"),
+            )
         };
-        let completed = count("sluice_runs_ended_total{status=\"completed\"} ");
-        let failed = count("sluice_runs_ended_total{status=\"error\"} ")
-            + count("sluice_runs_ended_total{status=\"timeout\"} ");
+        let completed = ended("completed");
+        let failed = ended("error") + ended("timeout");
         assert_eq!(failed, 0, "accepted runs failed:\n{m}");
         if completed == accepted.len() as u64 {
             break;
@@ -521,10 +517,7 @@ async fn request_bodies_in_flight_are_bounded() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let m = gw.metrics().await;
-        let held: u64 = m
-            .lines()
-            .find_map(|l| l.strip_prefix("sluice_request_body_bytes "))
-            .map_or(0, |v| v.trim().parse().unwrap());
+        let held = metric(&m, "sluice_request_body_bytes");
         if held >= 2 * (body.len() as u64 - 1) {
             break;
         }

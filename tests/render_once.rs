@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-/// A counter's value in the metrics text.
-fn counter(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from metrics"))
-}
-
 #[tokio::test]
 async fn a_long_run_is_folded_and_rendered_once_however_often_it_is_read() {
     let mock = mock_agent();
@@ -53,10 +45,10 @@ async fn a_long_run_is_folded_and_rendered_once_however_often_it_is_read() {
     }
 
     let after = gw.metrics().await;
-    let folded = counter(&after, "sluice_events_folded_total")
-        - counter(&before, "sluice_events_folded_total");
-    let rendered = counter(&after, "sluice_events_rendered_total")
-        - counter(&before, "sluice_events_rendered_total");
+    let folded = metric(&after, "sluice_events_folded_total")
+        - metric(&before, "sluice_events_folded_total");
+    let rendered = metric(&after, "sluice_events_rendered_total")
+        - metric(&before, "sluice_events_rendered_total");
     // The wait above polled the run as it grew, so some events may already be folded.
     assert!(
         folded <= last,
@@ -64,7 +56,7 @@ async fn a_long_run_is_folded_and_rendered_once_however_often_it_is_read() {
     );
     assert_eq!(rendered, last, "every event rendered exactly once");
     assert_eq!(
-        counter(&after, "sluice_events_folded_total"),
+        metric(&after, "sluice_events_folded_total"),
         last,
         "every event folded exactly once over the run's life"
     );
@@ -107,7 +99,7 @@ async fn long_polling_a_growing_run_folds_each_event_once() {
     );
     let metrics = gw.metrics().await;
     assert_eq!(
-        counter(&metrics, "sluice_events_folded_total"),
+        metric(&metrics, "sluice_events_folded_total"),
         after,
         "{polls} polls folded each of the {after} events once"
     );

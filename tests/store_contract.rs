@@ -28,8 +28,8 @@ use sluice::event::{Event, NewEvent};
 use sluice::store::budget::{QuotaKind, Quotas};
 use sluice::store::memory::{MemoryLimits, MemoryStore};
 use sluice::store::{
-    clip_error, BackendThread, LatestRun, NewRun, RunId, RunInfo, RunLimit, RunStatus, Store,
-    StoreError, ThreadId, MAX_ERROR_BYTES,
+    clip_error, BackendThread, LatestRun, NewRun, RunId, RunInfo, RunLimit, RunStatus, Started,
+    Store, StoreError, ThreadId, MAX_ERROR_BYTES,
 };
 use tokio::task::JoinHandle;
 
@@ -266,6 +266,25 @@ async fn still_waiting<T>(what: &str, waiter: &JoinHandle<T>) {
 /// Join a spawned waiter that must return within [`WOKEN`].
 async fn joined<T>(what: &str, waiter: JoinHandle<T>) -> T {
     woken(what, waiter).await.expect("waiter task panicked")
+}
+
+/// `n` tasks creating the same run at once; their outcomes, in no particular order.
+async fn concurrently(
+    s: &Arc<dyn Store>,
+    n: usize,
+    new: NewRun,
+) -> Vec<Result<Started, StoreError>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (s, new) = (s.clone(), new.clone());
+            tokio::spawn(async move { s.create_run(new).await })
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(n);
+    for t in tasks {
+        outcomes.push(joined("create_run", t).await);
+    }
+    outcomes
 }
 
 fn spawn_wait(
@@ -702,16 +721,11 @@ mod cases {
     pub async fn concurrent_creates_with_one_key_make_one_run(make: &Make) {
         for round in 0..5 {
             let s = make(Limits::default()).await;
-            let tasks: Vec<_> = (0..32)
-                .map(|_| {
-                    let s = s.clone();
-                    tokio::spawn(async move { s.create_run(keyed("o", "u", "m1", None)).await })
-                })
+            let started: Vec<Started> = concurrently(&s, 32, keyed("o", "u", "m1", None))
+                .await
+                .into_iter()
+                .map(|r| r.expect("create_run"))
                 .collect();
-            let mut started = Vec::new();
-            for t in tasks {
-                started.push(joined("create_run", t).await.expect("create_run"));
-            }
             let new = started.iter().filter(|s| !s.existing).count();
             assert_eq!(new, 1, "round {round}: {new} runs created");
             let id = &started[0].run.run_id;
@@ -771,16 +785,11 @@ mod cases {
         s.finish(&first.run_id, RunStatus::Error, Some("boom".into()), None)
             .await
             .unwrap();
-        let tasks: Vec<_> = (0..16)
-            .map(|_| {
-                let s = s.clone();
-                tokio::spawn(async move { s.create_run(keyed("o", "u", "m1", None)).await })
-            })
+        let started: Vec<Started> = concurrently(&s, 16, keyed("o", "u", "m1", None))
+            .await
+            .into_iter()
+            .map(|r| r.expect("create_run"))
             .collect();
-        let mut started = Vec::new();
-        for t in tasks {
-            started.push(joined("create_run", t).await.expect("create_run"));
-        }
         assert_eq!(started.iter().filter(|s| !s.existing).count(), 1);
         let id = &started[0].run.run_id;
         assert_ne!(*id, first.run_id);
@@ -1927,15 +1936,9 @@ mod cases {
                 ..Limits::default()
             })
             .await;
-            let tasks: Vec<_> = (0..20)
-                .map(|_| {
-                    let s = s.clone();
-                    tokio::spawn(async move { s.create_run(req("a", None)).await })
-                })
-                .collect();
             let mut started = 0;
-            for t in tasks {
-                match joined("create_run", t).await {
+            for outcome in concurrently(&s, 20, req("a", None)).await {
+                match outcome {
                     Ok(_) => started += 1,
                     Err(e) => assert_eq!(
                         e,

@@ -17,7 +17,7 @@ use std::fmt;
 use memchr::{memchr, memchr2_iter};
 
 /// The UTF-8 byte order mark; §9.2.5 strips one at the start of the stream.
-const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
+pub(super) const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
 
 /// One dispatched event (§9.2.6, "dispatch the event").
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -700,70 +700,7 @@ mod tests {
 
     // ---- reference model and property tests ----
 
-    /// A direct, whole-stream transcription of §9.2.5/§9.2.6 (no size limit): strip one
-    /// BOM, decode the whole stream with replacement, split lines char by char.
-    fn reference(input: &[u8]) -> (Vec<SseEvent>, Option<String>, Option<u64>) {
-        let input = input.strip_prefix(&BOM[..]).unwrap_or(input);
-        let text = String::from_utf8_lossy(input);
-        let (mut data, mut event, mut last_id) = (String::new(), String::new(), String::new());
-        let mut retry = None;
-        let mut events = Vec::new();
-        let mut lines = Vec::new();
-        let mut line = String::new();
-        let mut chars = text.chars().peekable();
-        while let Some(c) = chars.next() {
-            match c {
-                '\r' => {
-                    if chars.peek() == Some(&'\n') {
-                        chars.next();
-                    }
-                    lines.push(std::mem::take(&mut line));
-                }
-                '\n' => lines.push(std::mem::take(&mut line)),
-                c => line.push(c),
-            }
-        }
-        // `line` (unterminated) is discarded at end of stream.
-        for line in lines {
-            if line.is_empty() {
-                if data.is_empty() {
-                    event.clear();
-                    continue;
-                }
-                data.pop();
-                events.push(SseEvent {
-                    event: std::mem::take(&mut event),
-                    data: std::mem::take(&mut data),
-                    id: (!last_id.is_empty()).then(|| last_id.clone()),
-                });
-                continue;
-            }
-            if line.starts_with(':') {
-                continue;
-            }
-            let (name, value) = match line.find(':') {
-                Some(i) => {
-                    let v = &line[i + 1..];
-                    (&line[..i], v.strip_prefix(' ').unwrap_or(v))
-                }
-                None => (&line[..], ""),
-            };
-            match name {
-                "event" => event = value.to_owned(),
-                "data" => {
-                    data.push_str(value);
-                    data.push('\n');
-                }
-                "id" if !value.contains('\0') => last_id = value.to_owned(),
-                "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
-                    retry = Some(value.parse::<u64>().unwrap_or(u64::MAX));
-                }
-                _ => {}
-            }
-        }
-        let last_id = (!last_id.is_empty()).then_some(last_id);
-        (events, last_id, retry)
-    }
+    use crate::sse::model::decode_whole as reference;
 
     type Outcome = (
         Vec<SseEvent>,

@@ -701,60 +701,61 @@ impl Store for MemoryStore {
 
     async fn append(&self, run: &RunId, mut events: Vec<NewEvent>) -> Result<u64, StoreError> {
         let cell = self.cell(run)?;
-        // Room for the events and for the log's growth to hold them. A run already accepted is
-        // bounded by what the log holds, not by the views derived from it (those are dropped
-        // under pressure, and new runs are refused counting them).
-        let (len, capacity) = {
-            let st = lock(&cell.state);
-            (st.events.len(), st.events.capacity())
-        };
-        let incoming: u64 = events.iter().map(|e| charge_of(&e.data)).sum::<u64>()
-            + log_bytes(grown_capacity(len, capacity, events.len()) - capacity);
         let max_total = self.budget.max_total();
-        self.evict_until(|| self.budget.logged(), max_total.saturating_sub(incoming));
-        let mut st = lock(&cell.state);
-        if st.info.status.is_terminal() {
-            return Err(StoreError::Finished);
-        }
-        // Keep the events that fit the run's limits (on payload bytes); refuse the rest.
-        let mut room_events = self
-            .limits
-            .max_events_per_run
-            .saturating_sub(st.info.events());
-        let mut room_bytes = self.limits.max_bytes_per_run.saturating_sub(st.info.bytes);
-        let mut fit = 0;
-        let mut fit_bytes = 0;
-        let mut fit_charge = 0;
-        let mut limit = None;
-        for ev in &events {
-            let n = ev.data.len() as u64;
-            if room_events == 0 {
-                limit = Some(RunLimit::Events);
-                break;
+        let mut made_room = false;
+        // One pass under the run's lock; only when the budget refuses, a second one after
+        // evicting finished runs to make room.
+        let (mut st, fit, fit_bytes, fit_charge, limit, capacity, grow_to, charge) = loop {
+            let st = lock(&cell.state);
+            if st.info.status.is_terminal() {
+                return Err(StoreError::Finished);
             }
-            if n > room_bytes {
-                limit = Some(RunLimit::Bytes);
-                break;
+            // Keep the events that fit the run's limits (on payload bytes); refuse the rest.
+            let mut room_events = self
+                .limits
+                .max_events_per_run
+                .saturating_sub(st.info.events());
+            let mut room_bytes = self.limits.max_bytes_per_run.saturating_sub(st.info.bytes);
+            let (mut fit, mut fit_bytes, mut fit_charge, mut limit) = (0, 0, 0, None);
+            for ev in &events {
+                let n = ev.data.len() as u64;
+                if room_events == 0 {
+                    limit = Some(RunLimit::Events);
+                    break;
+                }
+                if n > room_bytes {
+                    limit = Some(RunLimit::Bytes);
+                    break;
+                }
+                room_events -= 1;
+                room_bytes -= n;
+                fit += 1;
+                fit_bytes += n;
+                fit_charge += charge_of(&ev.data);
             }
-            room_events -= 1;
-            room_bytes -= n;
-            fit += 1;
-            fit_bytes += n;
-            fit_charge += charge_of(&ev.data);
-        }
+            // The log's growth is memory held too, charged with the events. It keeps one spare
+            // slot, so that the closing event (always kept) never grows it past what was charged.
+            let capacity = st.events.capacity();
+            let grow_to = grown_capacity(st.events.len(), capacity, fit);
+            let charge = fit_charge + log_bytes(grow_to - capacity);
+            // A run already accepted is bounded by what the log holds, not by the views derived
+            // from it (those are dropped under pressure, and new runs are refused counting them).
+            if self
+                .budget
+                .try_charge_logged(Part::Events, charge, max_total)
+            {
+                break (
+                    st, fit, fit_bytes, fit_charge, limit, capacity, grow_to, charge,
+                );
+            }
+            if made_room {
+                return Err(self.full());
+            }
+            drop(st);
+            self.evict_until(|| self.budget.logged(), max_total.saturating_sub(charge));
+            made_room = true;
+        };
         events.truncate(fit);
-        // The log's growth is memory held too, charged with the events. It keeps one spare slot,
-        // so that the closing event (always kept) never grows it past what was charged.
-        let capacity = st.events.capacity();
-        let grow_to = grown_capacity(st.events.len(), capacity, fit);
-        let charge = fit_charge + log_bytes(grow_to - capacity);
-        // Reserve the bytes; refuse if the budget is exhausted even after eviction.
-        if !self
-            .budget
-            .try_charge_logged(Part::Events, charge, max_total)
-        {
-            return Err(self.full());
-        }
         let len = st.events.len();
         st.events.reserve_exact(grow_to - len);
         // Whatever the allocator made of it, what is charged is what is held.

@@ -446,6 +446,22 @@ impl Gateway {
     }
 }
 
+/// A series' value in Prometheus text (`series` with its labels, e.g.
+/// `sluice_runs_ended_total{status="error"}`); panics when it is missing.
+#[allow(dead_code)]
+pub fn metric(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{series} missing from metrics:\n{metrics}"))
+}
+
 /// One SSE event as a client sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sse {

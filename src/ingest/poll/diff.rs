@@ -88,20 +88,11 @@ impl SnapshotDiff {
                 "text" | "reasoning" => {
                     text_part(ev, seen, part_id, part, ty == "reasoning", &mut out)
                 }
-                "dynamic-tool" => {
-                    let name = part.get("toolName").and_then(Value::as_str).unwrap_or("");
-                    tool_part(
-                        ev,
-                        &mut self.tools,
-                        &mut calls,
-                        part_id,
-                        name,
-                        part,
-                        &mut out,
-                    );
-                }
-                _ if ty.starts_with("tool-") => {
-                    let name = &ty[5..];
+                _ if ty == "dynamic-tool" || ty.starts_with("tool-") => {
+                    let name = match ty.strip_prefix("tool-") {
+                        Some(name) => name,
+                        None => part.get("toolName").and_then(Value::as_str).unwrap_or(""),
+                    };
                     tool_part(
                         ev,
                         &mut self.tools,
