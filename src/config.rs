@@ -514,6 +514,8 @@ impl LimitsSection {
 pub enum StoreBackend {
     /// Embedded, in this process.
     Memory,
+    /// Shared by many instances through Redis or Valkey (`[store.redis]`).
+    Redis,
 }
 
 /// `[store]`
@@ -530,6 +532,8 @@ pub struct StoreSection {
     pub thread_retention: Dur,
     /// `Retry-After` sent with 503 when the store is full.
     pub full_retry_after: Dur,
+    /// `[store.redis]`: used when `backend = "redis"`.
+    pub redis: RedisSection,
 }
 
 impl Default for StoreSection {
@@ -539,6 +543,47 @@ impl Default for StoreSection {
             retention: Dur(Duration::from_secs(3600)),
             thread_retention: Dur(Duration::from_secs(7 * 86_400)),
             full_retry_after: Dur(Duration::from_secs(5)),
+            redis: RedisSection::default(),
+        }
+    }
+}
+
+/// `[store.redis]`: the shared store (Redis 7+ or Valkey 7.2+, standalone).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSection {
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://` for TLS).
+    pub url: Secret,
+    /// Prefix of every key and channel (several deployments can share one Redis).
+    pub key_prefix: String,
+    /// Longest wait for a connection to Redis.
+    pub connect_timeout: Dur,
+    /// Longest wait for one answer from Redis; past it the request fails with 503
+    /// `store_unavailable`.
+    pub response_timeout: Dur,
+    /// How long an instance's claim on a run it ingests lasts without renewal: an instance that
+    /// dies has its runs taken over by another within about this long.
+    pub lease_ttl: Dur,
+    /// How often leases are renewed (well under `lease_ttl`).
+    pub lease_renew: Dur,
+    /// How often each instance looks for runs whose lease expired.
+    pub takeover_scan: Dur,
+    /// Events kept per watched run in each instance's cache of recent events, so live readers
+    /// are served without a Redis read each.
+    pub tail_events: usize,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        RedisSection {
+            url: Secret("redis://127.0.0.1:6379".into()),
+            key_prefix: "sl".into(),
+            connect_timeout: Dur(Duration::from_secs(1)),
+            response_timeout: Dur(Duration::from_secs(1)),
+            lease_ttl: Dur(Duration::from_secs(10)),
+            lease_renew: Dur(Duration::from_secs(3)),
+            takeover_scan: Dur(Duration::from_secs(1)),
+            tail_events: 1024,
         }
     }
 }
@@ -783,6 +828,7 @@ impl Config {
         if self.store.full_retry_after.0 < Duration::from_secs(1) {
             return Err(invalid("store.full_retry_after", "must be at least 1s"));
         }
+        self.validate_redis()?;
         positive(
             "stream.stuck_reader_timeout",
             self.stream.stuck_reader_timeout,
@@ -792,6 +838,46 @@ impl Config {
                 "stream.keepalive_interval",
                 "must be at least 100ms",
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let r = &self.store.redis;
+        if self.store.backend == StoreBackend::Redis {
+            let url = r.url.0.as_str();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid(
+                    "store.redis.url",
+                    "must start with redis:// or rediss://",
+                ));
+            }
+        }
+        let prefix_ok = !r.key_prefix.is_empty()
+            && r.key_prefix.len() <= 64
+            && r.key_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        if !prefix_ok {
+            return Err(invalid(
+                "store.redis.key_prefix",
+                "must be 1-64 characters of letters, digits, '-', '_', '.' or ':'",
+            ));
+        }
+        positive("store.redis.connect_timeout", r.connect_timeout)?;
+        positive("store.redis.response_timeout", r.response_timeout)?;
+        if r.lease_ttl.0 < Duration::from_millis(500) {
+            return Err(invalid("store.redis.lease_ttl", "must be at least 500ms"));
+        }
+        if r.lease_renew.0.is_zero() || r.lease_renew.0 * 2 > r.lease_ttl.0 {
+            return Err(invalid(
+                "store.redis.lease_renew",
+                "must be positive and at most half of store.redis.lease_ttl",
+            ));
+        }
+        positive("store.redis.takeover_scan", r.takeover_scan)?;
+        if r.tail_events == 0 {
+            return Err(invalid("store.redis.tail_events", "must be at least 1"));
         }
         Ok(())
     }

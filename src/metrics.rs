@@ -124,6 +124,35 @@ pub static VIEW_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// `sluice_store_fenced_total`: writes refused because another instance took the run over.
+pub static STORE_FENCED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_store_fenced_total",
+        "Writes to a run refused because another instance holds its lease now (this instance \
+         stopped ingesting the run)."
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_store_takeovers_total`: runs this instance took over from one that went away.
+pub static STORE_TAKEOVERS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_store_takeovers_total",
+        "Runs in progress this instance took over after their ingesting instance's lease \
+         expired or was released."
+    )
+    .expect("metric registers once")
+});
+
+/// `sluice_redis_errors_total`: failed calls to Redis (timeouts, lost connections).
+pub static REDIS_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_redis_errors_total",
+        "Calls to the shared store's Redis that failed (unreachable, timed out, connection lost)."
+    )
+    .expect("metric registers once")
+});
+
 /// `sluice_store_evictions_total{reason}`: finished runs evicted, by why ([`EVICTION_REASONS`]).
 pub static STORE_EVICTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -309,6 +338,9 @@ pub fn init(labels: &LabelSets<'_>) {
     LazyLock::force(&EVENTS_INGESTED);
     LazyLock::force(&EVENT_BYTES_INGESTED);
     LazyLock::force(&STORE_BYTES);
+    LazyLock::force(&STORE_FENCED);
+    LazyLock::force(&STORE_TAKEOVERS);
+    LazyLock::force(&REDIS_ERRORS);
     for reason in EVICTION_REASONS {
         STORE_EVICTIONS.with_label_values(&[reason]);
     }

@@ -7,10 +7,10 @@
 //! concurrent creates of one key, concurrent appends, a waiter racing an append, readers that
 //! must see a contiguous prefix of the log while a writer appends.
 //!
-//! Adding a backend (issue 16) is one line beside `contract_suite!(memory => crate::memory);`:
-//! `contract_suite!(redis => crate::redis);`, with `fn redis(limits: Limits) -> Made` returning a
-//! fresh, isolated store (its own key prefix on a test `redis-server`). The factory is async
-//! (`Made` is a boxed future) because a remote store connects before it is usable.
+//! Two backends run it: the embedded store (`memory`, with the memory budget's own cases) and
+//! the shared store (`redis`: [`redis`] makes each store under a fresh key prefix on this
+//! binary's own `redis-server`). A factory is async (`Made` is a boxed future) because a remote
+//! store connects before it is usable.
 //! The tests are named `<backend>::<case>`, so `cargo test --test store_contract memory::` runs
 //! one backend.
 //!
@@ -22,11 +22,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
 use sluice::event::{Event, NewEvent};
-use sluice::store::budget::{QuotaKind, Quotas};
+use sluice::store::budget::{Budget, QuotaKind, Quotas};
 use sluice::store::memory::{MemoryLimits, MemoryStore};
+use sluice::store::redis::{RedisSettings, RedisStore};
 use sluice::store::{
     clip_error, BackendThread, LatestRun, NewRun, RunId, RunInfo, RunLimit, RunStatus, Started,
     Store, StoreError, ThreadId, MAX_ERROR_BYTES,
@@ -91,12 +94,69 @@ fn memory(l: Limits) -> Made {
     Box::pin(async move { Arc::new(store) as Arc<dyn Store> })
 }
 
+/// The shared store, on this test binary's own `redis-server` (started on a free port at first
+/// use, stopped when the binary exits), each store under a prefix of its own.
+fn redis(l: Limits) -> Made {
+    static SERVER: std::sync::OnceLock<common::cluster::RedisServer> = std::sync::OnceLock::new();
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    extern "C" fn stop_server() {
+        if let Some(pid) = SERVER.get().and_then(|s| s.pid()) {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+    let url = SERVER
+        .get_or_init(|| {
+            unsafe { libc::atexit(stop_server) };
+            common::cluster::RedisServer::start()
+        })
+        .url();
+    let prefix = format!(
+        "c{}x{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let settings = RedisSettings {
+        url,
+        prefix,
+        connect_timeout: Duration::from_secs(2),
+        response_timeout: Duration::from_secs(5),
+        lease_ttl: Duration::from_secs(30),
+        lease_renew: Duration::from_secs(5),
+        takeover_scan: Duration::from_secs(1),
+        tail_events: 256,
+        max_events_per_run: l.max_events_per_run,
+        max_bytes_per_run: l.max_bytes_per_run,
+        retention: l.retention,
+        thread_retention: l.thread_retention,
+        retry_after: l.full_retry_after,
+        quotas: l.quotas,
+    };
+    let budget = Arc::new(Budget::new(l.max_total_bytes));
+    Box::pin(async move {
+        let store = tokio::task::spawn_blocking(move || RedisStore::connect(settings, budget))
+            .await
+            .expect("connect task")
+            .expect("connect to the test redis-server");
+        store as Arc<dyn Store>
+    })
+}
+
 /// One `#[tokio::test]` per case for a backend: `contract_suite!(name => path::to::factory);`.
 /// A case can carry attributes (`#[ignore = "finding: ..."]`) in the list below.
 macro_rules! contract_suite {
-    ($backend:ident => $make:path) => {
+    // A store that bounds what it holds by `max_total_bytes` (the embedded one) also runs the
+    // budget's cases; a shared store's memory is Redis's (`maxmemory`, refusals as `Full`).
+    ($backend:ident => $make:path, with budget) => {
+        contract_suite!($backend => $make;
+            bytes_held_grows_with_appends_and_shrinks_on_eviction,
+            the_budget_bounds_what_is_held_and_finished_runs_make_room,
+            a_full_store_refuses_new_runs_and_whole_batches,
+            what_is_held_never_exceeds_max_total_bytes,
+        );
+    };
+    ($backend:ident => $make:path $(; $($extra:ident),* $(,)?)?) => {
         mod $backend {
-            contract_suite!(@cases $make;
+            contract_suite!(@cases $make; $($($extra,)*)?
                 // The log.
                 seq_is_gapless_and_every_cursor_reads_exactly_what_follows,
                 read_after_bounds_bytes_but_always_returns_one_event,
@@ -139,11 +199,7 @@ macro_rules! contract_suite {
                 a_thread_continues_after_its_runs_were_evicted_and_is_kept_while_in_use,
                 thread_records_are_forgotten_after_thread_retention,
                 backend_threads_are_recorded_per_thread,
-                // Memory and quotas.
-                bytes_held_grows_with_appends_and_shrinks_on_eviction,
-                the_budget_bounds_what_is_held_and_finished_runs_make_room,
-                a_full_store_refuses_new_runs_and_whole_batches,
-                what_is_held_never_exceeds_max_total_bytes,
+                // Quotas.
                 a_running_runs_quota_refuses_only_its_organisation,
                 concurrent_creates_never_pass_the_running_runs_quota,
                 a_bytes_quota_refuses_only_its_organisation,
@@ -161,7 +217,8 @@ macro_rules! contract_suite {
     };
 }
 
-contract_suite!(memory => crate::memory);
+contract_suite!(memory => crate::memory, with budget);
+contract_suite!(redis => crate::redis);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.

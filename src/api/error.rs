@@ -47,6 +47,9 @@ pub enum ApiError {
     /// `Retry-After` hint.
     #[error("the gateway is reading as many request bodies as it may (limits.max_body_bytes_in_flight); retry later")]
     Overloaded(Duration),
+    /// The shared store (Redis) cannot be reached or answered too slowly.
+    #[error("the gateway's store is unavailable; retry shortly")]
+    StoreUnavailable,
     /// The process is draining (SIGTERM): it takes no new requests, only finishes open ones.
     /// The duration is the `Retry-After` hint.
     #[error("the gateway is shutting down; retry on another instance or after a restart")]
@@ -86,7 +89,10 @@ impl ApiError {
             ApiError::Auth(e) => e.status(),
             ApiError::AgentNotFound => 404,
             ApiError::AgentRefused(status, _) => *status,
-            ApiError::StoreFull(_) | ApiError::ShuttingDown(_) | ApiError::Overloaded(_) => 503,
+            ApiError::StoreFull(_)
+            | ApiError::ShuttingDown(_)
+            | ApiError::Overloaded(_)
+            | ApiError::StoreUnavailable => 503,
             ApiError::QuotaExceeded(..) => 429,
         }
     }
@@ -102,6 +108,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::CursorExpired(_) => "cursor_expired",
             ApiError::StoreFull(_) => "store_full",
+            ApiError::StoreUnavailable => "store_unavailable",
             ApiError::QuotaExceeded(..) => "quota_exceeded",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::ShuttingDown(_) => "shutting_down",
@@ -147,6 +154,7 @@ impl ApiError {
                 // This connection will not be served again.
                 reply.close = true;
             }
+            ApiError::StoreUnavailable => reply.headers.push(("retry-after", "1".into())),
             ApiError::MethodNotAllowed(allow) => reply.headers.push(("allow", allow.to_string())),
             ApiError::PayloadTooLarge(_) => reply.close = true,
             ApiError::Auth(e) => {
@@ -170,7 +178,11 @@ impl From<StoreError> for ApiError {
             )),
             StoreError::Full { retry_after } => ApiError::StoreFull(retry_after),
             StoreError::Quota { kind, retry_after } => ApiError::QuotaExceeded(kind, retry_after),
-            e @ (StoreError::RunLimit(_) | StoreError::Finished) => {
+            StoreError::Unavailable(why) => {
+                log::warn!("store unavailable: {why}");
+                ApiError::StoreUnavailable
+            }
+            e @ (StoreError::RunLimit(_) | StoreError::Finished | StoreError::Fenced) => {
                 ApiError::Internal(e.to_string())
             }
         }

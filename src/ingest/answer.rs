@@ -1,7 +1,8 @@
 //! Reading a backend's answer to a run request, shared by the adapters: the status line (a
 //! non-2xx answer becomes the run's refusal, with the backend's error text), and an SSE body
 //! decoded in batches, each read bounded by `upstream.idle_timeout` and each event by
-//! `upstream.max_event_bytes`, appended to the run batch by batch ([`SseBody::pump`]).
+//! `upstream.max_event_bytes`, appended to the run batch by batch ([`SseBody::pump`]), each
+//! batch marked, if asked ([`SseBody::marked`]), with the SSE id of its last backend event.
 
 use std::time::Duration;
 
@@ -64,6 +65,8 @@ pub struct SseBody {
     /// than once per read, and moved on when it finds that a read happened since.
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     last_read: tokio::time::Instant,
+    /// Whether each batch is appended with its mark (see [`SseBody::marked`]).
+    marks: bool,
 }
 
 impl SseBody {
@@ -75,7 +78,16 @@ impl SseBody {
             max_event_bytes,
             timer: Box::pin(tokio::time::sleep(idle)),
             last_read: tokio::time::Instant::now(),
+            marks: false,
         }
+    }
+
+    /// Append each batch with a mark ([`RunSink::append_marked`]): the SSE id (the last-event-ID
+    /// buffer) of the last backend event that added to the batch, for a takeover to resume
+    /// from with `Last-Event-ID`. Batches of a backend that sends no ids have none.
+    pub fn marked(mut self) -> SseBody {
+        self.marks = true;
+        self
     }
 
     /// Read the next piece of the body and append the events it completes to `out` (maybe
@@ -120,9 +132,10 @@ impl SseBody {
 
 impl SseBody {
     /// Read the whole body: each SSE event goes to `on_event`, which appends the log events it
-    /// makes to the batch and says whether the run ended there (or that the event is
-    /// malformed). Each piece's batch is appended to the run before the next read; the events
-    /// before a malformed one are kept. Returns how the run ended.
+    /// makes to the batch (it may take the event's `data`) and says whether the run ended there
+    /// (or that the event is malformed). Each piece's batch is appended to the run before the
+    /// next read, marked if [`SseBody::marked`]; the events before a malformed one are kept.
+    /// Returns how the run ended.
     pub async fn pump<F>(
         mut self,
         http: &mut HttpSession,
@@ -130,30 +143,36 @@ impl SseBody {
         mut on_event: F,
     ) -> Result<Ending, Failure>
     where
-        F: FnMut(SseEvent, &mut Vec<NewEvent>) -> Result<Option<Ending>, Failure> + Send,
+        F: FnMut(&mut SseEvent, &mut Vec<NewEvent>) -> Result<Option<Ending>, Failure> + Send,
     {
         let mut decoded: Vec<SseEvent> = Vec::new();
         loop {
             decoded.clear();
             let problem = self.next(http, &mut decoded).await;
             let mut batch = Vec::with_capacity(decoded.len());
+            let mut mark = None;
             let mut ending = None;
-            for ev in decoded.drain(..) {
-                match on_event(ev, &mut batch) {
+            for mut ev in decoded.drain(..) {
+                let held = batch.len();
+                let result = on_event(&mut ev, &mut batch);
+                if self.marks && batch.len() > held && ev.id.is_some() {
+                    mark = ev.id;
+                }
+                match result {
                     Ok(None) => {}
                     Ok(Some(end)) => {
                         ending = Some(end);
                         break;
                     }
                     Err(failure) => {
-                        if let Err(end) = sink.append(batch).await {
+                        if let Err(end) = sink.append_marked(batch, mark).await {
                             return Ok(end);
                         }
                         return Err(failure);
                     }
                 }
             }
-            if let Err(end) = sink.append(batch).await {
+            if let Err(end) = sink.append_marked(batch, mark).await {
                 return Ok(end);
             }
             if let Some(end) = ending {

@@ -1,7 +1,8 @@
 //! Which backend runs an agent: the adapters built from `[upstream]` and its
 //! `[[upstream.routes]]`, and the [`Routes`] adapter that hands each run to the first route whose
-//! agent patterns match (else to the default backend). Nothing downstream knows which adapter
-//! ran: they all write the same log vocabulary.
+//! agent patterns match (else to the default backend), and a taken-over run to the same adapter
+//! to continue it. Nothing downstream knows which adapter ran: they all write the same log
+//! vocabulary.
 
 use std::sync::Arc;
 
@@ -124,6 +125,10 @@ impl Adapter for Routes {
     async fn run(&self, job: &RunJob, sink: &RunSink) -> Ending {
         self.pick(&job.run.agent_id).run(job, sink).await
     }
+
+    async fn resume(&self, job: &RunJob, mark: Option<&str>, sink: &RunSink) -> Ending {
+        self.pick(&job.run.agent_id).resume(job, mark, sink).await
+    }
 }
 
 #[cfg(test)]
@@ -157,5 +162,49 @@ mod tests {
         assert!(Arc::ptr_eq(routes.pick(&json!(70)), &default));
         assert_eq!(agent_key(&json!(12)), "12");
         assert_eq!(agent_key(&json!("x")), "x");
+    }
+
+    /// Resumes with its name.
+    struct Named(&'static str);
+
+    #[async_trait]
+    impl Adapter for Named {
+        async fn run(&self, _: &RunJob, _: &RunSink) -> Ending {
+            Ending::Closed
+        }
+        async fn resume(&self, _: &RunJob, mark: Option<&str>, _: &RunSink) -> Ending {
+            Ending::Backend(
+                crate::store::RunStatus::Stopped,
+                format!("{} {}", self.0, mark.unwrap_or("")),
+            )
+        }
+    }
+
+    #[tokio::test]
+    async fn a_taken_over_run_resumes_on_its_agents_adapter() {
+        let routes = Routes::new(
+            vec![(
+                vec!["legacy-*".into()],
+                Arc::new(Named("poll")) as Arc<dyn Adapter>,
+            )],
+            Arc::new(Named("default")),
+        );
+        let store = crate::ingest::testing::Recorder::new();
+        let mut run = store.new_run("hi", "u1").await;
+        let sink = RunSink::new(store.clone(), run.run_id.clone(), None);
+        for (agent, want) in [("legacy-1", "poll 9"), ("other", "default 9")] {
+            run.agent_id = json!(agent);
+            let job = RunJob {
+                run: run.clone(),
+                agent_path: agent.into(),
+                body: json!({}),
+                bearer: None,
+                backend_thread: None,
+            };
+            assert_eq!(
+                routes.resume(&job, Some("9"), &sink).await,
+                Ending::Backend(crate::store::RunStatus::Stopped, want.into())
+            );
+        }
     }
 }

@@ -15,6 +15,10 @@
 //!
 //! Endings: `finish` (or `[DONE]` before it) completes the run; `error` fails it with its
 //! text; `abort` ends it `stopped`; a stream that closes before any of them is `dropped`.
+//!
+//! A run taken over from another instance cannot be continued (the dialect has no way to rejoin
+//! a run, and asking again would start a second one): it ends `error` (the default
+//! [`Adapter::resume`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -643,5 +647,39 @@ mod tests {
                 .collect();
             prop_assert_eq!(got, want);
         }
+    }
+
+    #[tokio::test]
+    async fn a_taken_over_run_is_never_asked_again() {
+        // The backend is never contacted (its address refuses connections anyway): a second
+        // POST would be a second backend run.
+        let store = crate::ingest::testing::Recorder::new();
+        let run = store.new_run("hi", "u1").await;
+        let up = crate::config::UpstreamUrl::parse("http://127.0.0.1:9").unwrap();
+        let adapter = UiMessageAdapter::new(
+            InvokeTarget::new(vec![up], "/api/invokeAgent".into(), Duration::from_secs(1)),
+            UiMessageSettings {
+                idle_timeout: Duration::from_secs(1),
+                max_event_bytes: 1 << 20,
+            },
+        );
+        let job = RunJob {
+            run: run.clone(),
+            agent_path: "7".into(),
+            body: serde_json::json!({}),
+            bearer: None,
+            backend_thread: None,
+        };
+        let sink = RunSink::new(store.clone(), run.run_id.clone(), None);
+        let ending = adapter.resume(&job, Some("4"), &sink).await;
+        let Ending::Failed(f) = ending else {
+            panic!("{ending:?}")
+        };
+        assert_eq!(
+            f.message(),
+            "the run could not be continued after the gateway instance ingesting it stopped: \
+             its backend's dialect offers no way to continue a run without starting it again"
+        );
+        assert!(store.events(&run.run_id).await.is_empty());
     }
 }

@@ -95,6 +95,15 @@ impl Timeline {
         if self.bom {
             steps.push(Step::Send(BOM.to_vec()));
         }
+        steps.extend(self.agentflow_frames().into_iter().map(|(_, step)| step));
+        steps
+    }
+
+    /// [`Timeline::agentflow_steps`] without the byte order mark, each step with the SSE id of
+    /// the event it sends (the event's `seq`; `None` for other steps), so that a stream can be
+    /// played again from a `Last-Event-ID`.
+    pub fn agentflow_frames(&self) -> Vec<(Option<u64>, Step)> {
+        let mut frames = Vec::with_capacity(self.beats.len());
         for beat in &self.beats {
             match beat {
                 Beat::Event(payload) => {
@@ -104,16 +113,16 @@ impl Timeline {
                         frame.push_str(&format!("event: {kind}\n"));
                     }
                     frame.push_str(&format!("data: {payload}\n\n"));
-                    steps.push(self.send(&frame));
+                    frames.push((payload["seq"].as_u64(), self.send(&frame)));
                 }
-                Beat::Raw(text) => steps.push(self.send(text)),
-                Beat::Sleep(ms) => steps.push(Step::Sleep(*ms)),
-                Beat::Hang(ms) => steps.push(Step::Hang(*ms)),
-                Beat::Drop => steps.push(Step::Drop),
+                Beat::Raw(text) => frames.push((None, self.send(text))),
+                Beat::Sleep(ms) => frames.push((None, Step::Sleep(*ms))),
+                Beat::Hang(ms) => frames.push((None, Step::Hang(*ms))),
+                Beat::Drop => frames.push((None, Step::Drop)),
                 Beat::UiChunk(_) | Beat::UiExtra(_) | Beat::PollText(_) => {}
             }
         }
-        steps
+        frames
     }
 
     /// `text` (with `\n` line ends) re-framed with this timeline's line end.

@@ -20,6 +20,8 @@ pub struct AdminApp {
     /// What is held against `limits.max_total_bytes` (the store's and the views'), for the
     /// gauges and readiness.
     pub budget: Arc<Budget>,
+    /// The store (a shared one may be unreachable: not ready then).
+    pub store: Arc<dyn crate::store::Store>,
     /// `server.admin_token`: when set, `/metrics` needs it as a bearer token.
     pub token: Option<String>,
 }
@@ -89,6 +91,8 @@ impl ServeHttp for AdminApp {
                     reply(503, "text/plain", b"shutting down\n".to_vec())
                 } else if self.budget.total() >= self.budget.high_water() {
                     reply(503, "text/plain", b"store full\n".to_vec())
+                } else if !self.store.ready().await {
+                    reply(503, "text/plain", b"store unavailable\n".to_vec())
                 } else {
                     reply(200, "text/plain", b"ready\n".to_vec())
                 }

@@ -20,12 +20,14 @@ use tokio::sync::watch;
 use crate::api::views::Views;
 use crate::api::{Api, Exchange};
 use crate::config::Config;
+use crate::config::StoreBackend;
 use crate::ingest::route::Routes;
 use crate::ingest::Ingestor;
 use crate::metrics;
 use crate::store::budget::{Budget, Part, QuotaKind};
 use crate::store::memory::{MemoryLimits, MemoryStore};
-use crate::store::Store;
+use crate::store::redis::{RedisSettings, RedisStore};
+use crate::store::{Control, Store};
 use exchange::{Local, LocalApp};
 
 /// Resolve `host:0` to a concrete free port so it can be announced (Pingora binds by address
@@ -132,27 +134,18 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
     let config = Arc::new(config);
     let quotas = config.limits.quotas();
     let budget = Arc::new(Budget::new(config.limits.max_total_bytes));
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::with_budget(
-        MemoryLimits {
-            max_events_per_run: config.limits.max_events_per_run,
-            max_bytes_per_run: config.limits.max_bytes_per_run,
-            max_total_bytes: config.limits.max_total_bytes,
-            retention: config.store.retention.0,
-            thread_retention: config.store.thread_retention.0,
-            retry_after: config.store.full_retry_after.0,
-            quotas: quotas.clone(),
-        },
-        budget.clone(),
-    ));
+    let store = open_store(&config, quotas.clone(), budget.clone())?;
+    let shared = config.store.backend == StoreBackend::Redis;
     let adapter = Arc::new(Routes::from_config(&config));
     let ingest = Ingestor::new(store.clone(), adapter, config.upstream.run_timeout.0);
     let views = Arc::new(Views::with_budget(budget.clone()));
+    let control = store.control();
     let (draining_tx, draining_rx) = watch::channel(false);
     let (cut_tx, cut_rx) = watch::channel(false);
     let api = Arc::new(Api {
         config: config.clone(),
         store: store.clone(),
-        ingest,
+        ingest: ingest.clone(),
         shutdown: draining_rx.clone(),
         cut: cut_rx,
         auth: crate::auth::Authenticator::from_config(&config.auth),
@@ -179,6 +172,7 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
         pingora::apps::http_app::HttpServer::new_app(admin::AdminApp {
             shutdown: draining_rx,
             budget: budget.clone(),
+            store: store.clone(),
             token: Some(config.server.admin_token.0.clone()).filter(|t| !t.is_empty()),
         }),
     );
@@ -190,9 +184,17 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
         Housekeeping {
             store,
             views,
+            ingest,
+            control: std::sync::Mutex::new(control),
             draining: draining_tx,
             cut: cut_tx,
-            cut_after: cut_after(config.server.grace_period.0),
+            // With a shared store the runs go on elsewhere: streams are cut at once, so that
+            // their clients resume on another instance.
+            cut_after: if shared {
+                Duration::ZERO
+            } else {
+                cut_after(config.server.grace_period.0)
+            },
             sweep_every: config
                 .store
                 .retention
@@ -203,6 +205,50 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
     Ok(Listening {
         api: api_addr,
         admin: admin_addr,
+    })
+}
+
+/// The store `[store]` asks for: the embedded one, or the shared one in Redis (connected now,
+/// so that a wrong URL or an unreachable Redis stops the start with a clear error).
+fn open_store(
+    config: &Config,
+    quotas: crate::store::budget::Quotas,
+    budget: Arc<Budget>,
+) -> std::io::Result<Arc<dyn Store>> {
+    let limits = &config.limits;
+    Ok(match config.store.backend {
+        StoreBackend::Memory => Arc::new(MemoryStore::with_budget(
+            MemoryLimits {
+                max_events_per_run: limits.max_events_per_run,
+                max_bytes_per_run: limits.max_bytes_per_run,
+                max_total_bytes: limits.max_total_bytes,
+                retention: config.store.retention.0,
+                thread_retention: config.store.thread_retention.0,
+                retry_after: config.store.full_retry_after.0,
+                quotas,
+            },
+            budget,
+        )),
+        StoreBackend::Redis => {
+            let r = &config.store.redis;
+            let settings = RedisSettings {
+                url: r.url.0.clone(),
+                prefix: r.key_prefix.clone(),
+                connect_timeout: r.connect_timeout.0,
+                response_timeout: r.response_timeout.0,
+                lease_ttl: r.lease_ttl.0,
+                lease_renew: r.lease_renew.0,
+                takeover_scan: r.takeover_scan.0,
+                tail_events: r.tail_events,
+                max_events_per_run: limits.max_events_per_run,
+                max_bytes_per_run: limits.max_bytes_per_run,
+                retention: config.store.retention.0,
+                thread_retention: config.store.thread_retention.0,
+                retry_after: config.store.full_retry_after.0,
+                quotas,
+            };
+            RedisStore::connect(settings, budget).map_err(std::io::Error::other)?
+        }
     })
 }
 
@@ -223,6 +269,9 @@ pub fn cut_after(grace_period: Duration) -> Duration {
 struct Housekeeping {
     store: Arc<dyn Store>,
     views: Arc<Views>,
+    ingest: Ingestor,
+    /// What the store asks of this instance's ingestion (a shared store only).
+    control: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Control>>>,
     draining: watch::Sender<bool>,
     cut: watch::Sender<bool>,
     cut_after: Duration,
@@ -233,8 +282,18 @@ struct Housekeeping {
 impl BackgroundService for Housekeeping {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(self.sweep_every);
+        let control = self
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let mut control = control.unwrap_or_else(|| tokio::sync::mpsc::unbounded_channel().1);
         loop {
             tokio::select! {
+                Some(asked) = control.recv() => match asked {
+                    Control::Cancel(run) => self.ingest.cancel(&run),
+                    Control::Adopt(adopted) => self.ingest.adopt(*adopted),
+                },
                 _ = tick.tick() => {
                     self.store.sweep().await;
                     let held = self
@@ -250,6 +309,13 @@ impl BackgroundService for Housekeeping {
                         self.cut_after
                     );
                     self.draining.send_replace(true);
+                    // A shared store's runs are handed to other instances at once.
+                    self.store.release().await;
+                    while let Ok(asked) = control.try_recv() {
+                        if let Control::Cancel(run) = asked {
+                            self.ingest.cancel(&run);
+                        }
+                    }
                     tokio::time::sleep(self.cut_after).await;
                     log::info!("grace period ending: cutting open streams");
                     self.cut.send_replace(true);

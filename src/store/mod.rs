@@ -18,6 +18,7 @@
 
 pub mod budget;
 pub mod memory;
+pub mod redis;
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -296,6 +297,14 @@ pub enum StoreError {
     /// The run has already ended; nothing was appended.
     #[error("run already ended")]
     Finished,
+    /// The store cannot be reached (a remote store down or too slow): nothing was done, or
+    /// nothing is known to have been done.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// This instance no longer holds the run's lease (another instance took the run over):
+    /// nothing was appended, and this instance must stop ingesting the run.
+    #[error("run is ingested by another instance")]
+    Fenced,
     /// The caller's organisation is at one of its quotas (`[limits.per_org]`).
     #[error("organisation is at its {} quota", .kind.as_str())]
     Quota {
@@ -327,6 +336,29 @@ pub fn clip_error(text: &str) -> String {
         out.push_str(&piece);
     }
     out
+}
+
+/// What a store asks of this instance's ingestion (a shared store only; see [`Store::control`]).
+#[derive(Debug)]
+pub enum Control {
+    /// Stop ingesting this run here, without touching its status: it was stopped through
+    /// another instance, or this instance lost its lease on it.
+    Cancel(RunId),
+    /// This instance took the run over from an instance that went away: continue ingesting it.
+    Adopt(Box<Adopted>),
+}
+
+/// A run taken over from another instance, with what is needed to continue it.
+#[derive(Clone, Debug)]
+pub struct Adopted {
+    /// The run as it stands (in progress).
+    pub run: RunInfo,
+    /// The job as [`Store::save_job`] recorded it (`None`: the instance went away before
+    /// recording it, so the backend's state is unknown).
+    pub job: Option<serde_json::Value>,
+    /// The adapter's position after the last logged event, as the last
+    /// [`Store::append_marked`] recorded it (`None`: nothing marked yet).
+    pub mark: Option<String>,
 }
 
 /// The run store.
@@ -418,6 +450,41 @@ pub trait Store: Send + Sync + 'static {
     /// Bytes currently held, as the budget counts them: events with their overhead, run and
     /// thread records, and whatever else shares the budget (this instance's views).
     fn bytes_held(&self) -> u64;
+
+    /// Append like [`Store::append`], recording `mark` (the adapter's position upstream after
+    /// these events: an SSE id, a poll checkpoint) atomically with them, for whoever takes the
+    /// run over. A store that never hands runs over ignores it.
+    async fn append_marked(
+        &self,
+        run: &RunId,
+        events: Vec<NewEvent>,
+        mark: Option<String>,
+    ) -> Result<u64, StoreError> {
+        let _ = mark;
+        self.append(run, events).await
+    }
+
+    /// Record how to continue the run's ingestion elsewhere (the backend request, never a
+    /// secret), before the backend is asked. A store that never hands runs over ignores it.
+    async fn save_job(&self, run: &RunId, job: serde_json::Value) -> Result<(), StoreError> {
+        let _ = (run, job);
+        Ok(())
+    }
+
+    /// What the store asks of this instance's ingestion: runs to cancel or to adopt. Taken
+    /// once (later calls get `None`); a store that is not shared has none.
+    fn control(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Control>> {
+        None
+    }
+
+    /// Drain: give up every run this instance ingests so that other instances take them over
+    /// at once (their ingestion here must then stop without ending them).
+    async fn release(&self) {}
+
+    /// Whether the store can serve requests now.
+    async fn ready(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -5,35 +5,65 @@
 //! only, text that was rewritten a `text_replace`, tool parts nested `start`/`end`/`error` calls
 //! (and `tool_progress` for preliminary output), sources, files and data parts their own events,
 //! anything else an opaque `ui_part`. Nothing is ever retracted; odd JSON never panics.
+//!
+//! What it remembers ([`DiffState`]) serialises, so that a run taken over by another instance
+//! continues the diff where it stopped ([`SnapshotDiff::restore`]).
 
 use std::collections::{HashMap, HashSet};
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::super::events::Events;
 use crate::event::NewEvent;
 
 /// What was emitted for one part index.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
 struct PartSeen {
     /// The part's type (`None`: never seen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     ty: Option<String>,
     /// How many times the type at this index changed (names the part `p{i}-{gen}`).
+    #[serde(default, skip_serializing_if = "is_zero")]
     generation: u32,
     /// Text (or reasoning) emitted so far.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     text: String,
     /// A once-only part was emitted.
+    #[serde(default, skip_serializing_if = "is_false")]
     emitted: bool,
     /// The last data part emitted: its id and data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     data: Option<(Option<String>, Value)>,
 }
 
 /// What was emitted for one tool call.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
 struct ToolSeen {
+    #[serde(default, skip_serializing_if = "is_false")]
     started: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
     done: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     progress: Option<Value>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// What a [`SnapshotDiff`] has emitted so far, per part index and per tool call: all it needs
+/// to go on (JSON, for a takeover checkpoint).
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiffState {
+    #[serde(default)]
+    parts: Vec<PartSeen>,
+    #[serde(default)]
+    tools: HashMap<String, ToolSeen>,
 }
 
 /// Turns successive snapshots of one assistant message into the log events that say what
@@ -41,18 +71,29 @@ struct ToolSeen {
 #[derive(Debug)]
 pub struct SnapshotDiff {
     events: Events,
-    parts: Vec<PartSeen>,
-    tools: HashMap<String, ToolSeen>,
+    state: DiffState,
 }
 
 impl SnapshotDiff {
     /// A diff writing events with `events` (whose root call id is the run's).
     pub fn new(events: Events) -> SnapshotDiff {
-        SnapshotDiff {
-            events,
-            parts: Vec::new(),
-            tools: HashMap::new(),
-        }
+        SnapshotDiff::restore(events, DiffState::default())
+    }
+
+    /// A diff that goes on from `state` (what [`SnapshotDiff::state`] gave), writing events with
+    /// `events`: the same events as the diff that had that state would write.
+    pub fn restore(events: Events, state: DiffState) -> SnapshotDiff {
+        SnapshotDiff { events, state }
+    }
+
+    /// The builder of the events it writes.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    /// What the diff has emitted so far.
+    pub fn state(&self) -> &DiffState {
+        &self.state
     }
 
     /// The events that bring the log from the previous snapshot of the message to `message`.
@@ -61,8 +102,12 @@ impl SnapshotDiff {
         let Some(parts) = message.get("parts").and_then(Value::as_array) else {
             return out;
         };
-        if self.parts.len() < parts.len() {
-            self.parts.resize_with(parts.len(), PartSeen::default);
+        let DiffState {
+            parts: seen_parts,
+            tools,
+        } = &mut self.state;
+        if seen_parts.len() < parts.len() {
+            seen_parts.resize_with(parts.len(), PartSeen::default);
         }
         // The calls read in this snapshot: a call is read from its first part only (a message
         // has one part per call), or two parts naming the same call would take turns and
@@ -72,7 +117,7 @@ impl SnapshotDiff {
             let Some(ty) = part.get("type").and_then(Value::as_str) else {
                 continue;
             };
-            let seen = &mut self.parts[i];
+            let seen = &mut seen_parts[i];
             if seen.ty.as_deref() != Some(ty) {
                 let generation = seen.generation.saturating_add(u32::from(seen.ty.is_some()));
                 *seen = PartSeen {
@@ -93,15 +138,7 @@ impl SnapshotDiff {
                         Some(name) => name,
                         None => part.get("toolName").and_then(Value::as_str).unwrap_or(""),
                     };
-                    tool_part(
-                        ev,
-                        &mut self.tools,
-                        &mut calls,
-                        part_id,
-                        name,
-                        part,
-                        &mut out,
-                    )
+                    tool_part(ev, tools, &mut calls, part_id, name, part, &mut out)
                 }
                 _ if ty.starts_with("data-") => data_part(ev, seen, &ty[5..], part, &mut out),
                 _ if !seen.emitted => {
@@ -420,6 +457,35 @@ mod tests {
         }
 
         #[test]
+        fn a_restored_diff_goes_on_as_the_original(
+            messages in prop::collection::vec(arb_json(), 1..8),
+            cut in 0usize..8,
+        ) {
+            // A takeover: the state after `cut` snapshots, through JSON, goes on as if nothing
+            // happened.
+            let snapshots: Vec<Value> = messages
+                .into_iter()
+                .map(|m| match m {
+                    Value::Array(_) => msg(m),
+                    other => msg(json!([other])),
+                })
+                .collect();
+            let (mut a, mut b) = (differ(), differ());
+            for (i, m) in snapshots.iter().enumerate() {
+                if i == cut {
+                    let saved = serde_json::to_string(b.state()).unwrap();
+                    let state: DiffState = serde_json::from_str(&saved).unwrap();
+                    prop_assert_eq!(&state, b.state());
+                    b = SnapshotDiff::restore(Events::new("run_1"), state);
+                }
+                let (x, y) = (a.diff(m), b.diff(m));
+                let x: Vec<&[u8]> = x.iter().map(|e| &e.data[..]).collect();
+                let y: Vec<&[u8]> = y.iter().map(|e| &e.data[..]).collect();
+                prop_assert_eq!(x, y);
+            }
+        }
+
+        #[test]
         fn parts_that_shrink_or_change_type_never_panic(
             sizes in prop::collection::vec((0usize..6, 0usize..3), 1..10),
         ) {
@@ -432,6 +498,31 @@ mod tests {
                 d.diff(&msg(Value::Array(parts)));
             }
         }
+    }
+
+    #[test]
+    fn a_restored_diff_continues_text_tools_and_data() {
+        let snaps = [
+            msg(json!([{"type": "text", "text": "He"}])),
+            msg(json!([{"type": "text", "text": "Hello"},
+                       {"type": "tool-search", "toolCallId": "c1", "state": "input-available",
+                        "input": {"q": 1}},
+                       {"type": "data-p", "id": "d1", "data": 1}])),
+            msg(json!([{"type": "text", "text": "Hello there"},
+                       {"type": "tool-search", "toolCallId": "c1", "state": "output-available",
+                        "input": {"q": 1}, "output": 2},
+                       {"type": "data-p", "id": "d1", "data": 2}])),
+        ];
+        let mut d = differ();
+        d.diff(&snaps[0]);
+        d.diff(&snaps[1]);
+        let saved = serde_json::to_value(d.state()).unwrap();
+        let mut r =
+            SnapshotDiff::restore(Events::new("run_1"), serde_json::from_value(saved).unwrap());
+        let evs = r.diff(&snaps[2]);
+        assert_eq!(types(&evs), ["delta", "end", "data"]);
+        assert_eq!(json_of(&evs[0])["content"], " there");
+        assert!(r.diff(&snaps[2]).is_empty());
     }
 
     #[test]

@@ -26,13 +26,21 @@
 //! `streamStatus` (the previous turn's) and a `404` (a thread not created yet) are not taken as
 //! this run's end. All runs of one adapter share `max_connections` connection permits, held
 //! only during a request, never while waiting.
+//!
+//! Takeover: every append carries a checkpoint as its mark (`{upstream, thread, before, seen,
+//! diff}`: the backend and thread polled, the count above, whether the run's message has shown,
+//! and the [`SnapshotDiff`]'s state). Another instance continues the run from it with neither a
+//! history read nor an invoke, polling on as this instance would have, so it logs the same
+//! events; with no checkpoint (the instance went away before the run's first append) it polls
+//! the thread's backend conversation if that is known, and otherwise cannot continue the run.
+//! The run's time limit (`poll_timeout`) still counts from its creation.
 
 mod backoff;
 mod diff;
 mod snapshot;
 
 pub use backoff::{parse_retry_after, Backoff};
-pub use diff::SnapshotDiff;
+pub use diff::{DiffState, SnapshotDiff};
 pub use snapshot::{
     backend_state, closing, our_message, our_user_message, parse_snapshot, user_messages,
     BackendState,
@@ -44,6 +52,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
 use pingora::protocols::http::client::HttpSession;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -58,6 +67,7 @@ use super::{Adapter, Admission, Ending, Failure, RunJob, RunSink};
 use crate::client;
 use crate::config::UpstreamUrl;
 use crate::metrics;
+use crate::store::BackendThread;
 
 /// Settings for [`PollAdapter`].
 #[derive(Clone, Debug)]
@@ -300,20 +310,37 @@ impl PollAdapter {
         }
     }
 
-    async fn drive(&self, job: &RunJob, sink: &RunSink) -> Ending {
-        let s = &self.settings;
+    /// The run's deadline: `timeout` after it was created (a run taken over keeps its own),
+    /// from `now` for a run started here.
+    fn deadline(&self, job: &RunJob, started_here: bool) -> Instant {
         let now = Instant::now();
-        let deadline = now
-            .checked_add(s.timeout)
-            .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
-        let events = Events::new(job.run.run_id.0.clone());
-        let up = self.target.pick_for(job.backend_thread.as_ref());
-        // Polls name the run but never carry the caller's token (only the invoke does).
+        let left = if started_here {
+            self.settings.timeout
+        } else {
+            let elapsed = SystemTime::now()
+                .duration_since(job.run.created_at)
+                .unwrap_or_default();
+            self.settings.timeout.saturating_sub(elapsed)
+        };
+        now.checked_add(left)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400))
+    }
+
+    /// The requests' headers: the run's identity, never the caller's token (only the invoke
+    /// carries it).
+    fn poll_headers(job: &RunJob) -> Vec<(&'static str, String)> {
         let mut headers = sluice_headers(job);
         headers.push(("accept", "application/json".to_string()));
+        headers
+    }
+
+    async fn drive(&self, job: &RunJob, sink: &RunSink) -> Ending {
+        let deadline = self.deadline(job, true);
+        let up = self.target.pick_for(job.backend_thread.as_ref());
+        let headers = Self::poll_headers(job);
         // How many user messages the backend's conversation held before this run; `None`
         // until known (see `history`).
-        let mut before = match self.history(up, job, &headers, deadline).await {
+        let before = match self.history(up, job, &headers, deadline).await {
             Ok(b) => b,
             Err(ending) => return ending,
         };
@@ -321,18 +348,89 @@ impl PollAdapter {
             Ok(t) => t,
             Err(ending) => return ending,
         };
-        if let Err(ending) = sink.append(vec![events.start()]).await {
-            return ending;
+        let polling = Polling {
+            up,
+            thread,
+            before,
+            seen: false,
+            diff: SnapshotDiff::new(Events::new(job.run.run_id.0.clone())),
+        };
+        self.poll_on(job, sink, polling, &headers, deadline, true)
+            .await
+    }
+
+    /// Continue a taken-over run: from its checkpoint (`mark`), polling on with neither a
+    /// history read nor an invoke; with none (the instance went away before its first append),
+    /// by polling the thread's backend conversation, if known.
+    async fn resume_polling(&self, job: &RunJob, mark: Option<&str>, sink: &RunSink) -> Ending {
+        let deadline = self.deadline(job, false);
+        let headers = Self::poll_headers(job);
+        let unresumable = |why: &str| Ending::Failed(Failure::Unresumable(why.into()));
+        let events = Events::new(job.run.run_id.0.clone());
+        let (polling, first) = match mark {
+            Some(mark) => {
+                let Ok(c) = serde_json::from_str::<Checkpoint>(mark) else {
+                    return unresumable("its poll checkpoint cannot be read");
+                };
+                let backend = BackendThread {
+                    upstream: c.upstream,
+                    id: c.thread.clone(),
+                };
+                let polling = Polling {
+                    up: self.target.pick_for(Some(&backend)),
+                    thread: c.thread,
+                    before: c.before,
+                    seen: c.seen,
+                    diff: SnapshotDiff::restore(events, c.diff),
+                };
+                (polling, false)
+            }
+            None if job.logged_any() => {
+                return unresumable("no poll checkpoint was recorded with its events")
+            }
+            None => {
+                let Some(backend) = job.backend_thread.as_ref() else {
+                    return unresumable(
+                        "the instance ingesting it stopped before the backend named its thread",
+                    );
+                };
+                let polling = Polling {
+                    up: self.target.pick_for(Some(backend)),
+                    thread: backend.id.clone(),
+                    before: None,
+                    seen: false,
+                    diff: SnapshotDiff::new(events),
+                };
+                (polling, true)
+            }
+        };
+        self.poll_on(job, sink, polling, &headers, deadline, first)
+            .await
+    }
+
+    /// Poll the run's backend thread until the run ends, appending what changed, each batch
+    /// with the checkpoint after it. `first`: the run's `start` event is to be logged first.
+    async fn poll_on(
+        &self,
+        job: &RunJob,
+        sink: &RunSink,
+        mut p: Polling<'_>,
+        headers: &[(&str, String)],
+        deadline: Instant,
+        first: bool,
+    ) -> Ending {
+        let s = &self.settings;
+        if first {
+            let start = vec![p.diff_events().start()];
+            if let Err(ending) = sink.append_marked(start, Some(p.checkpoint())).await {
+                return ending;
+            }
         }
-        let path = self.conversation(&thread);
+        let path = self.conversation(&p.thread);
         let ours = &job.run.user_message;
-        let mut diff = SnapshotDiff::new(events.clone());
         let mut backoff = Backoff::of(s);
         let mut last: Option<Value> = None;
         let mut failures = 0u32;
-        // Whether a snapshot has shown the run's user message yet; until then a 404 or a
-        // terminal status may be the backend catching up (or the previous turn's status).
-        let mut seen = false;
         let mut unseen_terminal = 0u32;
         let mut wait = backoff.current();
         loop {
@@ -341,7 +439,7 @@ impl PollAdapter {
             if Instant::now() >= deadline {
                 return self.run_timeout();
             }
-            let Some(answer) = self.poll(up, &path, &headers, deadline).await else {
+            let Some(answer) = self.poll(p.up, &path, headers, deadline).await else {
                 count("failed");
                 return self.run_timeout();
             };
@@ -350,16 +448,16 @@ impl PollAdapter {
                     failures = 0;
                     let mut state = backend_state(&snapshot);
                     let messages = snapshot.get_mut("messages").and_then(Value::as_array_mut);
-                    if before.is_none() {
-                        before = messages.as_deref().map(|ms| user_messages(ms));
+                    if p.before.is_none() {
+                        p.before = messages.as_deref().map(|ms| user_messages(ms));
                     }
                     // Unknown yet: only a match by id counts.
-                    let before = before.unwrap_or(usize::MAX);
-                    seen = seen
+                    let before = p.before.unwrap_or(usize::MAX);
+                    p.seen = p.seen
                         || messages
                             .as_deref()
                             .is_some_and(|ms| our_user_message(ms, ours, before).is_some());
-                    if !seen && state != BackendState::Running {
+                    if !p.seen && state != BackendState::Running {
                         // Not this run's status: the backend does not show the run yet.
                         unseen_terminal += 1;
                         if unseen_terminal >= s.max_failures.max(1) {
@@ -372,12 +470,13 @@ impl PollAdapter {
                     }
                     let message =
                         messages.and_then(|ms| our_message(ms, ours, before).map(|i| ms[i].take()));
-                    let batch = message.as_ref().map(|m| diff.diff(m)).unwrap_or_default();
+                    let batch = message.as_ref().map(|m| p.diff.diff(m)).unwrap_or_default();
                     let changed = !batch.is_empty() || message != last;
                     last = message;
                     count(if changed { "changed" } else { "unchanged" });
-                    let ending = closing(&events, &state);
-                    if let Err(ending) = sink.append(batch).await {
+                    let ending = closing(p.diff_events(), &state);
+                    let mark = (!batch.is_empty()).then(|| p.checkpoint());
+                    if let Err(ending) = sink.append_marked(batch, mark).await {
                         return ending;
                     }
                     if let Some(ending) = ending {
@@ -393,7 +492,7 @@ impl PollAdapter {
                     count("throttled");
                     wait = backoff.after_throttle(retry_after.as_deref(), SystemTime::now());
                 }
-                Answer::Lost(text) if !seen => {
+                Answer::Lost(text) if !p.seen => {
                     // The backend may not have created the thread yet: an ordinary failure.
                     count("failed");
                     failures += 1;
@@ -405,7 +504,10 @@ impl PollAdapter {
                 Answer::Lost(text) => {
                     count("failed");
                     let text = if text.is_empty() {
-                        format!("{} answered 404 for thread {thread}", s.conversation_path)
+                        format!(
+                            "{} answered 404 for thread {}",
+                            s.conversation_path, p.thread
+                        )
                     } else {
                         text
                     };
@@ -427,6 +529,60 @@ impl PollAdapter {
             }
         }
     }
+}
+
+/// Where a polled run stands: the backend thread polled and what was made of it so far.
+struct Polling<'a> {
+    up: &'a UpstreamUrl,
+    thread: String,
+    /// User messages the backend's conversation held before this run (`None`: not known yet).
+    before: Option<usize>,
+    /// Whether a snapshot has shown the run's user message yet; until then a 404 or a terminal
+    /// status may be the backend catching up (or the previous turn's status).
+    seen: bool,
+    diff: SnapshotDiff,
+}
+
+impl Polling<'_> {
+    fn diff_events(&self) -> &Events {
+        self.diff.events()
+    }
+
+    /// The checkpoint after what was logged so far, as JSON ([`Checkpoint`]).
+    fn checkpoint(&self) -> String {
+        let c = CheckpointRef {
+            upstream: self.up.to_string(),
+            thread: &self.thread,
+            before: self.before,
+            seen: self.seen,
+            diff: self.diff.state(),
+        };
+        serde_json::to_string(&c).unwrap_or_default()
+    }
+}
+
+/// A polled run's mark: the backend (as configured) and thread polled, the user messages the
+/// conversation held before the run, whether the run's message has shown, and the diff's state
+/// ([`DiffState`]). Another instance polls on from it.
+#[derive(Deserialize)]
+struct Checkpoint {
+    upstream: String,
+    thread: String,
+    #[serde(default)]
+    before: Option<usize>,
+    #[serde(default)]
+    seen: bool,
+    diff: DiffState,
+}
+
+/// [`Checkpoint`] as written, borrowing the run's state.
+#[derive(Serialize)]
+struct CheckpointRef<'a> {
+    upstream: String,
+    thread: &'a str,
+    before: Option<usize>,
+    seen: bool,
+    diff: &'a DiffState,
 }
 
 fn count(outcome: &str) {
@@ -485,6 +641,10 @@ async fn read_reply(http: &mut HttpSession, limit: usize) -> Result<Reply, Failu
 impl Adapter for PollAdapter {
     async fn run(&self, job: &RunJob, sink: &RunSink) -> Ending {
         self.drive(job, sink).await
+    }
+
+    async fn resume(&self, job: &RunJob, mark: Option<&str>, sink: &RunSink) -> Ending {
+        self.resume_polling(job, mark, sink).await
     }
 }
 
@@ -1123,5 +1283,177 @@ mod tests {
                 poll.contains("x-sluice-user-id: user") && poll.contains("x-sluice-run-id: run_")
             );
         }
+    }
+
+    /// A snapshot of the run's conversation whose answer reads `text`, with a `search` tool
+    /// call in `tool` state if given.
+    fn answer(status: &str, text: &str, tool: Option<&str>) -> String {
+        let mut parts = vec![json!({"type": "text", "text": text})];
+        if let Some(state) = tool {
+            let mut t = json!({"type": "tool-search", "toolCallId": "c1", "state": state,
+                               "input": {"q": 1}});
+            if state == "output-available" {
+                t["output"] = json!(2);
+            }
+            parts.push(t);
+        }
+        conversation(
+            status,
+            json!([said("u0", "user", "before"), said("a0", "assistant", "old"),
+                   said("u1", "user", "hi"),
+                   {"id": "a1", "role": "assistant", "parts": parts}]),
+        )
+    }
+
+    fn growing() -> Vec<String> {
+        vec![
+            accepted(),
+            answer("in_progress", "Hel", None),
+            answer("in_progress", "Hel", None),
+            answer("in_progress", "Hello", Some("input-available")),
+            answer("in_progress", "Hello wor", Some("output-available")),
+            answer("completed", "Hello world", Some("output-available")),
+        ]
+    }
+
+    /// A run over `script`, cut (the instance gone) after `cut` appended batches and taken over
+    /// from its last mark by another adapter over the same backend; or run whole.
+    async fn taken_over(script: Vec<String>, cut: Option<usize>) -> (Ending, Vec<Value>, Backend) {
+        use crate::ingest::testing::Recorder;
+        let up = scripted(script).await;
+        let store = Recorder::new();
+        let run = store.new_run("hi", "u1").await;
+        let job = RunJob {
+            run: run.clone(),
+            agent_path: "7".into(),
+            body: json!({}),
+            bearer: None,
+            backend_thread: None,
+        };
+        let sink = || RunSink::new(store.clone(), run.run_id.clone(), None);
+        let ending = match cut {
+            None => adapter(&up, settings()).run(&job, &sink()).await,
+            Some(k) => {
+                let (first, dying) = (sink(), adapter(&up, settings()));
+                tokio::select! {
+                    biased;
+                    _ = store.appended(k) => {}
+                    e = dying.run(&job, &first) => panic!("ended: {e:?}"),
+                }
+                let adopted = store.adopted(&run.run_id).await;
+                let mut job = RunJob::from_record(adopted.run, &job.record()).unwrap();
+                job.backend_thread = store.backend_thread(&job.run.thread_id).await;
+                adapter(&up, settings())
+                    .resume(&job, adopted.mark.as_deref(), &sink())
+                    .await
+            }
+        };
+        if let Some(closing) = ending.closing_event() {
+            store
+                .finish(
+                    &run.run_id,
+                    RunStatus::Completed,
+                    None,
+                    Some(closing.clone()),
+                )
+                .await
+                .unwrap();
+        }
+        let events = store
+            .events(&run.run_id)
+            .await
+            .iter()
+            .map(|e| {
+                let e = e.to_string().replace(&run.run_id.0, "RUN");
+                serde_json::from_str(&e).unwrap()
+            })
+            .collect();
+        (ending, events, up)
+    }
+
+    #[tokio::test]
+    async fn a_taken_over_run_polls_on_from_its_checkpoint() {
+        let (whole, expected, _) = taken_over(growing(), None).await;
+        assert!(matches!(whole, Ending::Completed(_)), "{whole:?}");
+        let types: Vec<_> = expected.iter().map(|e| e["type"].clone()).collect();
+        assert_eq!(
+            types,
+            ["start", "delta", "delta", "start", "delta", "end", "delta", "end"]
+        );
+        // Cut after each append (the start, "Hel", "lo" and the tool's start, …): the
+        // instance that takes over logs exactly what the first would have.
+        for cut in 1..=4 {
+            let (ending, events, up) = taken_over(growing(), Some(cut)).await;
+            assert!(matches!(ending, Ending::Completed(_)), "{ending:?}");
+            assert_eq!(events, expected, "cut after {cut} batches");
+            // Neither the history read nor the invoke again: polls only.
+            let reqs = up.requests.lock().unwrap().clone();
+            assert_eq!(reqs.len(), 6, "{reqs:?}");
+            assert!(reqs[0].starts_with("POST "));
+            assert!(reqs[1..]
+                .iter()
+                .all(|r| r.starts_with("GET /api/getConversation?threadId=bt%201 ")));
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_checkpoint_a_run_is_polled_only_if_its_thread_is_known() {
+        use crate::ingest::testing::Recorder;
+        let store = Recorder::new();
+        let up = scripted(vec![
+            answer("in_progress", "He", None),
+            answer("completed", "Hey", None),
+        ])
+        .await;
+        let a = adapter(&up, settings());
+        let run = store.new_run("hi", "u1").await;
+        let mut job = RunJob {
+            run: run.clone(),
+            agent_path: "7".into(),
+            body: json!({}),
+            bearer: None,
+            backend_thread: None,
+        };
+        let sink = RunSink::new(store.clone(), run.run_id.clone(), None);
+        let unresumable = |ending: Ending| match ending {
+            Ending::Failed(Failure::Unresumable(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        // The backend never named the run's thread: nothing to poll.
+        let why = unresumable(a.resume(&job, None, &sink).await);
+        assert!(why.contains("before the backend named its thread"), "{why}");
+        // A checkpoint that cannot be read, or events logged without one.
+        let why = unresumable(a.resume(&job, Some("{"), &sink).await);
+        assert!(why.contains("checkpoint cannot be read"), "{why}");
+        let mut logged = job.clone();
+        logged.run.last_seq = logged.run.first_seq;
+        let why = unresumable(a.resume(&logged, None, &sink).await);
+        assert!(why.contains("no poll checkpoint"), "{why}");
+        assert!(up.requests.lock().unwrap().is_empty());
+        // The thread is known: polled from the start (the run's start event first).
+        job.backend_thread = Some(BackendThread {
+            upstream: up.url.to_string(),
+            id: "bt 1".into(),
+        });
+        let ending = a.resume(&job, None, &sink).await;
+        assert!(matches!(ending, Ending::Completed(_)), "{ending:?}");
+        let types: Vec<_> = store
+            .events(&run.run_id)
+            .await
+            .iter()
+            .map(|e| e["type"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(types, ["start", "delta", "delta"]);
+        let reqs = up.requests.lock().unwrap().clone();
+        assert!(reqs
+            .iter()
+            .all(|r| r.starts_with("GET /api/getConversation?threadId=bt%201 ")));
+        // Checkpoints are recorded with the appends.
+        let mark: Value = serde_json::from_str(&store.mark(&run.run_id).unwrap()).unwrap();
+        assert_eq!(
+            (&mark["upstream"], &mark["thread"], &mark["seen"]),
+            (&json!(up.url.to_string()), &json!("bt 1"), &json!(true))
+        );
+        assert_eq!(mark["diff"]["parts"][0]["text"], "Hey");
     }
 }

@@ -1,0 +1,204 @@
+//! The shared store's own promises, beyond the `Store` contract (tests/store_contract.rs): two
+//! instances on one Redis under one prefix, as two gateway processes would be. A run's lease
+//! is handed over (drain, expiry) and taken over by the other instance with what its ingestion
+//! needs to continue (the job and the adapter's mark); the old holder's writes are refused from
+//! then on, and the log stays gapless. A stop through the instance that does not ingest the run
+//! reaches the one that does.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use sluice::event::NewEvent;
+use sluice::store::budget::{Budget, Quotas};
+use sluice::store::redis::{RedisSettings, RedisStore};
+use sluice::store::{Control, NewRun, RunStatus, Store, StoreError};
+
+fn settings(url: &str, prefix: &str) -> RedisSettings {
+    RedisSettings {
+        url: url.to_owned(),
+        prefix: prefix.to_owned(),
+        connect_timeout: Duration::from_secs(2),
+        response_timeout: Duration::from_secs(5),
+        lease_ttl: Duration::from_millis(1500),
+        lease_renew: Duration::from_millis(300),
+        takeover_scan: Duration::from_millis(100),
+        tail_events: 64,
+        max_events_per_run: 10_000,
+        max_bytes_per_run: 1 << 20,
+        retention: Duration::from_secs(3600),
+        thread_retention: Duration::from_secs(3600),
+        retry_after: Duration::from_secs(5),
+        quotas: Quotas::unlimited(),
+    }
+}
+
+async fn instance(url: &str, prefix: &str) -> Arc<RedisStore> {
+    let s = settings(url, prefix);
+    tokio::task::spawn_blocking(move || RedisStore::connect(s, Arc::new(Budget::new(1 << 30))))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+fn new_run() -> NewRun {
+    NewRun {
+        thread_id: None,
+        org_id: "org".into(),
+        user_id: "u".into(),
+        agent_id: json!("a"),
+        user_message: json!({"id": "m1", "role": "user", "parts": []}),
+        idempotency_key: Some("m1".into()),
+        conversation: None,
+    }
+}
+
+fn ev(s: &str) -> Vec<NewEvent> {
+    vec![NewEvent::new(format!("{{\"t\":\"{s}\"}}"))]
+}
+
+async fn next_control(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Control>) -> Control {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("a control message within 20 s")
+        .expect("control channel open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_run_is_taken_over_with_its_job_and_mark_and_the_old_holder_is_refused() {
+    let redis = common::cluster::RedisServer::start();
+    let (a, b) = (
+        instance(&redis.url(), "t1").await,
+        instance(&redis.url(), "t1").await,
+    );
+    let mut a_ctl = a.control().unwrap();
+    let mut b_ctl = b.control().unwrap();
+    let run = a.create_run(new_run()).await.unwrap().run;
+    a.save_job(
+        &run.run_id,
+        json!({"agent_path": "a", "body": {"message": "hi"}}),
+    )
+    .await
+    .unwrap();
+    a.append_marked(&run.run_id, ev("1"), Some("up-7".into()))
+        .await
+        .unwrap();
+    a.append(&run.run_id, ev("2")).await.unwrap();
+    // The other instance's retry of the same message attaches to the same run.
+    let again = b.create_run(new_run()).await.unwrap();
+    assert!(again.existing);
+    assert_eq!(again.run.run_id, run.run_id);
+
+    a.release().await;
+    assert!(matches!(next_control(&mut a_ctl).await, Control::Cancel(r) if r == run.run_id));
+    let Control::Adopt(adopted) = next_control(&mut b_ctl).await else {
+        panic!("b should adopt the run");
+    };
+    assert_eq!(adopted.run.run_id, run.run_id);
+    assert_eq!(adopted.run.last_seq, 2);
+    // The mark is the last one written: marks are kept until replaced.
+    assert_eq!(adopted.mark.as_deref(), Some("up-7"));
+    assert_eq!(adopted.job.unwrap()["body"]["message"], "hi");
+
+    assert_eq!(b.append(&run.run_id, ev("3")).await, Ok(3));
+    assert!(matches!(
+        a.append(&run.run_id, ev("x")).await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(matches!(
+        a.finish(&run.run_id, RunStatus::Error, Some("zombie".into()), None)
+            .await,
+        Err(StoreError::Fenced)
+    ));
+    assert_eq!(
+        b.finish(
+            &run.run_id,
+            RunStatus::Completed,
+            None,
+            Some(ev("end").remove(0))
+        )
+        .await,
+        Ok(true)
+    );
+    let log = a.read_after(&run.run_id, 0, 100, 1 << 20).await.unwrap();
+    let seqs: Vec<u64> = log.events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!(log.status, RunStatus::Completed);
+    assert_eq!(&log.events[2].data[..], b"{\"t\":\"3\"}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_is_not_renewed_expires_and_is_taken_over() {
+    let redis = common::cluster::RedisServer::start();
+    let a = instance(&redis.url(), "t2").await;
+    let run = a.create_run(new_run()).await.unwrap().run;
+    a.append(&run.run_id, ev("1")).await.unwrap();
+    // The instance goes away without a word: its renewals stop with it.
+    drop(a);
+    let b = instance(&redis.url(), "t2").await;
+    let mut b_ctl = b.control().unwrap();
+    let Control::Adopt(adopted) = next_control(&mut b_ctl).await else {
+        panic!("b should adopt the run");
+    };
+    assert_eq!(adopted.run.run_id, run.run_id);
+    assert!(adopted.job.is_none(), "no job was recorded");
+    assert_eq!(b.append(&run.run_id, ev("2")).await, Ok(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_through_another_instance_reaches_the_ingesting_one() {
+    let redis = common::cluster::RedisServer::start();
+    let (a, b) = (
+        instance(&redis.url(), "t3").await,
+        instance(&redis.url(), "t3").await,
+    );
+    let mut a_ctl = a.control().unwrap();
+    let run = a.create_run(new_run()).await.unwrap().run;
+    a.append(&run.run_id, ev("1")).await.unwrap();
+    let closing = NewEvent::new("{\"t\":\"stopped\"}");
+    assert_eq!(
+        b.finish(&run.run_id, RunStatus::Stopped, None, Some(closing))
+            .await,
+        Ok(true)
+    );
+    assert!(matches!(next_control(&mut a_ctl).await, Control::Cancel(r) if r == run.run_id));
+    // The ingesting instance's next write finds the run ended, and changes nothing.
+    assert_eq!(
+        a.append(&run.run_id, ev("late")).await,
+        Err(StoreError::Finished)
+    );
+    let info = a.run(&run.run_id).await.unwrap();
+    assert_eq!((info.status, info.last_seq), (RunStatus::Stopped, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_is_unavailable_and_service_comes_back() {
+    let mut redis = common::cluster::RedisServer::start();
+    let a = instance(&redis.url(), "t4").await;
+    let run = a.create_run(new_run()).await.unwrap().run;
+    assert!(a.ready().await);
+    redis.stop();
+    let started = std::time::Instant::now();
+    let refused = a.run(&run.run_id).await;
+    assert!(
+        matches!(refused, Err(StoreError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "fails fast");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(!a.ready().await);
+    redis.start_again();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !a.ready().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ready again within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A new Redis without persistence lost the run: a clear answer, not a hang.
+    assert_eq!(a.run(&run.run_id).await, Err(StoreError::RunNotFound));
+    assert!(a.create_run(new_run()).await.is_ok());
+}
