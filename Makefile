@@ -1,15 +1,38 @@
 # Two set-up commands: `make demo` and `make test`. Both install missing build prerequisites
-# where they can (Pingora needs cmake and a C compiler) or stop with the command to run.
+# where they can (Pingora needs cmake and a C compiler; the Redis store's tests need
+# redis-server) or stop with the command to run.
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test prereqs js-deps bench bench-load lint fuzz
+.PHONY: demo demo-cluster test prereqs redis-prereq js-deps bench bench-load lint fuzz
 
 demo: prereqs
 	$(CARGO) run --release -- demo
 
-test: prereqs js-deps
+# Three gateway instances sharing one Redis, and the mock agent: `sluice demo --instances 3`
+# over a redis-server started here (the first free port from 6390, a temporary directory, no
+# persistence) and stopped when the demo ends.
+demo-cluster: prereqs redis-prereq
+	$(CARGO) build --release --bin sluice
+	@dir=$$(mktemp -d); pid=""; port=""; \
+	trap 'if [ -n "$$pid" ]; then kill $$pid 2>/dev/null; wait $$pid 2>/dev/null; fi; rm -rf "$$dir"' EXIT; \
+	trap 'exit 130' INT TERM; \
+	for p in $$(seq 6390 6409); do \
+	  redis-server --port $$p --bind 127.0.0.1 --save '' --appendonly no --dir "$$dir" \
+	    --logfile "$$dir/redis.log" --daemonize no & pid=$$!; \
+	  i=0; while [ $$i -lt 50 ] && kill -0 $$pid 2>/dev/null; do \
+	    sleep 0.1; i=$$((i + 1)); \
+	    if redis-cli -p $$p info server 2>/dev/null | tr -d '\r' | grep -qx "process_id:$$pid"; then port=$$p; break; fi; \
+	  done; \
+	  [ -n "$$port" ] && break; \
+	  kill $$pid 2>/dev/null; wait $$pid 2>/dev/null; pid=""; \
+	done; \
+	if [ -z "$$port" ]; then echo "could not start redis-server on any port from 6390 to 6409"; cat "$$dir/redis.log" 2>/dev/null; exit 1; fi; \
+	echo "redis-server (pid $$pid) listening on 127.0.0.1:$$port, data in $$dir (removed on exit)"; \
+	$(CARGO) run --release -- demo --instances 3 --redis redis://127.0.0.1:$$port
+
+test: prereqs redis-prereq js-deps
 	$(CARGO) test --all-targets
 
 bench: prereqs
@@ -48,6 +71,24 @@ prereqs:
 	  else \
 	    echo "Pingora needs:$$missing. Install them, e.g.: sudo apt-get install -y$$missing"; exit 1; \
 	  fi; \
+	fi
+
+# The Redis store's tests start their own redis-server on a free port (never skipped), and so does
+# demo-cluster: install it when missing (the Debian package brings redis-cli too).
+redis-prereq:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then \
+	    echo "installing redis-server (the Redis store's tests start their own)"; \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; \
+	  elif command -v brew >/dev/null 2>&1; then \
+	    brew install redis; \
+	  else \
+	    echo "The Redis store's tests need redis-server (Redis 7.0+ or Valkey 7.2+). Install it, e.g.: sudo apt-get install -y redis-server"; exit 1; \
+	  fi; \
+	}
+	@v=$$(redis-server --version | sed -n 's/.* v=\([0-9]*\)\..*/\1/p'); \
+	if [ -n "$$v" ] && [ "$$v" -lt 7 ]; then \
+	  echo "redis-server $$v is too old: the Redis store needs Redis 7.0+ (or Valkey 7.2+ as redis-server)"; exit 1; \
 	fi
 
 # Node packages for the third-party client tests (the AI SDK). Without Node.js those tests

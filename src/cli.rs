@@ -58,6 +58,15 @@ pub enum Command {
         /// The dialect the demo's mock agent speaks (the gateway is configured to match).
         #[arg(long, value_enum, default_value = "agentflow")]
         dialect: Dialect,
+        /// Gateway instances to start, as child processes sharing one log in Redis (more than
+        /// one needs `--redis`). Instance i listens on the `--listen` and `--admin-listen`
+        /// ports plus i - 1.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        instances: u16,
+        /// Redis (or Valkey) URL for the shared store (`[store] backend = "redis"`), such as
+        /// redis://127.0.0.1:6379. Without it the demo uses the embedded memory store.
+        #[arg(long, value_name = "URL")]
+        redis: Option<String>,
     },
 }
 
@@ -106,6 +115,8 @@ pub fn run(cli: Cli) -> ExitCode {
             listen,
             admin_listen,
             dialect,
+            instances,
+            redis,
         } => {
             let mut config = mock_config();
             config.server.listen = listen;
@@ -115,6 +126,25 @@ pub fn run(cli: Cli) -> ExitCode {
                 Dialect::UiMessage => UpstreamDialect::UiMessage,
                 Dialect::Poll => UpstreamDialect::Poll,
             };
+            match &redis {
+                Some(url) => crate::demo::use_redis(&mut config, url),
+                None if instances > 1 => {
+                    eprintln!(
+                        "sluice: demo --instances {instances} needs --redis URL: the instances \
+                         share their log through Redis (Redis 7+ or Valkey 7.2+; \
+                         `make demo-cluster` starts one), e.g. \
+                         sluice demo --instances {instances} --redis redis://127.0.0.1:6379"
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                None => {}
+            }
+            if let (Some(_), Err(e)) = (&redis, config.validate()) {
+                return fail(&format!("demo: {e}"));
+            }
+            if instances > 1 {
+                return crate::demo::cluster(config, dialect, instances);
+            }
             serve(config, Some(dialect))
         }
     }
@@ -179,7 +209,7 @@ fn serve(mut config: Config, demo: Option<Dialect>) -> ExitCode {
     }
     let listening = match server::add_gateway(&mut srv, config) {
         Ok(l) => l,
-        Err(e) => return fail(&format!("cannot listen: {e}")),
+        Err(e) => return fail(&format!("cannot start: {e}")),
     };
     announce(&format!(
         "sluice listening on http://{} (admin http://{})",
