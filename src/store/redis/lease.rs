@@ -97,23 +97,7 @@ async fn scan(s: &Arc<RedisStore>) {
         return;
     }
     let now = super::now_ms();
-    let due: Vec<String> = match redis::cmd("ZRANGEBYSCORE")
-        .arg(format!("{}:live", s.s.prefix))
-        .arg("-inf")
-        .arg(now)
-        .arg("LIMIT")
-        .arg(0)
-        .arg(TAKEOVERS_PER_SCAN)
-        .query_async(&mut s.conn())
-        .await
-    {
-        Ok(due) => due,
-        Err(e) => {
-            log::debug!("takeover scan failed: {e}");
-            crate::metrics::REDIS_ERRORS.inc();
-            return;
-        }
-    };
+    let due = due(s, "live", now, TAKEOVERS_PER_SCAN).await;
     for rid in due {
         let run = RunId(rid);
         if s.leases.contains_key(&run) {
@@ -195,20 +179,30 @@ pub(super) async fn release_all(s: &RedisStore) {
     }
 }
 
+/// Members of the index `P:<index>` scored at most `until` (ms), at most `max` of them (none
+/// when Redis cannot be reached: the next round tries again).
+async fn due(s: &RedisStore, index: &str, until: u64, max: usize) -> Vec<String> {
+    let found = redis::cmd("ZRANGEBYSCORE")
+        .arg(format!("{}:{index}", s.s.prefix))
+        .arg("-inf")
+        .arg(until)
+        .arg("LIMIT")
+        .arg(0)
+        .arg(max)
+        .query_async(&mut s.conn())
+        .await;
+    found.unwrap_or_else(|e| {
+        log::debug!("reading {index} failed: {e}");
+        crate::metrics::REDIS_ERRORS.inc();
+        Vec::new()
+    })
+}
+
 /// Evict finished runs past retention and forget thread records past thread retention.
 pub(super) async fn sweep(s: &RedisStore) -> usize {
     let now = super::now_ms();
     let cutoff = |keep: Duration| now.saturating_sub(keep.as_millis() as u64);
-    let done: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-        .arg(format!("{}:done", s.s.prefix))
-        .arg("-inf")
-        .arg(cutoff(s.s.retention))
-        .arg("LIMIT")
-        .arg(0)
-        .arg(1000)
-        .query_async(&mut s.conn())
-        .await
-        .unwrap_or_default();
+    let done = due(s, "done", cutoff(s.s.retention), 1000).await;
     let mut n = 0;
     for rid in done {
         if let Ok(r) = s.eval(&scripts::EVICT, &[rid.as_bytes()]).await {
@@ -220,16 +214,7 @@ pub(super) async fn sweep(s: &RedisStore) -> usize {
     crate::metrics::STORE_EVICTIONS
         .with_label_values(&["retention"])
         .inc_by(n as u64);
-    let emptied: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-        .arg(format!("{}:emptied", s.s.prefix))
-        .arg("-inf")
-        .arg(cutoff(s.s.thread_retention))
-        .arg("LIMIT")
-        .arg(0)
-        .arg(1000)
-        .query_async(&mut s.conn())
-        .await
-        .unwrap_or_default();
+    let emptied = due(s, "emptied", cutoff(s.s.thread_retention), 1000).await;
     for tid in emptied {
         let _ = s.eval(&scripts::FORGET_THREAD, &[tid.as_bytes()]).await;
     }
