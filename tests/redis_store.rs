@@ -202,3 +202,69 @@ async fn an_unreachable_redis_is_unavailable_and_service_comes_back() {
     assert_eq!(a.run(&run.run_id).await, Err(StoreError::RunNotFound));
     assert!(a.create_run(new_run()).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_refuses_new_runs_and_appends_as_store_full() {
+    let redis = common::cluster::RedisServer::start_with(&[
+        "--maxmemory",
+        "3mb",
+        "--maxmemory-policy",
+        "noeviction",
+    ]);
+    let a = instance(&redis.url(), "t5").await;
+    let big = "x".repeat(4 * 1024);
+    let mut refused = None;
+    let mut cut_short = None;
+    'fill: for i in 0..2000 {
+        let mut new = new_run();
+        new.idempotency_key = Some(format!("m{i}"));
+        let run = match a.create_run(new).await {
+            Ok(s) => s.run,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        };
+        for _ in 0..4 {
+            if let Err(e) = a.append(&run.run_id, ev(&big)).await {
+                refused = Some(e);
+                cut_short = Some(run.run_id.clone());
+                break 'fill;
+            }
+        }
+        a.finish(&run.run_id, RunStatus::Completed, None, None)
+            .await
+            .unwrap();
+    }
+    assert!(
+        matches!(refused, Some(StoreError::Full { .. })),
+        "a Redis at maxmemory refuses with Full, not {refused:?}"
+    );
+    // A run refused an append can still be ended (its closing event is small and never
+    // refused), so it does not stay in progress; reads still work.
+    let run = cut_short.expect("an append was refused");
+    // However little is left.
+    redis.cmd(&["CONFIG", "SET", "maxmemory", "1"]).unwrap();
+    let mut late = new_run();
+    late.idempotency_key = Some("late".into());
+    assert!(matches!(
+        a.create_run(late).await,
+        Err(StoreError::Full { .. })
+    ));
+    let closing = NewEvent::new("{\"type\":\"error\"}");
+    assert_eq!(
+        a.finish(
+            &run,
+            RunStatus::Error,
+            Some("store full".into()),
+            Some(closing)
+        )
+        .await,
+        Ok(true)
+    );
+    let info = a.run(&run).await.unwrap();
+    assert_eq!(info.status, RunStatus::Error);
+    let log = a.read_after(&run, 0, 1000, usize::MAX).await.unwrap();
+    assert_eq!(log.events.last().map(|e| e.seq), Some(info.last_seq));
+    assert!(a.ready().await);
+}

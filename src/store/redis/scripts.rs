@@ -83,8 +83,17 @@ local function evict(rid)
 end
 "#;
 
-fn script(body: &str) -> Script {
-    Script::new(&format!("{PRELUDE}\n{body}"))
+/// A script that grows what Redis holds: refused whole, before it runs, when Redis is at
+/// `maxmemory` (the shebang makes Redis check once, up front, instead of at each write, which
+/// could leave a script half done).
+fn growing(body: &str) -> Script {
+    Script::new(&format!("#!lua\n{PRELUDE}\n{body}"))
+}
+
+/// A script that must run even when Redis is at `maxmemory`: it frees memory (eviction) or
+/// writes a few bytes that must not be refused (a run's end, a lease).
+fn always(body: &str) -> Script {
+    Script::new(&format!("#!lua flags=allow-oom\n{PRELUDE}\n{body}"))
 }
 
 /// Create a run (and its thread), or return the retained run of the idempotency key.
@@ -98,7 +107,7 @@ fn script(body: &str) -> Script {
 /// organisation at its bytes quota has its own oldest finished runs evicted first (`evicted`
 /// says how many).
 pub static CREATE: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    growing(
         r#"
 local org, user, agent, umsg = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local idem_k, idem, conv_k, conv = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
@@ -185,7 +194,7 @@ return {'created', rid, tid, tostring(base + 1), tostring(now), tostring(until_m
 /// kept), `{seq, last_seq}` (the log is not where the caller expected), `{fenced}`,
 /// `{terminal, status}` or `{norun}`.
 pub static APPEND: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    growing(
         r#"
 local rid, owner, epoch, expected, mark = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local max_events, max_bytes = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -227,7 +236,7 @@ return {'ok', tostring(last), limit}
 ///
 /// Returns `{ok, last_seq, previous owner}`, `{already}` (it had ended), `{fenced}` or `{norun}`.
 pub static FINISH: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    always(
         r#"
 local rid, owner, epoch, status, err, has_err, final, has_final = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local r = rk(rid)
@@ -263,7 +272,7 @@ return {'ok', tostring(last), m[1] or ''}
 /// Push a held lease forward. ARGV: prefix, rid, owner, epoch, lease ms.
 /// Returns `{ok, lease_until}`, `{fenced}`, `{terminal}` or `{norun}`.
 pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    always(
         r#"
 local rid, owner, epoch, ttl = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local m = redis.call('HMGET', rk(rid), 'owner', 'epoch', 'status')
@@ -282,7 +291,7 @@ return {'ok', tostring(until_ms)}
 /// Returns `{acquired, epoch, lease_until, has_mark, mark, has_job, job}`, `{held}`,
 /// `{terminal}` or `{gone}`.
 pub static TAKEOVER: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    always(
         r#"
 local rid, owner, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local r = rk(rid)
@@ -302,7 +311,7 @@ return {'acquired', tostring(epoch), tostring(until_ms), m[4] and '1' or '0', m[
 
 /// Give a held lease up at once (drain). ARGV: prefix, rid, owner, epoch. Returns 1 or 0.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    always(
         r#"
 local rid, owner, epoch = ARGV[2], ARGV[3], ARGV[4]
 local m = redis.call('HMGET', rk(rid), 'owner', 'epoch', 'status')
@@ -316,7 +325,7 @@ return 1
 
 /// Record the job of a run held by `owner`. ARGV: prefix, rid, owner, epoch, job. Returns 1/0.
 pub static SAVE_JOB: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    growing(
         r#"
 local rid, owner, epoch, job = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local m = redis.call('HMGET', rk(rid), 'owner', 'epoch', 'status')
@@ -329,7 +338,7 @@ return 1
 
 /// Evict a finished run past retention. ARGV: prefix, rid. Returns 1 when evicted.
 pub static EVICT: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    always(
         r#"
 redis.call('ZREM', P .. ':done', ARGV[2])
 return evict(ARGV[2])
@@ -339,7 +348,7 @@ return evict(ARGV[2])
 
 /// Forget a thread record whose runs are all gone. ARGV: prefix, tid. Returns 1 when forgotten.
 pub static FORGET_THREAD: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    always(
         r#"
 local tid = ARGV[2]
 local th = tk(tid)
@@ -357,7 +366,7 @@ return 1
 /// A thread's position: ARGV prefix, tid. Returns `{org, latest rid or '', status, last_seq,
 /// evicted_through}` or `{}` for no thread.
 pub static POSITION: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    always(
         r#"
 local h = redis.call('HMGET', tk(ARGV[2]), 'org', 'latest', 'evicted_through')
 if not h[1] then return {} end
