@@ -75,17 +75,22 @@ prereqs:
 
 # The Redis store's tests start their own redis-server on a free port (never skipped), and so does
 # demo-cluster: install it when missing (the Debian package brings redis-cli too).
+# The Redis store's tests start their own redis-server (one of them speaks TLS to it, with a
+# certificate made by openssl).
 redis-prereq:
-	@command -v redis-server >/dev/null 2>&1 || { \
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then \
-	    echo "installing redis-server (the Redis store's tests start their own)"; \
-	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; \
+	    echo "installing$$missing (the Redis store's tests start their own redis-server)"; \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	  elif command -v brew >/dev/null 2>&1; then \
-	    brew install redis; \
+	    brew install $$(echo $$missing | sed 's/redis-server/redis/'); \
 	  else \
-	    echo "The Redis store's tests need redis-server (Redis 7.0+ or Valkey 7.2+). Install it, e.g.: sudo apt-get install -y redis-server"; exit 1; \
+	    echo "The Redis store's tests need$$missing (Redis 7.0+ or Valkey 7.2+). Install it, e.g.: sudo apt-get install -y$$missing"; exit 1; \
 	  fi; \
-	}
+	fi
 	@v=$$(redis-server --version | sed -n 's/.* v=\([0-9]*\)\..*/\1/p'); \
 	if [ -n "$$v" ] && [ "$$v" -lt 7 ]; then \
 	  echo "redis-server $$v is too old: the Redis store needs Redis 7.0+ (or Valkey 7.2+ as redis-server)"; exit 1; \

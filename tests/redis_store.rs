@@ -268,3 +268,127 @@ async fn a_full_redis_refuses_new_runs_and_appends_as_store_full() {
     assert_eq!(log.events.last().map(|e| e.seq), Some(info.last_seq));
     assert!(a.ready().await);
 }
+
+/// `rediss://`: the store speaks TLS to a Redis that only listens with TLS, trusting the CA the
+/// system's trust store (here `SSL_CERT_FILE`) names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_speaks_tls_to_a_rediss_url() {
+    let dir = common::TempDir::new();
+    let path = |f: &str| dir.0.join(f).to_str().unwrap().to_owned();
+    let openssl = |args: &[&str]| {
+        let ok = std::process::Command::new("openssl")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl is installed")
+            .success();
+        assert!(ok, "openssl {args:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        &path("ca.key"),
+        "-out",
+        &path("ca.pem"),
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &path("redis.key"),
+        "-out",
+        &path("redis.csr"),
+    ]);
+    std::fs::write(path("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &path("redis.csr"),
+        "-CA",
+        &path("ca.pem"),
+        "-CAkey",
+        &path("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &path("ext.cnf"),
+        "-out",
+        &path("redis.pem"),
+    ]);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            &path("redis.pem"),
+            "--tls-key-file",
+            &path("redis.key"),
+        ])
+        .args([
+            "--tls-ca-cert-file",
+            &path("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+        ])
+        .args(["--save", "", "--appendonly", "no", "--dir", &path("")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    std::env::set_var("SSL_CERT_FILE", path("ca.pem"));
+    let url = format!("rediss://127.0.0.1:{port}");
+    let mut store = None;
+    for _ in 0..50 {
+        let s = settings(&url, "tls");
+        let budget = Arc::new(Budget::new(1 << 30));
+        match tokio::task::spawn_blocking(move || RedisStore::connect(s, budget))
+            .await
+            .unwrap()
+        {
+            Ok(s) => {
+                store = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let a = store.expect("connected over TLS");
+    let run = a.create_run(new_run()).await.unwrap().run;
+    assert_eq!(a.append(&run.run_id, ev("1")).await, Ok(1));
+    assert!(a.ready().await);
+    // A plain-text client cannot talk to it: the URL's scheme is what made it work.
+    let plain = settings(&format!("redis://127.0.0.1:{port}"), "tls");
+    let refused = tokio::task::spawn_blocking(move || {
+        RedisStore::connect(plain, Arc::new(Budget::new(1 << 30)))
+    })
+    .await
+    .unwrap();
+    assert!(refused.is_err());
+    let _ = server.kill();
+    let _ = server.wait();
+}
