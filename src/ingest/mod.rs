@@ -344,6 +344,17 @@ impl RunSink {
                 );
                 Err(Ending::Closed)
             }
+            // The shared store retried for a whole lease term: by now the lease has lapsed and
+            // the run is another instance's to continue once Redis is back (ending it here
+            // could not be recorded either).
+            Err(StoreError::Unavailable(e)) => {
+                log::warn!(
+                    "run {}: the store stayed unavailable ({e}); ingestion stops here and \
+                     another instance takes the run over",
+                    self.run
+                );
+                Err(Ending::Closed)
+            }
             Err(e) => Err(Ending::Failed(Failure::Dropped(e.to_string()))),
         }
     }

@@ -700,6 +700,14 @@ impl Store for RedisStore {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_millis(500));
                 }
+                Err(StoreError::Unavailable(e)) => {
+                    // A whole lease term without Redis: the lease lapses (no more renewals
+                    // from here), and whoever scans first once Redis is back continues the run.
+                    drop(lease);
+                    self.leases.remove(run);
+                    let _ = self.control_tx.send(Control::Cancel(run.clone()));
+                    return Err(StoreError::Unavailable(e));
+                }
                 other => break other?,
             }
         };
