@@ -45,7 +45,7 @@ bench: prereqs
 bench-load: prereqs
 	$(CARGO) build --release --bin sluice --example load
 	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn); \
-	DURATION='$(DURATION)' REPS='$(REPS)' ONLY='$(ONLY)' SCENARIOS='$(SCENARIOS)' \
+	DURATION='$(DURATION)' RATE='$(RATE)' REPS='$(REPS)' ONLY='$(ONLY)' SCENARIOS='$(SCENARIOS)' \
 	  target/release/examples/load --sluice target/release/sluice
 
 # Fuzz every network parser for FUZZ_SECONDS each (default 60; `make test`: 2), see fuzz/README.md.

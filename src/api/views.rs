@@ -139,6 +139,9 @@ pub struct RunView {
     last_used: AtomicU64,
     ui: Mutex<UiFrames>,
     fold: Mutex<FoldView>,
+    /// Held while the fold catches up with the log: concurrent snapshots of a long run wait for
+    /// one reader of the log instead of each reading it.
+    catching_up: tokio::sync::Mutex<()>,
     /// The run's user message, serialised once.
     user_json: Bytes,
     /// The budget its bytes are charged to, and what it is charged now.
@@ -190,6 +193,7 @@ impl RunView {
                 folded: 0,
                 folded_bytes: 0,
             }),
+            catching_up: tokio::sync::Mutex::new(()),
             user_json: Bytes::from(serde_json::to_vec(&*run.user_message).unwrap_or_default()),
         }
     }
@@ -248,15 +252,23 @@ impl RunView {
 
     /// The folded assistant message, caught up with the log as it is now.
     pub async fn folded(&self, store: &dyn Store) -> Result<Folded, StoreError> {
+        let finished = || {
+            let f = lock(&self.fold);
+            match (&f.finished, f.synced) {
+                (Some(json), Some(at)) => Some(Folded {
+                    json: json.clone(),
+                    at,
+                }),
+                _ => None,
+            }
+        };
+        if let Some(done) = finished() {
+            return Ok(done);
+        }
+        let _catching_up = self.catching_up.lock().await;
         loop {
-            {
-                let f = lock(&self.fold);
-                if let (Some(json), Some(at)) = (&f.finished, f.synced) {
-                    return Ok(Folded {
-                        json: json.clone(),
-                        at,
-                    });
-                }
+            if let Some(done) = finished() {
+                return Ok(done);
             }
             let have = lock(&self.fold).last_seq;
             let batch = store

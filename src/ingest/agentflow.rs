@@ -171,8 +171,9 @@ impl Adapter for AgentFlowAdapter {
 
 /// Which events of a resumed stream the log already holds: those up to the mark (the SSE id of
 /// the last event logged), should the backend send them again. Ids are compared as numbers
-/// when both are; otherwise everything is dropped until the event whose id is the mark has
-/// passed. Events with no id before that point are dropped too (they cannot be placed).
+/// when both are. Opaque ids cannot be ordered: the mark's own event is dropped, and the first
+/// event with another id starts what is new (the backend honoured `Last-Event-ID`). Events with
+/// no id before that point are dropped (they cannot be placed).
 #[derive(Debug)]
 pub struct Replay {
     mark: String,
@@ -208,7 +209,10 @@ impl Replay {
         }
         let before = match (self.number, id.trim().parse::<u64>()) {
             (Some(mark), Ok(n)) => n < mark,
-            _ => !self.found,
+            // Opaque ids cannot be ordered: a backend that sends the mark again replays
+            // through it; one whose first event is another id honoured `Last-Event-ID` (as
+            // AgentFlow documents) and sends only what follows.
+            _ => false,
         };
         self.passed = !before;
         before
@@ -249,13 +253,17 @@ mod tests {
         // A backend that resumes after the mark: everything is new.
         let mut r = Replay::after("3");
         assert!(!r.logged(Some("4")) && !r.logged(None));
-        // Opaque ids: dropped until the mark has passed; id-less events before it too.
+        // Opaque ids: a backend that sends the mark again replays through it (id-less events
+        // before it cannot be placed and are dropped)...
         let mut r = Replay::after("b");
-        let kept: Vec<bool> = [Some("a"), None, Some("b"), Some("c"), Some("a")]
+        let kept: Vec<bool> = [None, Some("b"), Some("c"), None, Some("a")]
             .into_iter()
             .map(|id| !r.logged(id))
             .collect();
-        assert_eq!(kept, [false, false, false, true, true]);
+        assert_eq!(kept, [false, false, true, true, true]);
+        // ...and one that starts with another id sends only what follows the mark.
+        let mut r = Replay::after("b");
+        assert!(!r.logged(Some("x7")) && !r.logged(Some("b")));
     }
 
     /// What one request to the scripted backend got.

@@ -1,8 +1,10 @@
 //! `load`: the whole-gateway load harness (`make bench-load`, docs/bench-load.md).
 //!
 //! One process tree on 127.0.0.1: this harness starts the generator backend (itself, re-executed
-//! as `load generator`), nginx and Sluice in front of it, drives the same raw HTTP/1.1 client at
-//! the generator directly, at nginx and at Sluice, scenario by scenario, and prints a markdown
+//! as `load generator`), nginx and Sluice in front of it (Sluice on the memory store, and, when
+//! asked for, a second Sluice on the Redis store with a `redis-server` of its own), drives the
+//! same raw HTTP/1.1 client at the generator directly, at nginx and at each Sluice, scenario by
+//! scenario, and prints a markdown
 //! report (also written to `target/bench-load/report.md`). Every child is stopped by PID at the
 //! end, on error and on Ctrl-C.
 //!
@@ -41,10 +43,15 @@ struct Cli {
     /// DURATION; default 10).
     #[arg(long)]
     duration: Option<f64>,
+    /// Events per second per stream in scenarios 1–4, instead of each scenario's own (50, 50,
+    /// 20, 50) (env RATE).
+    #[arg(long)]
+    rate: Option<u64>,
     /// Repetitions; the report shows medians (env REPS; default 1).
     #[arg(long)]
     reps: Option<usize>,
-    /// Targets to run, e.g. `sluice` or `nginx,sluice` (env ONLY; default direct,nginx,sluice).
+    /// Targets to run, e.g. `sluice` or `nginx,sluice`; `sluice-redis` adds Sluice on the Redis
+    /// store (env ONLY; default direct,nginx,sluice).
     #[arg(long)]
     only: Option<String>,
     /// Scenarios to run, e.g. `1,5` or `1-4` (env SCENARIOS; default 1-8).
@@ -53,7 +60,7 @@ struct Cli {
     /// Where to write the report (results.json goes beside it).
     #[arg(long, default_value = "target/bench-load/report.md")]
     out: PathBuf,
-    /// Never install nginx (env NO_INSTALL=1).
+    /// Never install nginx or redis-server (env NO_INSTALL=1).
     #[arg(long)]
     no_install: bool,
 }
@@ -75,6 +82,7 @@ enum Cmd {
 struct Settings {
     sluice: PathBuf,
     duration: f64,
+    rate: Option<u64>,
     reps: usize,
     only: Vec<Kind>,
     scenarios: Vec<u8>,
@@ -124,6 +132,15 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
     if !(duration.is_finite() && (0.5..=3600.0).contains(&duration)) {
         return Err("DURATION must be between 0.5 and 3600 seconds".into());
     }
+    let rate = match cli.rate {
+        Some(r) => Some(r),
+        None => env("RATE")
+            .map(|r| r.parse::<u64>().map_err(|_| format!("RATE: `{r}`")))
+            .transpose()?,
+    };
+    if rate.is_some_and(|r| !(1..=10_000).contains(&r)) {
+        return Err("RATE must be between 1 and 10000 events per second".into());
+    }
     let reps = match cli.reps {
         Some(r) => r,
         None => env("REPS")
@@ -152,6 +169,7 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
     Ok(Settings {
         sluice,
         duration,
+        rate,
         reps,
         only: kinds,
         scenarios,
@@ -253,6 +271,7 @@ struct Procs {
     generator: targets::Generator,
     nginx_bin: Option<PathBuf>,
     sluice_bin: PathBuf,
+    redis: Option<targets::Redis>,
     identity: Option<targets::Identity>,
     dir: targets::TempDir,
     targets: Vec<Target>,
@@ -285,6 +304,15 @@ impl Procs {
                 self.generator.addr,
                 &sub,
                 self.identity.as_ref().ok_or("no identity")?,
+                None,
+            )?,
+            // The Redis server stays (and keeps the runs made so far).
+            Kind::SluiceRedis => targets::start_sluice(
+                &self.sluice_bin,
+                self.generator.addr,
+                &sub,
+                self.identity.as_ref().ok_or("no identity")?,
+                Some(self.redis.as_ref().ok_or("no redis-server")?),
             )?,
         };
         for t in &mut self.targets {
@@ -340,13 +368,25 @@ fn git_line() -> Option<String> {
     ))
 }
 
-fn stream_load(s: u8, duration: f64, max_conns: usize, notes: &mut Vec<String>) -> StreamLoad {
-    let (streams, rate) = match s {
+/// Scenarios 1–4: streams and events per second per stream (`rate` overrides the latter).
+fn streams_and_rate(s: u8, rate: Option<u64>) -> (usize, u64) {
+    let (streams, own) = match s {
         1 => (100, 50),
         2 => (1000, 50),
         3 => (5000, 20),
         _ => (1000, 50),
     };
+    (streams, rate.unwrap_or(own))
+}
+
+fn stream_load(
+    s: u8,
+    duration: f64,
+    rate: Option<u64>,
+    max_conns: usize,
+    notes: &mut Vec<String>,
+) -> StreamLoad {
+    let (streams, rate) = streams_and_rate(s, rate);
     let events = ((rate as f64 * duration).round() as u64).max(4);
     let reconnect_every = if s == 4 {
         100.min(events / 4).max(1)
@@ -367,30 +407,33 @@ fn stream_load(s: u8, duration: f64, max_conns: usize, notes: &mut Vec<String>) 
     }
 }
 
-fn describe_all(duration: f64) -> BTreeMap<u8, String> {
-    let ev = |rate: f64| ((rate * duration).round() as u64).max(4);
-    let every = 100.min(ev(50.0) / 4).max(1);
+fn describe_all(duration: f64, rate: Option<u64>) -> BTreeMap<u8, String> {
+    let ev = |rate: u64| ((rate as f64 * duration).round() as u64).max(4);
+    let r = |s: u8| streams_and_rate(s, rate).1;
+    let every = 100.min(ev(r(4)) / 4).max(1);
     let mut d = BTreeMap::new();
     d.insert(
         1,
         format!(
-            "100 streams × 50 ev/s, {} events each (started over 1 s)",
-            ev(50.0)
+            "100 streams × {} ev/s, {} events each (started over 1 s)",
+            r(1),
+            ev(r(1))
         ),
     );
     d.insert(
         2,
-        format!("1,000 streams × 50 ev/s, {} events each", ev(50.0)),
+        format!("1,000 streams × {} ev/s, {} events each", r(2), ev(r(2))),
     );
     d.insert(
         3,
-        format!("5,000 streams × 20 ev/s, {} events each", ev(20.0)),
+        format!("5,000 streams × {} ev/s, {} events each", r(3), ev(r(3))),
     );
     d.insert(
         4,
         format!(
-            "1,000 streams × 50 ev/s, {} events each, reconnecting with `Last-Event-ID` every {every} events",
-            ev(50.0)
+            "1,000 streams × {} ev/s, {} events each, reconnecting with `Last-Event-ID` every {every} events",
+            r(4),
+            ev(r(4))
         ),
     );
     d.insert(
@@ -468,13 +511,16 @@ async fn harness(s: Settings) -> Result<(), String> {
             kind: Kind::Direct,
             addr: generator.addr,
             pids: Vec::new(),
+            redis: None,
         });
     }
     let mut nginx_bin = None;
     let mut settings_lines = vec![
         format!(
-            "settings: DURATION={} s, REPS={}, targets {}, scenarios {}",
+            "settings: DURATION={} s,{} REPS={}, targets {}, scenarios {}",
             s.duration,
+            s.rate
+                .map_or(String::new(), |r| format!(" RATE={r} ev/s per stream (scenarios 1–4),")),
             s.reps,
             s.only.iter().map(|k| k.name()).collect::<Vec<_>>().join(","),
             s.scenarios
@@ -516,24 +562,60 @@ async fn harness(s: Settings) -> Result<(), String> {
         }
     }
     let mut identity = None;
-    if s.only.contains(&Kind::Sluice) {
+    let mut redis = None;
+    if s.only.iter().any(|k| k.is_sluice()) {
         if !s.sluice.is_file() {
             return Err(format!(
                 "{} not found: build it (cargo build --release --bin sluice) or pass --sluice",
                 s.sluice.display()
             ));
         }
-        let id = targets::identity(&dir.0)?;
+        identity = Some(targets::identity(&dir.0)?);
+    }
+    if let (true, Some(id)) = (s.only.contains(&Kind::Sluice), &identity) {
         let sub = dir.0.join("sluice-0");
         std::fs::create_dir_all(&sub).map_err(|e| e.to_string())?;
-        let t = targets::start_sluice(&s.sluice, generator.addr, &sub, &id)?;
+        let t = targets::start_sluice(&s.sluice, generator.addr, &sub, id, None)?;
         progress(&format!("sluice on {} (pid {:?})", t.addr, t.pids));
         settings_lines.push(format!(
-            "sluice: {} (`serve`, [server] threads = 2, JWT auth (ES256, JWKS file), memory store, RUST_LOG=warn)",
-            s.sluice.display()
+            "sluice: {} (`serve`, [server] threads = 2, JWT auth (ES256, JWKS file), memory store, RUST_LOG={})",
+            s.sluice.display(),
+            env("SLUICE_LOG").unwrap_or_else(|| "warn".into())
         ));
         tlist.push(t);
-        identity = Some(id);
+    }
+    if let (true, Some(id)) = (s.only.contains(&Kind::SluiceRedis), &identity) {
+        let started = targets::find_or_install_redis(s.install).and_then(|bin| {
+            let sub = dir.0.join("redis");
+            std::fs::create_dir_all(&sub).map_err(|e| e.to_string())?;
+            let r = targets::start_redis(&bin, &sub)?;
+            progress(&format!("redis-server on {} (pid {})", r.addr, r.pid));
+            let sub = dir.0.join("sluice-redis-0");
+            std::fs::create_dir_all(&sub).map_err(|e| e.to_string())?;
+            let t = targets::start_sluice(&s.sluice, generator.addr, &sub, id, Some(&r))?;
+            Ok((bin, r, t))
+        });
+        match started {
+            Ok((bin, r, t)) => {
+                progress(&format!("sluice-redis on {} (pid {:?})", t.addr, t.pids));
+                settings_lines.push(format!(
+                    "sluice-redis: the same Sluice and config (auth, quotas, max_connections, threads) but \
+                     `[store] backend = \"redis\"` (every other `[store.redis]` key at its default) \
+                     on {} ({}, pid {}, `--save '' --appendonly no`, started by the harness); \
+                     its CPU is Sluice's, Redis's is reported in the Redis columns",
+                    r.version,
+                    bin.display(),
+                    r.pid
+                ));
+                tlist.push(t);
+                redis = Some(r);
+            }
+            Err(e) => {
+                let msg = format!("sluice-redis skipped: {e}");
+                progress(&msg);
+                notes.push(msg);
+            }
+        }
     }
     settings_lines.extend(git_line());
     let token = match &identity {
@@ -544,12 +626,13 @@ async fn harness(s: Settings) -> Result<(), String> {
         generator,
         nginx_bin,
         sluice_bin: s.sluice.clone(),
+        redis,
         identity,
         dir,
         targets: tlist,
         restarts: 0,
     };
-    if let Some(t) = procs.target(Kind::Sluice) {
+    for t in procs.targets.iter().filter(|t| t.kind.is_sluice()) {
         check_auth(t, &token).await?;
     }
     let ctx = Ctx {
@@ -559,7 +642,10 @@ async fn harness(s: Settings) -> Result<(), String> {
         finished: Mutex::new(HashMap::new()),
         snapshot_bytes: Mutex::new(None),
     };
-    if let Some(t) = procs.target(Kind::Sluice) {
+    let first_sluice = procs
+        .target(Kind::Sluice)
+        .or(procs.target(Kind::SluiceRedis));
+    if let Some(t) = first_sluice {
         match scenarios::measure_snapshot_bytes(&ctx, t).await {
             Ok(n) => *ctx.snapshot_bytes.lock().unwrap_or_else(|p| p.into_inner()) = Some(n),
             Err(e) => notes.push(format!("could not measure Sluice's snapshot size: {e}")),
@@ -577,7 +663,7 @@ async fn harness(s: Settings) -> Result<(), String> {
             generator::DEFAULT_SNAPSHOT_BYTES
         ),
     };
-    if procs.targets.iter().any(|t| t.kind != Kind::Sluice) {
+    if procs.targets.iter().any(|t| !t.kind.is_sluice()) {
         notes.push(note);
     }
     let mut records: Vec<Record> = Vec::new();
@@ -597,35 +683,16 @@ async fn harness(s: Settings) -> Result<(), String> {
             }
         }
     }
-    // Sluice's own complaints during the run.
-    if procs.target(Kind::Sluice).is_some() {
-        let mut warnings = 0;
-        let mut sample = Vec::new();
-        for entry in std::fs::read_dir(&procs.dir.0)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let log = entry.path().join("sluice.log");
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            for line in text.lines() {
-                warnings += 1;
-                if sample.len() < 5 {
-                    sample.push(line.chars().take(200).collect::<String>());
-                }
-            }
-        }
-        if warnings > 0 {
-            notes.push(format!(
-                "sluice's log (warn level and above): {warnings} line(s); first: {}",
-                sample.join(" / ")
-            ));
+    // Each Sluice's own complaints during the run (its logs are in `<name>-<n>/sluice.log`).
+    for kind in [Kind::Sluice, Kind::SluiceRedis] {
+        if procs.target(kind).is_some() {
+            notes.extend(log_note(&procs.dir.0, kind));
         }
     }
     // Stop the processes before writing the report (the temp dir goes with them).
     targets::cleanup();
     let args: Vec<String> = std::env::args().collect();
-    let env_part: Vec<String> = ["DURATION", "REPS", "ONLY", "SCENARIOS"]
+    let env_part: Vec<String> = ["DURATION", "RATE", "REPS", "ONLY", "SCENARIOS"]
         .iter()
         .filter_map(|k| env(k).map(|v| format!("{k}={v}")))
         .collect();
@@ -641,7 +708,7 @@ async fn harness(s: Settings) -> Result<(), String> {
         date: humantime::format_rfc3339_seconds(started_at).to_string(),
         machine: machine_lines(),
         settings: settings_lines,
-        desc: describe_all(s.duration),
+        desc: describe_all(s.duration, s.rate),
         notes,
     };
     let (md, json) = report::render(&meta, &records, &s.scenarios);
@@ -661,6 +728,75 @@ async fn harness(s: Settings) -> Result<(), String> {
         json_path.display()
     ));
     Ok(())
+}
+
+/// What a Sluice of `kind` logged (its `sluice.log` files under `dir`): the line count, the
+/// distinct messages with their counts (timestamps set aside), the first lines.
+fn log_note(dir: &std::path::Path, kind: Kind) -> Option<String> {
+    let mut lines = 0u64;
+    let mut first = Vec::new();
+    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(n) = name
+            .strip_prefix(kind.name())
+            .and_then(|r| r.strip_prefix('-'))
+        else {
+            continue;
+        };
+        if n.parse::<u32>().is_err() {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path().join("sluice.log")).unwrap_or_default();
+        for line in text.lines() {
+            lines += 1;
+            if first.len() < 5 {
+                first.push(line.chars().take(300).collect::<String>());
+            }
+            *kinds.entry(log_message(line)).or_default() += 1;
+        }
+    }
+    if lines == 0 {
+        return None;
+    }
+    let mut by: Vec<(String, u64)> = kinds.into_iter().collect();
+    by.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let distinct: Vec<String> = by
+        .iter()
+        .take(8)
+        .map(|(m, n)| format!("{n}× `{m}`"))
+        .collect();
+    Some(format!(
+        "{}'s log ({} level and above): {lines} line(s); by message: {}; first: {}",
+        kind.name(),
+        env("SLUICE_LOG").unwrap_or_else(|| "warn".into()),
+        distinct.join(", "),
+        first.join(" / ")
+    ))
+}
+
+/// A log line without its timestamp, ids and numbers (to count lines by message).
+fn log_message(line: &str) -> String {
+    // tracing's default format: `<timestamp>  LEVEL target: message fields`.
+    let rest = line
+        .split_once(' ')
+        .filter(|(ts, _)| ts.contains('T') && ts.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .map_or(line, |(_, r)| r)
+        .trim();
+    let mut out = String::new();
+    let mut last_digit = false;
+    for c in rest.chars().take(160) {
+        if c.is_ascii_hexdigit() && (c.is_ascii_digit() || last_digit) {
+            if !last_digit {
+                out.push('#');
+            }
+            last_digit = true;
+        } else {
+            last_digit = false;
+            out.push(c);
+        }
+    }
+    out.replace('`', "'")
 }
 
 /// A request with the bench token reaches Sluice's routes (404 for a missing thread, not 401).
@@ -687,12 +823,15 @@ async fn check_auth(t: &Target, token: &str) -> Result<(), String> {
     }
 }
 
-/// Whether Sluice is still alive (a crash is reported, and its rows skipped).
+/// Whether Sluice (either) is still alive (a crash is reported, and its rows skipped).
 fn alive(t: &Target, notes: &mut Vec<String>) -> bool {
-    if t.kind != Kind::Sluice || targets::running("sluice") {
+    if !t.kind.is_sluice() || targets::running(t.kind.name()) {
         return true;
     }
-    let msg = "sluice exited during the run: its remaining rows are skipped".to_string();
+    let msg = format!(
+        "{} exited during the run: its remaining rows are skipped",
+        t.kind.name()
+    );
     if !notes.contains(&msg) {
         notes.push(msg);
     }
@@ -711,7 +850,7 @@ async fn scenario(
     let mut rows = Vec::new();
     match sc {
         1..=4 => {
-            let load = stream_load(sc, s.duration, max_conns, notes);
+            let load = stream_load(sc, s.duration, s.rate, max_conns, notes);
             let mut direct: Option<(f64, f64)> = None;
             for t in procs.targets.clone() {
                 if !alive(&t, notes) {
@@ -732,11 +871,17 @@ async fn scenario(
             }
         }
         5 => {
-            if let Some(t) = procs.target(Kind::Sluice) {
+            let sluices: Vec<Target> = procs
+                .targets
+                .iter()
+                .filter(|t| t.kind.is_sluice())
+                .cloned()
+                .collect();
+            for t in &sluices {
                 // The runs are made now, outside any measurement.
                 for (run, _) in scenarios::SNAPSHOT_ROWS {
                     if let Err(e) = scenarios::cached_run(ctx, t, run).await {
-                        notes.push(e);
+                        notes.push(format!("{}: {e}", t.kind.name()));
                     }
                 }
                 settle().await;
@@ -759,14 +904,16 @@ async fn scenario(
             }
         }
         7 => {
-            if let Some(t) = procs.target(Kind::Sluice).cloned() {
-                if alive(&t, notes) {
-                    rows.extend(scenarios::resumes(ctx, &t, 50).await);
+            for kind in [Kind::Sluice, Kind::SluiceRedis] {
+                if let Some(t) = procs.target(kind).cloned() {
+                    if alive(&t, notes) {
+                        rows.extend(scenarios::resumes(ctx, &t, 50).await);
+                    }
                 }
             }
         }
         _ => {
-            for kind in [Kind::Nginx, Kind::Sluice] {
+            for kind in [Kind::Nginx, Kind::Sluice, Kind::SluiceRedis] {
                 if procs.target(kind).is_none() {
                     continue;
                 }
@@ -776,18 +923,19 @@ async fn scenario(
                         procs.targets.retain(|t| t.kind != kind);
                         continue;
                     }
-                    if kind == Kind::Sluice {
-                        // The fresh process has none of the old threads.
+                    if kind.is_sluice() {
+                        // The fresh process has none of the old threads (the memory store), or
+                        // they are best made afresh (the Redis store keeps them).
                         ctx.finished
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .clear();
+                            .retain(|(k, _), _| *k != kind);
                     }
                 }
                 let Some(t) = procs.target(kind).cloned() else {
                     continue;
                 };
-                if kind == Kind::Sluice {
+                if kind.is_sluice() {
                     // The finished thread polled below, made before the idle measurement.
                     if let Err(e) = scenarios::cached_run(ctx, &t, scenarios::Finished::SHORT).await
                     {

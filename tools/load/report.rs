@@ -141,6 +141,10 @@ const STREAM_COLS: &[Col] = &[
     ("dups", "dups", 0),
     ("unclean", "unclean", 0),
     ("reconnects", "reconnects", 0),
+    ("Redis CPU-µs/event", "redis_cpu_us_per_ev", 2),
+    ("Redis CPU %", "redis_cpu_pct", 0),
+    ("Redis peak RSS MB", "redis_peak_rss_mb", 1),
+    ("Redis RSS growth MB", "redis_rss_growth_mb", 1),
     ("gen CPU %", "gen_cpu_pct", 0),
     ("client CPU %", "client_cpu_pct", 0),
 ];
@@ -152,6 +156,8 @@ const SNAPSHOT_COLS: &[Col] = &[
     ("bytes/answer", "bytes", 0),
     ("p50 ms", "p50_ms", 2),
     ("errors", "errors", 0),
+    ("Redis CPU-µs/req", "redis_cpu_us_per_req", 1),
+    ("Redis CPU %", "redis_cpu_pct", 0),
     ("gen CPU %", "gen_cpu_pct", 0),
     ("client CPU %", "client_cpu_pct", 0),
 ];
@@ -163,6 +169,8 @@ const POLL_COLS: &[Col] = &[
     ("target CPU % of a core", "target_cpu_pct", 1),
     ("CPU-µs/poll", "cpu_us_per_poll", 1),
     ("errors", "errors", 0),
+    ("Redis CPU % of a core", "redis_cpu_pct", 1),
+    ("Redis CPU-µs/poll", "redis_cpu_us_per_poll", 1),
     ("gen CPU %", "gen_cpu_pct", 0),
 ];
 
@@ -316,6 +324,65 @@ pub fn checks(aggs: &BTreeMap<u8, Vec<Agg>>) -> Vec<Check> {
     out
 }
 
+/// The streamed scenarios' memory-store and Redis-store rows side by side (when both ran):
+/// Sluice's CPU per event, Redis's, their sum, the added latencies and the stream errors.
+fn store_comparison(out: &mut String, aggs: &BTreeMap<u8, Vec<Agg>>) {
+    let mut lines = Vec::new();
+    for s in 1..=4u8 {
+        let Some(rows) = aggs.get(&s) else { continue };
+        let (Some(mem), Some(red)) = (
+            rows.iter().find(|a| a.label == "sluice"),
+            rows.iter().find(|a| a.label == "sluice-redis"),
+        ) else {
+            continue;
+        };
+        let streams = mem.m.get("streams").or(red.m.get("streams")).copied();
+        for a in [mem, red] {
+            let f = |k: &str, d: usize| a.m.get(k).map_or("—".to_string(), |v| fmt_num(*v, d));
+            let total = match (a.m.get("cpu_us_per_ev"), a.m.get("redis_cpu_us_per_ev")) {
+                (Some(x), Some(y)) => fmt_num(x + y, 2),
+                (Some(x), None) if a.label == "sluice" => fmt_num(*x, 2),
+                _ => "—".to_string(),
+            };
+            let streams = streams.map_or("—".to_string(), |v| fmt_num(v, 0));
+            let stream_errors = a.m.get("gaps").copied().unwrap_or(0.0)
+                + a.m.get("dups").copied().unwrap_or(0.0)
+                + a.m.get("unclean").copied().unwrap_or(0.0);
+            lines.push(format!(
+                "| {s} | {streams} | {} | {} | {} | {total} | {} | {} | {} | {} | {} |",
+                a.label,
+                f("cpu_us_per_ev", 2),
+                if a.label == "sluice" {
+                    "—".to_string()
+                } else {
+                    f("redis_cpu_us_per_ev", 2)
+                },
+                f("added_p50_us", 0),
+                f("added_p99_us", 0),
+                f("p50_us", 0),
+                f("p99_us", 0),
+                fmt_num(stream_errors, 0),
+            ));
+        }
+    }
+    if lines.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "## Memory store against Redis store (streamed runs)\n");
+    let _ = writeln!(
+        out,
+        "| scenario | streams | target | Sluice CPU-µs/event | Redis CPU-µs/event | total CPU-µs/event | added p50 µs | added p99 µs | p50 µs | p99 µs | gaps + dups + unclean |"
+    );
+    let _ = writeln!(
+        out,
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for l in lines {
+        let _ = writeln!(out, "{l}");
+    }
+    out.push('\n');
+}
+
 /// Everything the report's header says.
 pub struct Meta {
     /// The command that ran.
@@ -374,6 +441,7 @@ pub fn render(meta: &Meta, records: &[Record], scenarios: &[u8]) -> (String, ser
         }
         aggs.insert(s, rows);
     }
+    store_comparison(&mut out, &aggs);
     let checks = checks(&aggs);
     let _ = writeln!(out, "## The issue's targets\n");
     let _ = writeln!(out, "| target | measured | result |\n|---|---|---|");
@@ -418,6 +486,58 @@ mod tests {
         for l in ["sluice, 20-event run", "sluice, 100k events, same answer"] {
             assert!(labels.contains(&l), "{l}");
         }
+    }
+
+    #[test]
+    fn the_redis_store_rows_are_labelled_apart() {
+        use crate::scenarios::sluice_label;
+        use crate::targets::Kind;
+        let (_, label) = crate::scenarios::SNAPSHOT_ROWS[0];
+        assert_eq!(sluice_label(Kind::Sluice, label), label);
+        assert_eq!(
+            sluice_label(Kind::SluiceRedis, label),
+            "sluice-redis, 20-event run"
+        );
+    }
+
+    #[test]
+    fn the_store_comparison_sums_sluice_and_redis() {
+        let row = |label: &str, m: &[(&'static str, f64)]| Row {
+            label: label.into(),
+            m: m.iter().copied().collect(),
+            notes: vec![],
+        };
+        let recs = vec![
+            Record {
+                scenario: 2,
+                rep: 0,
+                row: row("sluice", &[("streams", 1000.0), ("cpu_us_per_ev", 20.0)]),
+            },
+            Record {
+                scenario: 2,
+                rep: 0,
+                row: row(
+                    "sluice-redis",
+                    &[("cpu_us_per_ev", 50.0), ("redis_cpu_us_per_ev", 25.0)],
+                ),
+            },
+        ];
+        let mut aggs = BTreeMap::new();
+        aggs.insert(2, aggregate(&recs, 2));
+        let mut out = String::new();
+        store_comparison(&mut out, &aggs);
+        assert!(
+            out.contains("| 2 | 1,000 | sluice | 20.00 | — | 20.00 |"),
+            "{out}"
+        );
+        assert!(
+            out.contains("| 2 | 1,000 | sluice-redis | 50.00 | 25.00 | 75.00 |"),
+            "{out}"
+        );
+        let mut none = String::new();
+        aggs.get_mut(&2).unwrap().retain(|a| a.label == "sluice");
+        store_comparison(&mut none, &aggs);
+        assert!(none.is_empty());
     }
 
     #[test]

@@ -50,8 +50,9 @@ pub struct Ctx {
     pub token: Arc<str>,
     /// `DURATION`: seconds of events per stream; other windows scale with it.
     pub duration: f64,
-    /// Sluice's finished threads by the run they hold: (thread id, last seq).
-    pub finished: Mutex<HashMap<Finished, (String, u64)>>,
+    /// Each Sluice's (memory store, Redis store) finished threads by the run they hold: (thread
+    /// id, last seq).
+    pub finished: Mutex<HashMap<(Kind, Finished), (String, u64)>>,
     /// Sluice's answer size for a finished 20-event run (set once measured).
     pub snapshot_bytes: Mutex<Option<usize>>,
 }
@@ -136,11 +137,83 @@ pub struct StreamLoad {
     pub reconnect_every: u64,
 }
 
+/// What a target's Redis server did over a measurement window: its CPU, its peak RSS and its
+/// command counters.
+struct RedisSpan {
+    cpu: CpuSpan,
+    rss: RssSampler,
+    idle_rss: u64,
+    addr: std::net::SocketAddr,
+    cmds: BTreeMap<String, (u64, u64)>,
+}
+
+impl RedisSpan {
+    /// Start measuring `t`'s Redis server (`None` without one).
+    fn start(t: &Target) -> Option<RedisSpan> {
+        let r = t.redis.as_ref()?;
+        Some(RedisSpan {
+            cpu: CpuSpan::start(&[r.pid]),
+            rss: RssSampler::start(vec![r.pid], Duration::from_millis(100)),
+            idle_rss: measure::rss_kib(r.pid).unwrap_or(0),
+            addr: r.addr,
+            cmds: crate::targets::redis_commandstats(r.addr),
+        })
+    }
+
+    /// Stop and put the figures in `row`: Redis CPU per `unit` (`per` of them, when the key is
+    /// given), Redis CPU % of a core, peak RSS, and the main commands per unit as a note.
+    fn finish(self, row: &mut Row, per: Option<(&'static str, u64)>, unit: &str) {
+        let (us, secs) = self.cpu.read();
+        let peak = self.rss.finish();
+        let after = crate::targets::redis_commandstats(self.addr);
+        row.m
+            .insert("redis_cpu_pct", us as f64 / 1e4 / secs.max(1e-9));
+        row.m.insert("redis_peak_rss_mb", peak as f64 / 1024.0);
+        row.m.insert(
+            "redis_rss_growth_mb",
+            peak.saturating_sub(self.idle_rss) as f64 / 1024.0,
+        );
+        let Some((key, n)) = per.filter(|(_, n)| *n > 0) else {
+            return;
+        };
+        row.m.insert(key, us as f64 / n as f64);
+        let mut calls: Vec<(String, u64, u64)> = after
+            .iter()
+            .map(|(k, (c, us))| {
+                let (c0, us0) = self.cmds.get(k).copied().unwrap_or((0, 0));
+                (k.clone(), c.saturating_sub(c0), us.saturating_sub(us0))
+            })
+            .filter(|(k, c, _)| *c > 0 && k != "info")
+            .collect();
+        calls.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        if !calls.is_empty() {
+            let parts: Vec<String> = calls
+                .iter()
+                .take(8)
+                .map(|(k, c, us)| {
+                    format!(
+                        "{k} {:.3} ({:.1} µs each)",
+                        *c as f64 / n as f64,
+                        *us as f64 / *c as f64
+                    )
+                })
+                .collect();
+            row.notes.push(format!(
+                "{}: Redis commands per {unit}, with Redis's own time per call (a script's inner \
+                 calls are counted in their own lines and again in the script's): {}",
+                row.label,
+                parts.join(", ")
+            ));
+        }
+    }
+}
+
 /// Run one streaming load against `t`.
 pub async fn streams(ctx: &Ctx, t: &Target, load: StreamLoad) -> Row {
     let hist = Arc::new(Histogram::new());
     let idle_rss = measure::rss_kib_all(&t.pids);
     let sampler = RssSampler::start(t.pids.clone(), Duration::from_millis(100));
+    let redis = RedisSpan::start(t);
     let cpu_target = CpuSpan::start(&t.pids);
     let threads_before = measure::thread_ticks(&t.pids);
     let cpu_gen = CpuSpan::start(&[ctx.generator.1]);
@@ -245,6 +318,9 @@ pub async fn streams(ctx: &Ctx, t: &Target, load: StreamLoad) -> Row {
     m.insert("unclean", unclean as f64);
     m.insert("reconnects", reconnects as f64);
     row.notes.extend(count_notes(&errors, t.kind.name()));
+    if let Some(r) = redis {
+        r.finish(&mut row, Some(("redis_cpu_us_per_ev", delivered)), "event");
+    }
     row
 }
 
@@ -271,13 +347,13 @@ pub async fn finished_run(ctx: &Ctx, t: &Target, run: Finished) -> Result<(Strin
     Ok((thread, o.last_id))
 }
 
-/// A finished Sluice thread holding `run`, created once and reused.
+/// A finished thread holding `run` on Sluice `t`, created once (per Sluice) and reused.
 pub async fn cached_run(ctx: &Ctx, t: &Target, run: Finished) -> Result<(String, u64), String> {
     if let Some(hit) = ctx
         .finished
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .get(&run)
+        .get(&(t.kind, run))
     {
         return Ok(hit.clone());
     }
@@ -285,7 +361,7 @@ pub async fn cached_run(ctx: &Ctx, t: &Target, run: Finished) -> Result<(String,
     ctx.finished
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(run, made.clone());
+        .insert((t.kind, run), made.clone());
     Ok(made)
 }
 
@@ -339,7 +415,9 @@ async fn get(
 /// `bytes` bytes (through nginx or directly).
 fn snapshot_path(kind: Kind, thread: &str, bytes: usize, extra: &str) -> String {
     match kind {
-        Kind::Sluice => format!("/api/getConversation?threadId={thread}{extra}"),
+        Kind::Sluice | Kind::SluiceRedis => {
+            format!("/api/getConversation?threadId={thread}{extra}")
+        }
         _ => format!("/api/getConversation?threadId=bench&size={bytes}{extra}"),
     }
 }
@@ -359,6 +437,7 @@ pub async fn snapshot_load(
     let bytes = Arc::new(AtomicU64::new(0));
     let errors: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let lat = Arc::new(Histogram::new());
+    let redis = RedisSpan::start(t);
     let cpu_target = CpuSpan::start(&t.pids);
     let cpu_gen = CpuSpan::start(&[ctx.generator.1]);
     let cpu_me = CpuSpan::start(&[own_pid()]);
@@ -428,10 +507,14 @@ pub async fn snapshot_load(
     let errors = errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
     row.m.insert("errors", errors.values().sum::<u64>() as f64);
     row.notes.extend(count_notes(&errors, label));
+    if let Some(r) = redis {
+        r.finish(&mut row, Some(("redis_cpu_us_per_req", n)), "request");
+    }
     row
 }
 
-/// Scenario 5's Sluice rows: the run each reads and its label.
+/// Scenario 5's Sluice rows: the run each reads and its label (for the memory store; the
+/// Redis store's say `sluice-redis` instead of `sluice`, see [`sluice_label`]).
 pub const SNAPSHOT_ROWS: [(Finished, &str); 3] = [
     (Finished::SHORT, "sluice, 20-event run"),
     (
@@ -444,6 +527,15 @@ pub const SNAPSHOT_ROWS: [(Finished, &str); 3] = [
     ),
 ];
 
+/// A Sluice row's label for `kind`: `label` as is for the memory store, its leading `sluice`
+/// replaced by `sluice-redis` for the Redis store.
+pub fn sluice_label(kind: Kind, label: &str) -> String {
+    match (kind, label.strip_prefix("sluice")) {
+        (Kind::SluiceRedis, Some(rest)) => format!("{}{rest}", kind.name()),
+        _ => label.to_string(),
+    }
+}
+
 /// Scenario 5 against one target.
 pub async fn snapshots(ctx: &Ctx, t: &Target) -> Vec<Row> {
     let conns = 32;
@@ -453,7 +545,7 @@ pub async fn snapshots(ctx: &Ctx, t: &Target) -> Vec<Row> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .unwrap_or(crate::generator::DEFAULT_SNAPSHOT_BYTES);
-    if t.kind != Kind::Sluice {
+    if !t.kind.is_sluice() {
         let path = snapshot_path(t.kind, "", bytes, "");
         return vec![snapshot_load(ctx, t, t.kind.name(), &path, conns, secs).await];
     }
@@ -462,10 +554,11 @@ pub async fn snapshots(ctx: &Ctx, t: &Target) -> Vec<Row> {
         match cached_run(ctx, t, run).await {
             Ok((thread, _)) => {
                 let path = snapshot_path(t.kind, &thread, 0, "");
-                rows.push(snapshot_load(ctx, t, label, &path, conns, secs).await);
+                let label = sluice_label(t.kind, label);
+                rows.push(snapshot_load(ctx, t, &label, &path, conns, secs).await);
             }
             Err(e) => {
-                let mut row = Row::new(label);
+                let mut row = Row::new(sluice_label(t.kind, label));
                 row.notes.push(e);
                 rows.push(row);
             }
@@ -503,7 +596,7 @@ pub async fn long_polls(ctx: &Ctx, t: &Target, clients: usize) -> Row {
         .unwrap_or_else(|p| p.into_inner())
         .unwrap_or(crate::generator::DEFAULT_SNAPSHOT_BYTES);
     let mut paths = Vec::new();
-    if t.kind == Kind::Sluice {
+    if t.kind.is_sluice() {
         // A pool of finished threads, each polled by clients/20 clients.
         let mut set = JoinSet::new();
         for _ in 0..20 {
@@ -529,8 +622,10 @@ pub async fn long_polls(ctx: &Ctx, t: &Target, clients: usize) -> Row {
             }
         }
         if paths.is_empty() {
-            row.notes
-                .push("sluice: could not create the threads to poll".into());
+            row.notes.push(format!(
+                "{}: could not create the threads to poll",
+                t.kind.name()
+            ));
             return row;
         }
     } else {
@@ -586,12 +681,20 @@ pub async fn long_polls(ctx: &Ctx, t: &Target, clients: usize) -> Row {
     let from = t0 + SPREAD + Duration::from_millis(1200).min(Duration::from_secs_f64(window / 3.0));
     tokio::time::sleep_until(from.into()).await;
     let polls_from = polls.load(Ordering::Relaxed);
+    let redis = RedisSpan::start(t);
     let cpu_target = CpuSpan::start(&t.pids);
     let cpu_gen = CpuSpan::start(&[ctx.generator.1]);
     tokio::time::sleep_until(stop_at.into()).await;
     let (target_us, secs) = cpu_target.read();
     let (gen_us, _) = cpu_gen.read();
     let polls_window = polls.load(Ordering::Relaxed) - polls_from;
+    if let Some(r) = redis {
+        r.finish(
+            &mut row,
+            Some(("redis_cpu_us_per_poll", polls_window)),
+            "poll",
+        );
+    }
     let _ = tokio::time::timeout(Duration::from_secs(40), async {
         while set.join_next().await.is_some() {}
     })
@@ -670,22 +773,28 @@ async fn resume_once(
     Ok(took)
 }
 
-/// The 100k-event run scenario 7 resumes: one that exists already (scenario 5 made both
-/// kinds; the same-answer one first), else the same-answer one, made now.
-fn long_run_for_resume(ctx: &Ctx) -> Finished {
+/// The 100k-event run scenario 7 resumes on `kind`: one that exists already (scenario 5 made
+/// both kinds; the same-answer one first), else the same-answer one, made now.
+fn long_run_for_resume(ctx: &Ctx, kind: Kind) -> Finished {
     let made = ctx.finished.lock().unwrap_or_else(|p| p.into_inner());
     [Finished::LONG_SAME_ANSWER, Finished::LONG_TEXT]
         .into_iter()
-        .find(|r| made.contains_key(r))
+        .find(|r| made.contains_key(&(kind, *r)))
         .unwrap_or(Finished::LONG_SAME_ANSWER)
 }
 
 /// Scenario 7 (Sluice): resume 10 events before the end of a finished 100k-event and 20-event
-/// run, `tries` times each.
+/// run, `tries` times each. Rows `20-event run`, `100k-event run` (memory store) or
+/// `sluice-redis, 20-event run`, … (Redis store).
 pub async fn resumes(ctx: &Ctx, t: &Target, tries: usize) -> Vec<Row> {
     let mut rows = Vec::new();
-    let long = long_run_for_resume(ctx);
+    let long = long_run_for_resume(ctx, t.kind);
     for (run, label) in [(Finished::SHORT, "20-event run"), (long, "100k-event run")] {
+        let label = match t.kind {
+            Kind::SluiceRedis => format!("{}, {label}", t.kind.name()),
+            _ => label.to_string(),
+        };
+        let label = label.as_str();
         let mut row = Row::new(label);
         if run.events > Finished::SHORT.events {
             row.notes.push(format!(
@@ -840,7 +949,7 @@ pub async fn memory(ctx: &Ctx, t: &Target, streams: usize, polls: usize) -> Row 
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .unwrap_or(crate::generator::DEFAULT_SNAPSHOT_BYTES);
-    let path = if t.kind == Kind::Sluice {
+    let path = if t.kind.is_sluice() {
         match cached_run(ctx, t, Finished::SHORT).await {
             Ok((thread, last)) => Some(snapshot_path(
                 t.kind,

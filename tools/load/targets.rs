@@ -1,9 +1,11 @@
 //! The processes under test and their lifetimes: the generator (this binary re-executed with
-//! `generator`), nginx (found on PATH, or installed with apt-get when running as root) and
-//! Sluice (`sluice serve` with a generated config, JWT auth over a generated ES256 key). Every
-//! child is registered here and stopped by PID by [`cleanup`] (at the end, on error, on Ctrl-C or
-//! SIGTERM). Each running target is described by a [`Target`]: its address, the PIDs whose CPU and
-//! memory count as its cost, and the bearer token clients send.
+//! `generator`), nginx (found on PATH, or installed with apt-get when running as root), Sluice
+//! (`sluice serve` with a generated config, JWT auth over a generated ES256 key) on the memory
+//! store, and Sluice on the Redis store against a `redis-server` of its own (found on PATH, or
+//! installed with apt-get when running as root). Every child is registered here and stopped by
+//! PID by [`cleanup`] (at the end, on error, on Ctrl-C or SIGTERM). Each running target is
+//! described by a [`Target`]: its address, the PIDs whose CPU and memory count as its cost, and
+//! those of a process it depends on whose cost is reported beside it (Redis).
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
@@ -16,24 +18,27 @@ use serde_json::json;
 
 use crate::measure;
 
-/// The three ways of reaching the generator.
+/// The ways of reaching the generator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     /// The generator itself.
     Direct,
     /// nginx in front of it.
     Nginx,
-    /// Sluice in front of it.
+    /// Sluice in front of it (the embedded memory store).
     Sluice,
+    /// Sluice in front of it, on the Redis store (`[store] backend = "redis"`).
+    SluiceRedis,
 }
 
 impl Kind {
-    /// Its name in reports and in `ONLY`.
+    /// Its name in reports and in `ONLY` (also the name its process is registered under).
     pub fn name(self) -> &'static str {
         match self {
             Kind::Direct => "direct",
             Kind::Nginx => "nginx",
             Kind::Sluice => "sluice",
+            Kind::SluiceRedis => "sluice-redis",
         }
     }
 
@@ -43,8 +48,14 @@ impl Kind {
             "direct" | "generator" => Some(Kind::Direct),
             "nginx" => Some(Kind::Nginx),
             "sluice" => Some(Kind::Sluice),
+            "sluice-redis" | "sluice_redis" | "redis" => Some(Kind::SluiceRedis),
             _ => None,
         }
+    }
+
+    /// Sluice, on either store (it has the routes only Sluice has).
+    pub fn is_sluice(self) -> bool {
+        matches!(self, Kind::Sluice | Kind::SluiceRedis)
     }
 }
 
@@ -57,6 +68,10 @@ pub struct Target {
     pub addr: SocketAddr,
     /// The processes whose CPU and memory are the target's cost (none for `direct`).
     pub pids: Vec<u32>,
+    /// The Redis server the target uses (`sluice-redis`): its CPU, memory and commands are
+    /// measured over the same windows and reported in columns of their own, not added to the
+    /// target's.
+    pub redis: Option<Redis>,
 }
 
 /// A child process the harness owns.
@@ -313,22 +328,28 @@ fn run_limited(cmd: &mut Command, limit: Duration) -> bool {
     }
 }
 
-/// Find nginx, installing it with apt-get when missing and running as root.
-pub fn find_or_install_nginx(allow_install: bool) -> Result<PathBuf, String> {
-    if let Some(p) = find_on_path("nginx") {
+/// Find `bin` on PATH, installing the first of `packages` that provides it with apt-get when it
+/// is missing, installing is allowed and the harness runs as root.
+fn find_or_install(bin: &str, packages: &[&str], allow_install: bool) -> Result<PathBuf, String> {
+    if let Some(p) = find_on_path(bin) {
         return Ok(p);
     }
     if !allow_install {
-        return Err("nginx is not on PATH (and installing was turned off)".into());
+        return Err(format!(
+            "{bin} is not on PATH (and installing was turned off)"
+        ));
     }
     if !is_root() || find_on_path("apt-get").is_none() {
-        return Err(
-            "nginx is not on PATH; install it (e.g. `sudo apt-get install -y nginx-light`) to \
-             compare against it"
-                .into(),
-        );
+        return Err(format!(
+            "{bin} is not on PATH; install it (e.g. `sudo apt-get install -y {}`) to compare \
+             against it",
+            packages[0]
+        ));
     }
-    eprintln!("load: nginx not found; installing it with apt-get (nginx-light, else nginx)…");
+    eprintln!(
+        "load: {bin} not found; installing it with apt-get ({})…",
+        packages.join(", else ")
+    );
     let update = run_limited(
         Command::new("apt-get").args(["update", "-qq"]),
         Duration::from_secs(180),
@@ -336,7 +357,7 @@ pub fn find_or_install_nginx(allow_install: bool) -> Result<PathBuf, String> {
     if !update {
         eprintln!("load: apt-get update failed; trying the install anyway");
     }
-    for pkg in ["nginx-light", "nginx"] {
+    for pkg in packages {
         let ok = run_limited(
             Command::new("apt-get")
                 .args(["install", "-y", "-qq", "--no-install-recommends", pkg])
@@ -344,12 +365,132 @@ pub fn find_or_install_nginx(allow_install: bool) -> Result<PathBuf, String> {
             Duration::from_secs(300),
         );
         if ok {
-            if let Some(p) = find_on_path("nginx") {
+            if let Some(p) = find_on_path(bin) {
                 return Ok(p);
             }
         }
     }
-    Err("nginx is not on PATH and `apt-get install nginx-light` / `nginx` failed".into())
+    Err(format!(
+        "{bin} is not on PATH and `apt-get install` of {} failed",
+        packages.join(" / ")
+    ))
+}
+
+/// Find nginx, installing it with apt-get when missing and running as root.
+pub fn find_or_install_nginx(allow_install: bool) -> Result<PathBuf, String> {
+    find_or_install("nginx", &["nginx-light", "nginx"], allow_install)
+}
+
+/// Find redis-server, installing it with apt-get when missing and running as root.
+pub fn find_or_install_redis(allow_install: bool) -> Result<PathBuf, String> {
+    find_or_install("redis-server", &["redis-server"], allow_install)
+}
+
+/// The running Redis server (for `sluice-redis`).
+#[derive(Clone, Debug)]
+pub struct Redis {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its PID.
+    pub pid: u32,
+    /// `redis-server --version`, shortened.
+    pub version: String,
+}
+
+/// Start `redis-server` on a free loopback port, without persistence (`--save ''
+/// --appendonly no`), its working dir and log under `dir`.
+pub fn start_redis(bin: &Path, dir: &Path) -> Result<Redis, String> {
+    let port = free_port()?;
+    let log = dir.join("redis.log");
+    let child = Command::new(bin)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let pid = child.id();
+    register(Managed {
+        name: "redis-server",
+        child,
+        extra: Vec::new(),
+        _stdin: None,
+    });
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().map_err(|_| "addr")?;
+    wait_listening(addr, Duration::from_secs(10))
+        .map_err(|e| format!("redis-server: {e}; log: {}", tail(&log, 5)))?;
+    let version = Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| {
+            let v = String::from_utf8_lossy(&o.stdout);
+            v.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        })
+        .unwrap_or_default();
+    Ok(Redis { addr, pid, version })
+}
+
+/// Redis's `INFO commandstats` counters (`cmdstat_<name>` → calls and µs spent in them; a
+/// script's inner calls count both in their own line and in the script's), read over a short
+/// TCP exchange; empty when Redis does not answer.
+pub fn redis_commandstats(addr: SocketAddr) -> std::collections::BTreeMap<String, (u64, u64)> {
+    use std::io::{Read, Write};
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(mut conn) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return out;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    if conn
+        .write_all(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+        .is_err()
+    {
+        return out;
+    }
+    // A bulk string: `$<len>\r\n<body>\r\n`.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let mut want: Option<usize> = None;
+    loop {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if want.is_none() {
+            if let Some(nl) = buf.windows(2).position(|w| w == b"\r\n") {
+                want = std::str::from_utf8(&buf[1..nl])
+                    .ok()
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .map(|n| n + nl + 4);
+            }
+        }
+        if want.is_some_and(|w| buf.len() >= w) {
+            break;
+        }
+    }
+    for line in String::from_utf8_lossy(&buf).lines() {
+        let Some(rest) = line.strip_prefix("cmdstat_") else {
+            continue;
+        };
+        let Some((name, stats)) = rest.split_once(':') else {
+            continue;
+        };
+        let field = |k: &str| {
+            stats
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(k))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        if let (Some(calls), Some(usec)) = (field("calls="), field("usec=")) {
+            out.insert(name.to_string(), (calls, usec));
+        }
+    }
+    out
 }
 
 /// The soft and hard `RLIMIT_NOFILE` of this process.
@@ -503,6 +644,7 @@ http {{
         kind: Kind::Nginx,
         addr,
         pids,
+        redis: None,
     })
 }
 
@@ -540,8 +682,15 @@ pub fn identity(dir: &Path) -> Result<Identity, String> {
     })
 }
 
-/// The Sluice config used for the bench.
-pub fn sluice_config(generator: SocketAddr, id: &Identity) -> String {
+/// The Sluice config used for the bench: the same for both stores but for `[store]`'s backend
+/// (`redis`: the Redis server at that address, every other `[store.redis]` key at its default).
+pub fn sluice_config(generator: SocketAddr, id: &Identity, redis: Option<SocketAddr>) -> String {
+    let store = match redis {
+        None => String::new(),
+        Some(addr) => format!(
+            "backend = \"redis\"\n\n[store.redis]\nurl = \"redis://{addr}\"\nkey_prefix = \"bench\"\n"
+        ),
+    };
     format!(
         r#"# Generated by tools/load (make bench-load).
 [server]
@@ -577,7 +726,7 @@ max_long_polls = 60000
 
 [store]
 retention = "1h"
-
+{store}
 [stream]
 long_poll_max = "60s"
 stuck_reader_timeout = "60s"
@@ -587,15 +736,23 @@ stuck_reader_timeout = "60s"
     )
 }
 
-/// Start Sluice with the bench config; its stderr goes to `dir/sluice.log`.
+/// Start Sluice with the bench config, on the memory store or (`redis`) on the Redis store
+/// (registered as `sluice` or `sluice-redis`); its stderr goes to `dir/sluice.log`.
 pub fn start_sluice(
     bin: &Path,
     generator: SocketAddr,
     dir: &Path,
     id: &Identity,
+    redis: Option<&Redis>,
 ) -> Result<Target, String> {
+    let kind = if redis.is_some() {
+        Kind::SluiceRedis
+    } else {
+        Kind::Sluice
+    };
     let conf = dir.join("sluice.toml");
-    std::fs::write(&conf, sluice_config(generator, id)).map_err(|e| e.to_string())?;
+    std::fs::write(&conf, sluice_config(generator, id, redis.map(|r| r.addr)))
+        .map_err(|e| e.to_string())?;
     let check = Command::new(bin)
         .args(["check", "--config"])
         .arg(&conf)
@@ -623,7 +780,7 @@ pub fn start_sluice(
     let line = wait_for_line(&mut child, "sluice listening on", Duration::from_secs(30));
     let pid = child.id();
     register(Managed {
-        name: "sluice",
+        name: kind.name(),
         child,
         extra: Vec::new(),
         _stdin: None,
@@ -632,9 +789,10 @@ pub fn start_sluice(
     let addr = addr_after(&line, "listening on ").ok_or(format!("bad line: {line}"))?;
     wait_listening(addr, Duration::from_secs(10))?;
     Ok(Target {
-        kind: Kind::Sluice,
+        kind,
         addr,
         pids: vec![pid],
+        redis: redis.cloned(),
     })
 }
 
@@ -653,4 +811,48 @@ pub fn nginx_version(bin: &Path) -> String {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_parse_and_name_each_other() {
+        for k in [Kind::Direct, Kind::Nginx, Kind::Sluice, Kind::SluiceRedis] {
+            assert_eq!(Kind::parse(k.name()), Some(k));
+        }
+        assert!(Kind::SluiceRedis.is_sluice() && Kind::Sluice.is_sluice());
+        assert!(!Kind::Nginx.is_sluice());
+    }
+
+    #[test]
+    fn the_redis_config_is_the_memory_one_plus_the_store() {
+        let id = Identity {
+            issuer: "https://issuer.test".into(),
+            jwks_file: PathBuf::from("/tmp/jwks.json"),
+            token: "t".into(),
+        };
+        let generator: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let redis: SocketAddr = "127.0.0.1:6399".parse().unwrap();
+        let memory = sluice_config(generator, &id, None);
+        let shared = sluice_config(generator, &id, Some(redis));
+        let extra: Vec<&str> = {
+            let kept: std::collections::HashSet<&str> = memory.lines().collect();
+            shared.lines().filter(|l| !kept.contains(l)).collect()
+        };
+        assert_eq!(
+            extra,
+            [
+                "backend = \"redis\"",
+                "[store.redis]",
+                "url = \"redis://127.0.0.1:6399\"",
+                "key_prefix = \"bench\"",
+            ]
+        );
+        assert!(memory.lines().all(|l| shared.contains(l)));
+        let parsed: toml::Value = toml::from_str(&shared).unwrap();
+        assert_eq!(parsed["store"]["backend"].as_str(), Some("redis"));
+        assert_eq!(parsed["store"]["retention"].as_str(), Some("1h"));
+    }
 }

@@ -418,7 +418,7 @@ impl RedisStore {
         let mut cursor = after;
         let log = format!("{}:log", self.run_key(&run.0));
         'pages: while events.len() < max && cursor < last {
-            let page = (max - events.len()).min(512);
+            let page = (max - events.len()).min(1024);
             let v: Value = redis::cmd("XRANGE")
                 .arg(&log)
                 .arg(format!("0-{}", cursor + 1))
@@ -1009,11 +1009,11 @@ impl Store for RedisStore {
             .watch(&channel)
             .await
             .map_err(StoreError::Unavailable)?;
-        let mut fresh = true;
+        // A watched run's tail is kept current by its notifications (and dropped whenever one
+        // may have been missed): Redis is read only when there is none, and after a quiet spell.
+        let mut fresh = false;
         loop {
             held.changes.borrow_and_update();
-            // The tail, kept current by notifications since the watch began; read from Redis
-            // on the first pass and after every quiet spell.
             let cached = if fresh {
                 None
             } else {
