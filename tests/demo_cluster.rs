@@ -32,31 +32,6 @@ fn curl_commands(text: &str) -> Vec<String> {
     out
 }
 
-/// Run one printed curl command with `THREAD_ID` and the demo's tokens filled in; its status.
-fn run(cmd: &str, thread: &str, tokens: &[(String, String)]) -> String {
-    let cmd = cmd.replace("THREAD_ID", thread).replacen(
-        "curl ",
-        "curl -sS -o /dev/null -w '%{http_code}' --max-time 30 ",
-        1,
-    );
-    let cmd = match cmd.find(" | ") {
-        Some(i) => cmd[..i].to_string(),
-        None => cmd,
-    };
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(&cmd)
-        .envs(tokens.iter().cloned())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 fn alive(pid: u32) -> bool {
     // A zombie (exited, not yet reaped by the demo's waiter) counts as gone.
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
@@ -179,7 +154,7 @@ async fn cluster_demo_commands_work_and_its_gateways_end_with_it() {
     for cmd in commands {
         let (thread, tokens) = (thread.clone(), tokens.clone());
         let (cmd, status) = tokio::task::spawn_blocking(move || {
-            let status = run(&cmd, &thread, &tokens);
+            let status = common::curl_status(&cmd, &thread, &tokens);
             (cmd, status)
         })
         .await

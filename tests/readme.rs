@@ -46,29 +46,8 @@ fn run(cmd: &str, api: &str, admin: &str, thread: &str, tokens: &[(String, Strin
     let cmd = cmd
         .replace("http://127.0.0.1:8080", &format!("http://{api}"))
         .replace("localhost:8080", api)
-        .replace("http://127.0.0.1:9090", &format!("http://{admin}"))
-        .replace("THREAD_ID", thread)
-        .replacen(
-            "curl ",
-            "curl -sS -o /dev/null -w '%{http_code}' --max-time 30 ",
-            1,
-        );
-    let cmd = match cmd.find(" | ") {
-        Some(i) => cmd[..i].to_string(),
-        None => cmd,
-    };
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(&cmd)
-        .envs(tokens.iter().cloned())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+        .replace("http://127.0.0.1:9090", &format!("http://{admin}"));
+    common::curl_status(&cmd, thread, tokens)
 }
 
 #[tokio::test]

@@ -910,20 +910,8 @@ impl Store for MemoryStore {
         let st = lock(&cell.state);
         let first = st.info.first_seq;
         let start = (after + 1).saturating_sub(first) as usize;
-        let mut bytes = 0;
-        let events = st
-            .events
-            .get(start.min(st.events.len())..)
-            .unwrap_or(&[])
-            .iter()
-            .take(max)
-            .take_while(|e| {
-                let first = bytes == 0;
-                bytes += e.data.len().max(1);
-                first || bytes <= max_bytes
-            })
-            .cloned()
-            .collect();
+        let held = st.events.get(start.min(st.events.len())..).unwrap_or(&[]);
+        let events = super::bounded(held.iter(), max, max_bytes);
         Ok(ReadBatch {
             events,
             status: st.info.status,

@@ -315,6 +315,25 @@ pub enum StoreError {
     },
 }
 
+/// The first events of `events`, at most `max` of them and about `max_bytes` of payload: the
+/// first is always taken, whatever its size (what [`Store::read_after`] promises).
+pub fn bounded<'a>(
+    events: impl Iterator<Item = &'a Event>,
+    max: usize,
+    max_bytes: usize,
+) -> Vec<Event> {
+    let mut bytes = 0;
+    events
+        .take(max)
+        .take_while(|e| {
+            let first = bytes == 0;
+            bytes += e.data.len().max(1);
+            first || bytes <= max_bytes
+        })
+        .cloned()
+        .collect()
+}
+
 /// The longest error text a run keeps (in bytes, cut at a character boundary).
 pub const MAX_ERROR_BYTES: usize = 500;
 

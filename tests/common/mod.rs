@@ -783,3 +783,29 @@ impl JwksServer {
         *self.jwks.lock().unwrap() = jwks;
     }
 }
+
+/// Run one printed `curl` command (its first stage, before any `| …`) with `THREAD_ID` replaced
+/// by `thread` and `tokens` in the environment; return the HTTP status it got.
+pub fn curl_status(cmd: &str, thread: &str, tokens: &[(String, String)]) -> String {
+    let cmd = cmd.replace("THREAD_ID", thread).replacen(
+        "curl ",
+        "curl -sS -o /dev/null -w '%{http_code}' --max-time 30 ",
+        1,
+    );
+    let cmd = match cmd.find(" | ") {
+        Some(i) => cmd[..i].to_string(),
+        None => cmd,
+    };
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .envs(tokens.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}

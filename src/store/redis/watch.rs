@@ -89,20 +89,8 @@ impl Tail {
         if start > after + 1 {
             return None;
         }
-        let mut bytes = 0;
-        Some(
-            self.events
-                .iter()
-                .skip((after + 1 - start) as usize)
-                .take(max)
-                .take_while(|e| {
-                    let first = bytes == 0;
-                    bytes += e.data.len().max(1);
-                    first || bytes <= max_bytes
-                })
-                .cloned()
-                .collect(),
-        )
+        let held = self.events.iter().skip((after + 1 - start) as usize);
+        Some(crate::store::bounded(held, max, max_bytes))
     }
 }
 
