@@ -360,7 +360,7 @@ fn spawn_wait_thread(
     thread: &ThreadId,
     seen: LatestRun,
     after: u64,
-) -> JoinHandle<Result<(), StoreError>> {
+) -> JoinHandle<Result<bool, StoreError>> {
     let (s, org, thread) = (s.clone(), org.to_string(), thread.clone());
     tokio::spawn(async move { s.wait_thread(&org, &thread, &seen, after, LONG).await })
 }
@@ -1418,7 +1418,10 @@ mod cases {
         };
         still_waiting("wait_thread with no deadline", &waiter).await;
         s.append(&r2.run_id, evs(&["c"])).await.unwrap();
-        assert_eq!(joined("wait_thread with no deadline", waiter).await, Ok(()));
+        assert_eq!(
+            joined("wait_thread with no deadline", waiter).await,
+            Ok(true)
+        );
     }
 
     /// With nothing happening, `wait` and `wait_thread` return when their timeout passes, `wait`
@@ -1439,7 +1442,7 @@ mod cases {
                 s.wait_thread("o", &r.thread_id, &seen, 1, short)
             )
             .await,
-            Ok(())
+            Ok(false)
         );
         // The timeouts changed nothing.
         let info = s.run(&r.run_id).await.unwrap();
@@ -1466,9 +1469,10 @@ mod cases {
             let waiter = spawn_wait_thread(&s, "o", &r.thread_id, seen, n);
             spin(i);
             n = s.append(&r.run_id, evs(&["x"])).await.unwrap();
-            joined("wait_thread racing an append", waiter)
+            let changed = joined("wait_thread racing an append", waiter)
                 .await
                 .unwrap_or_else(|e| panic!("round {i}: {e}"));
+            assert!(changed, "round {i}: woken by the append");
         }
         // The same race with the run's end.
         let waiter = spawn_wait(&s, &r.run_id, n, LONG);
@@ -1483,6 +1487,7 @@ mod cases {
         );
         joined("wait_thread racing finish", thread_waiter)
             .await
+            .map(|changed| assert!(changed, "wait_thread racing finish: a change"))
             .unwrap();
     }
 
@@ -1499,6 +1504,7 @@ mod cases {
             s.wait_thread("o", &t, &live, 1, LONG),
         )
         .await
+        .map(|changed| assert!(changed, "wait_thread with news: a change"))
         .unwrap();
         // The caller saw no run: there is one.
         woken(
@@ -1506,6 +1512,7 @@ mod cases {
             s.wait_thread("o", &t, &None, 2, LONG),
         )
         .await
+        .map(|changed| assert!(changed, "wait_thread with a stale view: a change"))
         .unwrap();
         // The caller saw the run live: it has ended since.
         s.finish(&r1.run_id, RunStatus::Completed, None, None)
@@ -1516,6 +1523,7 @@ mod cases {
             s.wait_thread("o", &t, &live, 2, LONG),
         )
         .await
+        .map(|changed| assert!(changed, "wait_thread after an unseen end: a change"))
         .unwrap();
         // The caller saw run 1 ended: run 2 has started since.
         let ended = s.thread("o", &t).await.unwrap().latest_run();
@@ -1526,6 +1534,7 @@ mod cases {
             s.wait_thread("o", &t, &ended, 2, LONG),
         )
         .await
+        .map(|changed| assert!(changed, "wait_thread after an unseen new run: a change"))
         .unwrap();
     }
 
@@ -1538,7 +1547,10 @@ mod cases {
         let waiter = spawn_wait_thread(&s, "o", &r.thread_id, seen, 1);
         still_waiting("wait_thread with nothing new", &waiter).await;
         s.append(&r.run_id, evs(&["b"])).await.unwrap();
-        joined("wait_thread woken by append", waiter).await.unwrap();
+        assert_eq!(
+            joined("wait_thread woken by append", waiter).await,
+            Ok(true)
+        );
     }
 
     /// A thread waiter sleeps until the latest run ends, and (at the end of a finished thread)
@@ -1556,6 +1568,7 @@ mod cases {
             .unwrap();
         joined("wait_thread woken by the end", waiter)
             .await
+            .map(|changed| assert!(changed, "wait_thread woken by the end: a change"))
             .unwrap();
 
         let seen = s.thread("o", &t).await.unwrap().latest_run();
@@ -1565,6 +1578,7 @@ mod cases {
         let r2 = start(&*s, req("o", Some(&t))).await;
         joined("wait_thread woken by a new run", waiter)
             .await
+            .map(|changed| assert!(changed, "wait_thread woken by a new run: a change"))
             .unwrap();
         let th = s.thread("o", &t).await.unwrap();
         assert_eq!(th.latest_run(), Some((r2.run_id, RunStatus::InProgress)));
@@ -1639,6 +1653,7 @@ mod cases {
         sweep_until_evicted(&*s, &r1.run_id).await;
         joined("wait_thread woken by the eviction", waiter)
             .await
+            .map(|changed| assert!(changed, "wait_thread woken by the eviction: a change"))
             .unwrap();
 
         assert_eq!(

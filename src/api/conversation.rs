@@ -64,13 +64,18 @@ pub async fn get_conversation(
             let mut shutdown = api.shutdown.clone();
             let seen = thread.latest_run();
             let after = after.unwrap_or(last);
-            tokio::select! {
-                _ = api.store.wait_thread(&who.org_id, &thread_id, &seen, after, wait) => {}
+            let changed = tokio::select! {
+                waited = api.store.wait_thread(&who.org_id, &thread_id, &seen, after, wait) => {
+                    waited?
+                }
                 _ = ex.closed() => return Ok(()),
                 // A draining process answers held polls with what it has.
-                _ = super::stream::shutting_down(&mut shutdown) => {}
+                _ = super::stream::shutting_down(&mut shutdown) => true,
+            };
+            // A poll that ran out of time with nothing new answers with what it read.
+            if changed {
+                thread = api.store.thread(&who.org_id, &thread_id).await?;
             }
-            thread = api.store.thread(&who.org_id, &thread_id).await?;
         }
     }
     // A run evicted while the snapshot is written (retention or memory pressure) is then

@@ -155,7 +155,7 @@ impl Store for Recorder {
         seen: &LatestRun,
         after: u64,
         timeout: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.inner
             .wait_thread(org_id, thread, seen, after, timeout)
             .await

@@ -861,7 +861,7 @@ impl Store for MemoryStore {
         seen: &LatestRun,
         after: u64,
         timeout: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         // `Duration::MAX`: no deadline, and no timer.
         let deadline = (timeout != Duration::MAX).then(|| tokio::time::Instant::now() + timeout);
         let changes = match self.threads.get(thread) {
@@ -875,12 +875,12 @@ impl Store for MemoryStore {
             notified.as_mut().enable();
             let (last, latest) = self.position(org_id, thread)?;
             if last > after || latest != *seen {
-                return Ok(());
+                return Ok(true);
             }
             match deadline {
                 Some(deadline) => {
                     if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
                 None => notified.await,

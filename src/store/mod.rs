@@ -426,7 +426,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Wait until the thread has an event after `after`, or its latest run is no longer what
     /// the caller saw in `seen` (a new run started, or the latest ended), or `timeout` passes
-    /// (`Duration::MAX`: no deadline). Holds no thread while waiting.
+    /// (`Duration::MAX`: no deadline). Holds no thread while waiting. Returns `true` when
+    /// something changed, `false` when the time ran out with nothing new seen (the caller's
+    /// view is then still current, as of a moment ago).
     async fn wait_thread(
         &self,
         org_id: &str,
@@ -434,7 +436,7 @@ pub trait Store: Send + Sync + 'static {
         seen: &LatestRun,
         after: u64,
         timeout: Duration,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
 
     /// The backend thread a thread's conversation continues on, if one was recorded.
     async fn backend_thread(&self, thread: &ThreadId) -> Option<BackendThread>;

@@ -904,7 +904,7 @@ impl Store for RedisStore {
         seen: &LatestRun,
         after: u64,
         timeout: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let deadline = (timeout != Duration::MAX).then(|| tokio::time::Instant::now() + timeout);
         let mut held = self
             .watcher
@@ -915,13 +915,13 @@ impl Store for RedisStore {
             held.changes.borrow_and_update();
             let (last, latest) = self.thread_position(org_id, thread).await?;
             if last > after || latest != *seen {
-                return Ok(());
+                return Ok(true);
             }
             let nap = tokio::time::Instant::now() + SAFETY_POLL;
             let until = deadline.map_or(nap, |d| d.min(nap));
             let _ = tokio::time::timeout_at(until, held.changes.changed()).await;
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                return Ok(());
+                return Ok(false);
             }
         }
     }
