@@ -77,13 +77,13 @@ async fn renew_all(s: &Arc<RedisStore>) {
                 Some("ok") => held.lock().await.renewed = Instant::now(),
                 Some("terminal") | Some("norun") => {
                     // Ended elsewhere (a stop): ingestion here stops.
-                    s.leases.remove(&run);
+                    s.drop_lease(&run, &held);
                     let _ = s.control_tx.send(Control::Cancel(run));
                 }
-                Some(_) => s.lost(&run),
+                Some(_) => s.lost(&run, &held),
                 None if renewed.elapsed() >= s.s.lease_ttl => {
                     log::warn!("run {run}: lease not renewed for its whole term; giving it up");
-                    s.lost(&run);
+                    s.lost(&run, &held);
                 }
                 None => {}
             }

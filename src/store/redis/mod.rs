@@ -399,8 +399,15 @@ impl RedisStore {
         }
     }
 
-    fn lost(&self, run: &RunId) {
-        self.leases.remove(run);
+    /// Forget a lease this instance held (only that one: the run may have been taken over by
+    /// this very instance again since, under a new epoch).
+    fn drop_lease(&self, run: &RunId, held: &Held) {
+        self.leases.remove_if(run, |_, l| Arc::ptr_eq(l, held));
+    }
+
+    /// A lease found lost: forget it and stop the run's ingestion here.
+    fn lost(&self, run: &RunId, held: &Held) {
+        self.drop_lease(run, held);
         crate::metrics::STORE_FENCED.inc();
         let _ = self.control_tx.send(Control::Cancel(run.clone()));
     }
@@ -667,7 +674,7 @@ impl Store for RedisStore {
             return Err(self.not_ours(run).await);
         };
         let mut lease = held.lock().await;
-        if !self.leases.contains_key(run) {
+        if !self.leases.get(run).is_some_and(|l| Arc::ptr_eq(&l, &held)) {
             return Err(self.not_ours(run).await);
         }
         let mark = match &mark {
@@ -704,7 +711,7 @@ impl Store for RedisStore {
                     // A whole lease term without Redis: the lease lapses (no more renewals
                     // from here), and whoever scans first once Redis is back continues the run.
                     drop(lease);
-                    self.leases.remove(run);
+                    self.drop_lease(run, &held);
                     let _ = self.control_tx.send(Control::Cancel(run.clone()));
                     return Err(StoreError::Unavailable(e));
                 }
@@ -736,23 +743,23 @@ impl Store for RedisStore {
                     Ok(last)
                 } else {
                     drop(lease);
-                    self.lost(run);
+                    self.lost(run, &held);
                     Err(StoreError::Fenced)
                 }
             }
             Some("fenced") => {
                 drop(lease);
-                self.lost(run);
+                self.lost(run, &held);
                 Err(StoreError::Fenced)
             }
             Some("terminal") => {
                 drop(lease);
-                self.leases.remove(run);
+                self.drop_lease(run, &held);
                 Err(StoreError::Finished)
             }
             _ => {
                 drop(lease);
-                self.leases.remove(run);
+                self.drop_lease(run, &held);
                 Err(StoreError::RunNotFound)
             }
         }
@@ -803,7 +810,9 @@ impl Store for RedisStore {
         drop(guard);
         match r.first().map(String::as_str) {
             Some("ok") => {
-                self.leases.remove(run);
+                if let Some(h) = &held {
+                    self.drop_lease(run, h);
+                }
                 let last: u64 = r.get(1).and_then(|l| l.parse().ok()).unwrap_or(0);
                 let thread = match thread {
                     Some(t) => t,
@@ -815,15 +824,21 @@ impl Store for RedisStore {
                 Ok(true)
             }
             Some("already") => {
-                self.leases.remove(run);
+                if let Some(h) = &held {
+                    self.drop_lease(run, h);
+                }
                 Ok(false)
             }
             Some("fenced") => {
-                self.lost(run);
+                if let Some(h) = &held {
+                    self.lost(run, h);
+                }
                 Err(StoreError::Fenced)
             }
             _ => {
-                self.leases.remove(run);
+                if let Some(h) = &held {
+                    self.drop_lease(run, h);
+                }
                 Err(StoreError::RunNotFound)
             }
         }
