@@ -11,7 +11,9 @@
 //! [`Store`] is the seam between ingestion (which appends) and the API (which reads, waits and
 //! folds). It is shaped for a remote implementation from the start: async, owned values in and
 //! out, batched appends and reads, no references into the store's memory. [`memory::MemoryStore`]
-//! is the embedded implementation; its behaviour is the contract.
+//! is the embedded implementation; [`redis::RedisStore`] the shared one, for many instances
+//! (one writer per run under a fenced lease, takeover handed to ingestion as [`Control`]). Both
+//! pass one contract suite (`tests/store_contract.rs`).
 //!
 //! Organisation isolation lives here too: every lookup of a thread takes the caller's
 //! organisation, and a thread of another organisation is reported exactly like a missing one.
