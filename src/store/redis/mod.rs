@@ -19,7 +19,8 @@
 //!
 //! Redis being unreachable or slow (`response_timeout`) is [`StoreError::Unavailable`]; an
 //! out-of-memory refusal is [`StoreError::Full`]. Appends are retried with the same expected
-//! seq for up to `lease_ttl` before giving up.
+//! seq for up to `lease_ttl`; after that the lease is let lapse, and whichever instance scans
+//! first once Redis is back continues the run.
 
 mod lease;
 pub mod scripts;
