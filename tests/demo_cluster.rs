@@ -12,26 +12,6 @@ use common::cluster::RedisServer;
 use common::*;
 use serde_json::{json, Value};
 
-/// The `curl` commands of the demo's instructions (continuation lines joined).
-fn curl_commands(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut current = String::new();
-    for line in text.lines() {
-        let t = line.trim();
-        if current.is_empty() && !t.starts_with("curl ") {
-            continue;
-        }
-        if let Some(head) = t.strip_suffix('\\') {
-            current.push_str(head);
-            current.push(' ');
-        } else {
-            current.push_str(t);
-            out.push(std::mem::take(&mut current));
-        }
-    }
-    out
-}
-
 fn alive(pid: u32) -> bool {
     // A zombie (exited, not yet reaped by the demo's waiter) counts as gone.
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
@@ -142,7 +122,7 @@ async fn cluster_demo_commands_work_and_its_gateways_end_with_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let commands = curl_commands(&printed);
+    let commands = curl_commands(&printed, false);
     assert!(commands.len() >= 8, "{commands:#?}");
     for (i, addr) in api.iter().enumerate() {
         assert!(

@@ -8,38 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// `curl` commands of the ```sh blocks in `text` (continuation lines joined, comments dropped).
-fn curl_commands(text: &str, fenced: bool) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut inside = !fenced;
-    let mut current = String::new();
-    for line in text.lines() {
-        let t = line.trim();
-        if fenced && t.starts_with("```") {
-            inside = t == "```sh";
-            continue;
-        }
-        if !inside {
-            continue;
-        }
-        let t = match t.find("  #") {
-            Some(i) => t[..i].trim_end(),
-            None => t,
-        };
-        if current.is_empty() && !t.starts_with("curl ") {
-            continue;
-        }
-        if let Some(head) = t.strip_suffix('\\') {
-            current.push_str(head);
-            current.push(' ');
-        } else {
-            current.push_str(t);
-            out.push(std::mem::take(&mut current));
-        }
-    }
-    out
-}
-
 /// Run one curl command with the gateway's address, a real thread id and the demo's tokens in
 /// the environment; return the status.
 fn run(cmd: &str, api: &str, admin: &str, thread: &str, tokens: &[(String, String)]) -> String {

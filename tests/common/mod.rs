@@ -809,3 +809,35 @@ pub fn curl_status(cmd: &str, thread: &str, tokens: &[(String, String)]) -> Stri
     );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
+
+/// `curl` commands of the ```sh blocks in `text` (continuation lines joined, comments dropped).
+pub fn curl_commands(text: &str, fenced: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut inside = !fenced;
+    let mut current = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if fenced && t.starts_with("```") {
+            inside = t == "```sh";
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let t = match t.find("  #") {
+            Some(i) => t[..i].trim_end(),
+            None => t,
+        };
+        if current.is_empty() && !t.starts_with("curl ") {
+            continue;
+        }
+        if let Some(head) = t.strip_suffix('\\') {
+            current.push_str(head);
+            current.push(' ');
+        } else {
+            current.push_str(t);
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    out
+}
