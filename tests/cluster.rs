@@ -990,3 +990,46 @@ async fn drain_hands_runs_over() {
         "the drained instance did not exit"
     );
 }
+
+/// Live readers share their instance's few Redis connections: 60 streams of one run on one
+/// instance open no connection of their own, and each gets the whole run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_live_readers_share_a_few_redis_connections() {
+    let redis = RedisServer::start();
+    let c = Cluster::start(2, "agentflow", &redis, "");
+    let (thread, _) = c
+        .start_run(0, "m-many", "scenario:slow tokens=40 delay_ms=100")
+        .await;
+    let readers: Vec<_> = (0..60)
+        .map(|_| {
+            let gw = c.gw(1);
+            let req = gw
+                .http
+                .get(format!("{}/api/threads/{thread}/stream", gw.base))
+                .header("last-event-id", "0");
+            tokio::spawn(async move { req.send().await.unwrap().text().await.unwrap() })
+        })
+        .collect();
+    eventually(20 * SEC, "the 60 streams never all opened", || async {
+        (c.metric(1, "sluice_sse_streams_active").await >= Some(60)).then_some(())
+    })
+    .await;
+    let info = redis.cmd(&["INFO", "clients"]).unwrap();
+    let clients: u64 = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("connected_clients:"))
+        .and_then(|n| n.parse().ok())
+        .expect("connected_clients in INFO");
+    // Two instances, each with a command connection and a notifications connection, and this
+    // test's own: far fewer than the readers.
+    assert!(clients <= 8, "{clients} Redis connections for 60 readers");
+    let mut bodies = Vec::new();
+    for r in readers {
+        bodies.push(tokio::time::timeout(40 * SEC, r).await.unwrap().unwrap());
+    }
+    assert!(bodies[0].contains("data: [DONE]"), "{}", bodies[0]);
+    assert!(
+        bodies.iter().all(|b| *b == bodies[0]),
+        "every reader got the same run"
+    );
+}

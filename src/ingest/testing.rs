@@ -16,6 +16,19 @@ use crate::store::{
     Store, StoreError, ThreadId, ThreadInfo,
 };
 
+/// Roomy limits for an ingestion test's memory store.
+pub fn limits() -> MemoryLimits {
+    MemoryLimits {
+        max_events_per_run: 10_000,
+        max_bytes_per_run: 1 << 24,
+        max_total_bytes: 1 << 26,
+        retention: Duration::from_secs(60),
+        thread_retention: Duration::from_secs(3600),
+        retry_after: Duration::from_secs(1),
+        quotas: crate::store::budget::Quotas::unlimited(),
+    }
+}
+
 /// A [`MemoryStore`] that records marks and jobs, counts appended batches, and refuses appends
 /// with [`StoreError::Fenced`] once [`Recorder::fence`] is called.
 pub struct Recorder {
@@ -29,15 +42,7 @@ pub struct Recorder {
 impl Recorder {
     pub fn new() -> Arc<Recorder> {
         Arc::new(Recorder {
-            inner: MemoryStore::new(MemoryLimits {
-                max_events_per_run: 10_000,
-                max_bytes_per_run: 1 << 24,
-                max_total_bytes: 1 << 26,
-                retention: Duration::from_secs(60),
-                thread_retention: Duration::from_secs(3600),
-                retry_after: Duration::from_secs(1),
-                quotas: crate::store::budget::Quotas::unlimited(),
-            }),
+            inner: MemoryStore::new(limits()),
             marks: Mutex::default(),
             jobs: Mutex::default(),
             batches: tokio::sync::watch::channel(0).0,

@@ -659,7 +659,7 @@ mod tests {
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use crate::store::memory::{MemoryLimits, MemoryStore};
+    use crate::store::memory::MemoryStore;
     use crate::store::{BackendThread, NewRun, RunStatus, Store};
 
     fn http(status: u16, headers: &str, body: &str) -> String {
@@ -845,15 +845,7 @@ mod tests {
     }
 
     fn store() -> Arc<MemoryStore> {
-        Arc::new(MemoryStore::new(MemoryLimits {
-            max_events_per_run: 10_000,
-            max_bytes_per_run: 1 << 24,
-            max_total_bytes: 1 << 26,
-            retention: Duration::from_secs(60),
-            thread_retention: Duration::from_secs(3600),
-            retry_after: Duration::from_secs(1),
-            quotas: crate::store::budget::Quotas::unlimited(),
-        }))
+        Arc::new(MemoryStore::new(crate::ingest::testing::limits()))
     }
 
     fn adapter(up: &Backend, settings: PollSettings) -> PollAdapter {

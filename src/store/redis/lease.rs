@@ -125,7 +125,6 @@ async fn take_over(s: &Arc<RedisStore>, run: &RunId) -> Result<(), crate::store:
     let lease = Lease {
         epoch: r[1].clone(),
         last: info.last_seq,
-        thread: info.thread_id.0.clone(),
         renewed: Instant::now(),
     };
     s.leases

@@ -87,8 +87,6 @@ struct Lease {
     epoch: String,
     /// The seq the next append expects to follow.
     last: u64,
-    /// The run's thread.
-    thread: String,
     /// When Redis last confirmed the lease (or it was taken).
     renewed: Instant,
 }
@@ -466,33 +464,29 @@ impl RedisStore {
         })
     }
 
-    /// Merge what this instance wrote into its cache of the run (if watched).
+    /// Merge what this instance wrote into its cache of the run, if a reader here keeps one
+    /// (its own notification may not have come back yet).
     fn noted(
         &self,
         run: &RunId,
-        thread: &str,
         status: &str,
         first: u64,
         last: u64,
-        events: &[Bytes],
+        data: impl Iterator<Item = Bytes>,
     ) {
-        let note = Note {
+        let events = data
+            .enumerate()
+            .map(|(i, data)| Event {
+                seq: first + i as u64,
+                data,
+            })
+            .collect();
+        self.watcher.note_local(&Note {
             run: run.0.clone(),
             status: status.to_owned(),
             last,
-            events: events
-                .iter()
-                .enumerate()
-                .map(|(i, d)| Event {
-                    seq: first + i as u64,
-                    data: d.clone(),
-                })
-                .collect(),
-        };
-        let _ = self
-            .watcher
-            .with_tail(&run.0, &self.channel(thread), |_| ());
-        self.watcher.note_local(&note);
+            events,
+        });
     }
 
     async fn thread_position(
@@ -598,7 +592,6 @@ impl Store for RedisStore {
                 let lease = Lease {
                     epoch: "1".into(),
                     last: first_seq - 1,
-                    thread: thread.clone(),
                     renewed: Instant::now(),
                 };
                 self.leases
@@ -725,9 +718,8 @@ impl Store for RedisStore {
                 let kept = (last - expected) as usize;
                 lease.last = last;
                 if kept > 0 {
-                    let data: Vec<Bytes> =
-                        events.iter().take(kept).map(|e| e.data.clone()).collect();
-                    self.noted(run, &lease.thread, "in_progress", expected + 1, last, &data);
+                    let data = events.iter().take(kept).map(|e| e.data.clone());
+                    self.noted(run, "in_progress", expected + 1, last, data);
                 }
                 match r.get(2).map(String::as_str) {
                     Some("events") => Err(StoreError::RunLimit(RunLimit::Events)),
@@ -807,7 +799,6 @@ impl Store for RedisStore {
             if final_data.is_some() { b"1" } else { b"0" },
         ];
         let r = self.eval(&scripts::FINISH, &args).await?;
-        let thread = guard.as_ref().map(|l| l.thread.clone());
         drop(guard);
         match r.first().map(String::as_str) {
             Some("ok") => {
@@ -815,13 +806,8 @@ impl Store for RedisStore {
                     self.drop_lease(run, h);
                 }
                 let last: u64 = r.get(1).and_then(|l| l.parse().ok()).unwrap_or(0);
-                let thread = match thread {
-                    Some(t) => t,
-                    None => self.thread_of(run).await?,
-                };
-                let data: Vec<Bytes> = final_data.into_iter().collect();
-                let first = last + 1 - data.len() as u64;
-                self.noted(run, &thread, status.as_str(), first, last, &data);
+                let first = last + 1 - u64::from(final_data.is_some());
+                self.noted(run, status.as_str(), first, last, final_data.into_iter());
                 Ok(true)
             }
             Some("already") => {
