@@ -207,7 +207,10 @@ fn serve(mut config: Config, demo: Option<Dialect>) -> ExitCode {
             config.auth.dev_user
         );
     }
-    let listening = match server::add_gateway(&mut srv, config) {
+    let page = demo
+        .as_ref()
+        .map(|(_, identity)| crate::demo::page(&identity.admin_token));
+    let listening = match server::add_gateway(&mut srv, config, page) {
         Ok(l) => l,
         Err(e) => return fail(&format!("cannot start: {e}")),
     };

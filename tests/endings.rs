@@ -537,6 +537,7 @@ async fn a_draining_api_answers_new_requests_503_shutting_down() {
         views: Default::default(),
         gates: sluice::api::quota::Gates::new(config.limits.quotas()),
         bodies: sluice::api::quota::Bodies::new(config.limits.max_body_bytes_in_flight),
+        page: None,
     };
     let ask = || Fake {
         method: "GET",

@@ -887,7 +887,12 @@ mod cases {
             conversation: Some(c.into()),
             ..keyed(org, "u", key, None)
         };
+        assert_eq!(s.conversation("o", "c-1").await, Ok(None));
         let r1 = start(&*s, conv("o", "c-1", "m1")).await;
+        assert_eq!(
+            s.conversation("o", "c-1").await,
+            Ok(Some(r1.thread_id.clone()))
+        );
         assert_eq!(
             s.create_run(conv("o", "c-1", "m2")).await,
             Err(StoreError::RunInProgress(r1.run_id.clone()))
@@ -900,8 +905,17 @@ mod cases {
         assert_eq!(r2.thread_id, r1.thread_id);
         assert_eq!(r2.first_seq, 2);
         // Another organisation's conversation of the same id is another thread.
+        assert_eq!(s.conversation("p", "c-1").await, Ok(None));
         let p = start(&*s, conv("p", "c-1", "m1")).await;
         assert_ne!(p.thread_id, r1.thread_id);
+        assert_eq!(
+            s.conversation("p", "c-1").await,
+            Ok(Some(p.thread_id.clone()))
+        );
+        assert_eq!(
+            s.conversation("o", "c-1").await,
+            Ok(Some(r1.thread_id.clone()))
+        );
         assert_eq!(p.first_seq, 1);
         assert_eq!(
             s.thread("p", &r1.thread_id).await,
@@ -1757,8 +1771,10 @@ mod cases {
         s.finish(&r.run_id, RunStatus::Completed, None, None)
             .await
             .unwrap();
+        assert_eq!(s.conversation("o", "c-1").await, Ok(Some(t.clone())));
         sweep_until_forgotten(&*s, "o", &t).await;
         assert_eq!(s.backend_thread(&t).await, None);
+        assert_eq!(s.conversation("o", "c-1").await, Ok(None));
         assert_eq!(
             s.create_run(req("o", Some(&t))).await,
             Err(StoreError::ThreadNotFound)

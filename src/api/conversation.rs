@@ -2,7 +2,8 @@
 //! its user message and the fold of its log (the assistant message); `streamStatus` is the
 //! latest run's, `lastSeq` the thread's, and the snapshot at `lastSeq = n` is the fold of events
 //! `1..n`, with the evicted runs counted (`evictedRuns`, `evictedThroughSeq`) rather than
-//! silently missing.
+//! silently missing. A regenerated answer (`/api/chat`'s `regenerate-message`) replaces the one
+//! it regenerates and the turns after it, as on the client.
 //!
 //! Long-poll: with `wait=S&afterSeq=k` the answer is held until the thread has anything after
 //! `k` (an event, a new run, the latest run's end) or `S` seconds pass (capped by
@@ -20,7 +21,7 @@ use bytes::Bytes;
 
 use super::views::LogState;
 use crate::metrics;
-use crate::store::{RunInfo, StoreError, ThreadId, ThreadInfo};
+use crate::store::{RunInfo, StoreError, ThreadInfo};
 
 /// Handle `GET /api/getConversation`.
 pub async fn get_conversation(
@@ -31,7 +32,6 @@ pub async fn get_conversation(
     let thread_id = query_param(ex.query(), "threadId")
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::InvalidRequest("query parameter `threadId` is required".into()))?;
-    let thread_id = ThreadId(thread_id);
     let after = match query_param(ex.query(), "afterSeq") {
         None => None,
         Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
@@ -52,7 +52,9 @@ pub async fn get_conversation(
             Some(Duration::from_secs_f64(secs.min(86_400.0)).min(api.config.stream.long_poll_max.0))
         }
     };
-    let mut thread = api.store.thread(&who.org_id, &thread_id).await?;
+    // A chat id (`/api/chat`) names its thread too.
+    let mut thread = super::chat::thread_named(api, &who.org_id, &thread_id).await?;
+    let thread_id = thread.thread_id.clone();
     if let Some(wait) = wait.filter(|w| !w.is_zero()) {
         // With `afterSeq`, wait for anything after it (a new run included); without, only while
         // the latest run is in progress.
@@ -108,7 +110,12 @@ pub async fn snapshot(api: &Api, thread: &ThreadInfo) -> Result<Option<Vec<Bytes
     let store = api.store.as_ref();
     let mut messages: Vec<Bytes> = Vec::with_capacity(thread.runs.len() * 2);
     let mut latest: Option<(&RunInfo, LogState)> = None;
-    for run in &thread.runs {
+    let shown = super::chat::shown(&thread.runs);
+    for (run, shown) in thread.runs.iter().zip(shown) {
+        // A regenerated answer (never the latest run) is left out, and never folded.
+        if !shown {
+            continue;
+        }
         let view = api.views.of(run);
         messages.push(view.user_json());
         let folded = match view.folded(store).await {

@@ -222,6 +222,29 @@ impl Reply {
         }
     }
 
+    /// An HTML page of the project's own (inline script and style, nothing from elsewhere).
+    pub fn page(html: Bytes) -> Reply {
+        Reply {
+            status: 200,
+            headers: vec![
+                ("content-type", "text/html; charset=utf-8".into()),
+                ("cache-control", "no-store".into()),
+                (
+                    "content-security-policy",
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                     connect-src 'self'; img-src 'self' data:; base-uri 'none'; \
+                     form-action 'none'; frame-ancestors 'none'"
+                        .into(),
+                ),
+                ("referrer-policy", "no-referrer".into()),
+                ("x-content-type-options", "nosniff".into()),
+            ],
+            body: html,
+            more: Vec::new(),
+            close: false,
+        }
+    }
+
     /// A JSON answer written from pieces (shared, not copied into one buffer).
     pub fn json_pieces(status: u16, mut pieces: Vec<Bytes>) -> Reply {
         let body = if pieces.is_empty() {

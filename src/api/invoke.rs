@@ -35,33 +35,60 @@ fn bad(msg: impl Into<String>) -> ApiError {
 /// Parse and validate the body. Pure.
 pub fn parse_invoke(body: &[u8]) -> Result<InvokeRequest, ApiError> {
     let mut obj = super::json_object(body)?;
-    let agent_id = match obj.remove("agentId") {
-        None | Some(Value::Null) => return Err(bad("`agentId` is required")),
-        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Value::Number(n),
-        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 256 => Value::String(s),
-        Some(_) => return Err(bad("`agentId` must be an integer or a non-empty string")),
-    };
+    let agent_id = agent_id(obj.remove("agentId"))?;
     let thread_id = match obj.remove("threadId") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => Some(s),
         Some(_) => return Err(bad("`threadId` must be a non-empty string")),
     };
-    let timezone = match obj.remove("timezone") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.len() <= 64 => Some(s),
-        Some(_) => return Err(bad("`timezone` must be a string")),
-    };
-    let mut message = match obj.remove("message") {
+    let timezone = timezone(obj.remove("timezone"))?;
+    let (message, message_id, text) = user_message(obj.remove("message"), "message")?;
+    Ok(InvokeRequest {
+        agent_id,
+        message,
+        message_id,
+        text,
+        thread_id,
+        timezone,
+    })
+}
+
+/// `agentId`: a JSON integer or a non-empty string (at most 256 bytes).
+pub(crate) fn agent_id(value: Option<Value>) -> Result<Value, ApiError> {
+    match value {
+        None | Some(Value::Null) => Err(bad("`agentId` is required")),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Ok(Value::Number(n)),
+        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 256 => Ok(Value::String(s)),
+        Some(_) => Err(bad("`agentId` must be an integer or a non-empty string")),
+    }
+}
+
+/// `timezone`: an IANA time zone name, optional.
+pub(crate) fn timezone(value: Option<Value>) -> Result<Option<String>, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.len() <= 64 => Ok(Some(s)),
+        Some(_) => Err(bad("`timezone` must be a string")),
+    }
+}
+
+/// A user's `UIMessage` (the field `name` in errors): the message as it will be kept (role
+/// `user`, an `id` generated when it has none), its id, and its text parts joined with newlines.
+pub(crate) fn user_message(
+    value: Option<Value>,
+    name: &str,
+) -> Result<(Value, String, String), ApiError> {
+    let mut message = match value {
         Some(Value::Object(m)) => m,
-        None | Some(Value::Null) => return Err(bad("`message` is required")),
-        Some(_) => return Err(bad("`message` must be a UIMessage object")),
+        None | Some(Value::Null) => return Err(bad(format!("`{name}` is required"))),
+        Some(_) => return Err(bad(format!("`{name}` must be a UIMessage object"))),
     };
     match message.get("role") {
         None => {
             message.insert("role".into(), json!("user"));
         }
         Some(Value::String(r)) if r == "user" => {}
-        Some(_) => return Err(bad("`message.role` must be \"user\"")),
+        Some(_) => return Err(bad(format!("`{name}.role` must be \"user\""))),
     }
     let message_id = match message.get("id") {
         None | Some(Value::Null) => {
@@ -70,38 +97,33 @@ pub fn parse_invoke(body: &[u8]) -> Result<InvokeRequest, ApiError> {
             id
         }
         Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.clone(),
-        Some(_) => return Err(bad("`message.id` must be a non-empty string")),
+        Some(_) => return Err(bad(format!("`{name}.id` must be a non-empty string"))),
     };
-    let text = message_text(&message)?;
-    Ok(InvokeRequest {
-        agent_id,
-        message: Value::Object(message),
-        message_id,
-        text,
-        thread_id,
-        timezone,
-    })
+    let text = message_text(&message, name)?;
+    Ok((Value::Object(message), message_id, text))
 }
 
-fn message_text(message: &Map<String, Value>) -> Result<String, ApiError> {
+fn message_text(message: &Map<String, Value>, name: &str) -> Result<String, ApiError> {
     let Some(Value::Array(parts)) = message.get("parts") else {
-        return Err(bad("`message.parts` must be an array"));
+        return Err(bad(format!("`{name}.parts` must be an array")));
     };
     let mut texts = Vec::new();
     for (i, part) in parts.iter().enumerate() {
         let Some(kind) = part.get("type").and_then(Value::as_str) else {
-            return Err(bad(format!("`message.parts[{i}].type` must be a string")));
+            return Err(bad(format!("`{name}.parts[{i}].type` must be a string")));
         };
         if kind == "text" {
             match part.get("text") {
                 Some(Value::String(t)) => texts.push(t.as_str()),
-                _ => return Err(bad(format!("`message.parts[{i}].text` must be a string"))),
+                _ => return Err(bad(format!("`{name}.parts[{i}].text` must be a string"))),
             }
         }
     }
     let text = texts.join("\n");
     if text.trim().is_empty() {
-        return Err(bad("`message.parts` must contain a non-empty text part"));
+        return Err(bad(format!(
+            "`{name}.parts` must contain a non-empty text part"
+        )));
     }
     Ok(text)
 }
@@ -140,8 +162,55 @@ pub async fn invoke_agent(
     let req = parse_invoke(&body)?;
     // Parsed: the raw body no longer counts against `limits.max_body_bytes_in_flight`.
     drop(body);
+    // `threadId` names a thread, or a chat that `/api/chat` started (its client's id).
+    let thread_id = match &req.thread_id {
+        Some(id) => Some(super::chat::thread_id_named(api, &who.org_id, id).await?),
+        None => None,
+    };
+    let turn = Turn {
+        key: req.message_id.clone(),
+        backend_message_id: req.message_id.clone(),
+        agent_id: req.agent_id,
+        message: req.message,
+        text: req.text,
+        timezone: req.timezone,
+        thread_id,
+        conversation: None,
+    };
+    start_turn(api, who, ex, turn).await
+}
+
+/// A user turn to start, or to re-attach to when its idempotency key names a run already:
+/// what `invokeAgent` and `/api/chat` both answer with a run's UI-message stream (or `202`).
+pub(crate) struct Turn {
+    /// The agent.
+    pub agent_id: Value,
+    /// The user message, as snapshots show it.
+    pub message: Value,
+    /// The idempotency key (the user message's id, for a first answer).
+    pub key: String,
+    /// The `message_id` the backend is asked with.
+    pub backend_message_id: String,
+    /// The user's text.
+    pub text: String,
+    /// IANA time zone name, passed to the backend.
+    pub timezone: Option<String>,
+    /// Continue this thread.
+    pub thread_id: Option<ThreadId>,
+    /// With no thread: the client's conversation id, mapped to a thread created on first use.
+    pub conversation: Option<String>,
+}
+
+/// Start `turn` (or re-attach to it) and answer: its stream from the start (after the client's
+/// `Last-Event-ID` on a re-attach), or `202` with `X-Stream-Response: false`.
+pub(crate) async fn start_turn(
+    api: &Api,
+    who: &Identity,
+    ex: &mut dyn Exchange,
+    turn: Turn,
+) -> Result<(), ApiError> {
     let no_stream = wants_no_stream(ex.header("x-stream-response"));
-    if !agent_allowed(&api.config.auth.org_agents, &who.org_id, &req.agent_id) {
+    if !agent_allowed(&api.config.auth.org_agents, &who.org_id, &turn.agent_id) {
         return Err(ApiError::AgentNotFound);
     }
     // A streamed answer takes its slot before anything is started.
@@ -152,13 +221,13 @@ pub async fn invoke_agent(
     let started = api
         .store
         .create_run(NewRun {
-            thread_id: req.thread_id.clone().map(ThreadId),
+            thread_id: turn.thread_id.clone(),
             org_id: who.org_id.clone(),
             user_id: who.user_id.clone(),
-            agent_id: req.agent_id.clone(),
-            user_message: req.message.clone(),
-            idempotency_key: Some(req.message_id.clone()),
-            conversation: None,
+            agent_id: turn.agent_id.clone(),
+            user_message: turn.message.clone(),
+            idempotency_key: Some(turn.key.clone()),
+            conversation: turn.conversation.clone(),
         })
         .await?;
     let run = started.run.clone();
@@ -170,10 +239,10 @@ pub async fn invoke_agent(
         // A retry of the same user message: re-attach to its run, never start a second one.
         metrics::IDEMPOTENT_REATTACHES.inc();
         ids.push(("x-sluice-reattached", "true".into()));
-    } else if let Some(refusal) = start_upstream(api, who, &req, &run).await {
+    } else if let Some(refusal) = start_upstream(api, who, &turn, &run).await {
         // A retry should ask the backend again, not re-attach to this refusal.
         api.store
-            .forget_key(&who.org_id, &who.user_id, &req.message_id, &run.run_id)
+            .forget_key(&who.org_id, &who.user_id, &turn.key, &run.run_id)
             .await;
         let mut reply = refusal.reply();
         reply.headers.extend(ids);
@@ -204,23 +273,18 @@ pub(crate) const ADMISSION_GRACE: std::time::Duration = std::time::Duration::fro
 /// Start ingesting a new run and wait for the backend's answer to its request, so that the
 /// backend's verdict on the agent (401, 403, 404) reaches the client as such. Returns that
 /// refusal; any other failure ends the run with `error` and is seen in its log.
-async fn start_upstream(
-    api: &Api,
-    who: &Identity,
-    req: &InvokeRequest,
-    run: &RunInfo,
-) -> Option<ApiError> {
-    let agent_path = match &req.agent_id {
+async fn start_upstream(api: &Api, who: &Identity, turn: &Turn, run: &RunInfo) -> Option<ApiError> {
+    let agent_path = match &turn.agent_id {
         Value::String(s) => path_segment(s),
         other => other.to_string(),
     };
     let mut body = json!({
-        "message": req.text,
+        "message": turn.text,
         "conversation_id": run.thread_id.0,
-        "message_id": req.message_id,
+        "message_id": turn.backend_message_id,
         "stream": true,
     });
-    if let Some(tz) = &req.timezone {
+    if let Some(tz) = &turn.timezone {
         body["client_timezone"] = json!(tz);
     }
     admit(

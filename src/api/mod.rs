@@ -3,6 +3,7 @@
 //! (`crate::server::exchange` implements it over a Pingora session).
 
 pub mod agentflow;
+pub mod chat;
 pub mod conversation;
 pub mod error;
 pub mod invoke;
@@ -137,6 +138,8 @@ pub struct Api {
     pub gates: quota::Gates,
     /// The request bodies held at once (`limits.max_body_bytes_in_flight`).
     pub bodies: quota::Bodies,
+    /// The chat page served at `/` (`sluice demo` only; elsewhere `/` is not found).
+    pub page: Option<Bytes>,
 }
 
 impl Api {
@@ -155,6 +158,15 @@ impl Api {
             let _ = ex
                 .respond(ApiError::ShuttingDown(retry_after).reply())
                 .await;
+            return label;
+        }
+        // The demo's page is public: it carries the demo's token to its own requests.
+        if routed == Ok(Route::DemoPage) {
+            let reply = match &self.page {
+                Some(page) => Reply::page(page.clone()),
+                None => ApiError::NotFound.reply(),
+            };
+            let _ = ex.respond(reply).await;
             return label;
         }
         // Credentials first, on every request, before any route work.
@@ -178,6 +190,10 @@ impl Api {
             Route::ResumeStream => stream::resume(self, &identity, ex).await,
             Route::StopRun => stop::stop(self, &identity, ex).await,
             Route::RunAgent => agentflow::run_agent(self, &identity, ex).await,
+            Route::Chat => chat::chat(self, &identity, ex).await,
+            Route::ChatStream => chat::chat_stream(self, &identity, ex).await,
+            Route::ChatStop => chat::chat_stop(self, &identity, ex).await,
+            Route::DemoPage => Err(ApiError::NotFound),
         };
         if let Err(e) = result {
             if ex.status_sent().is_none() {

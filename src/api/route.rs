@@ -15,6 +15,14 @@ pub enum Route {
     StopRun,
     /// `POST /agents/{id}/run`: the AgentFlow dialect.
     RunAgent,
+    /// `POST /api/chat`: an AI SDK `DefaultChatTransport` turn.
+    Chat,
+    /// `GET /api/chat/{chatId}/stream`: the chat's resume route (`reconnectToStream`).
+    ChatStream,
+    /// `POST /api/chat/{chatId}/stop`: stop the chat's run.
+    ChatStop,
+    /// `GET /`: the demo's chat page (served by `sluice demo` only).
+    DemoPage,
 }
 
 impl Route {
@@ -26,6 +34,10 @@ impl Route {
             Route::ResumeStream => "resume_stream",
             Route::StopRun => "stop_run",
             Route::RunAgent => "run_agent",
+            Route::Chat => "chat",
+            Route::ChatStream => "chat_stream",
+            Route::ChatStop => "chat_stop",
+            Route::DemoPage => "demo_page",
         }
     }
 }
@@ -42,8 +54,12 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
     let (route, allowed) = match path {
         "/api/invokeAgent" => (Route::InvokeAgent, "POST"),
         "/api/getConversation" => (Route::GetConversation, "GET"),
+        "/api/chat" => (Route::Chat, "POST"),
+        "/" => (Route::DemoPage, "GET"),
         _ if thread_of(path, "/stream").is_some() => (Route::ResumeStream, "GET"),
         _ if thread_of(path, "/stop").is_some() => (Route::StopRun, "POST"),
+        _ if chat_of(path, "/stream").is_some() => (Route::ChatStream, "GET"),
+        _ if chat_of(path, "/stop").is_some() => (Route::ChatStop, "POST"),
         _ if super::agentflow::agent_of(path).is_some() => (Route::RunAgent, "POST"),
         _ => return Err(ApiError::NotFound),
     };
@@ -56,8 +72,18 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
 
 /// The `{threadId}` of `/api/threads/{threadId}{suffix}` (percent-decoded), if `path` is one.
 pub fn thread_of(path: &str, suffix: &str) -> Option<String> {
+    id_between(path, "/api/threads/", suffix)
+}
+
+/// The `{chatId}` of `/api/chat/{chatId}{suffix}` (percent-decoded), if `path` is one.
+pub fn chat_of(path: &str, suffix: &str) -> Option<String> {
+    id_between(path, "/api/chat/", suffix)
+}
+
+/// The one percent-decoded path segment between `prefix` and `suffix`.
+fn id_between(path: &str, prefix: &str, suffix: &str) -> Option<String> {
     let path = path.strip_suffix('/').unwrap_or(path);
-    let rest = path.strip_prefix("/api/threads/")?.strip_suffix(suffix)?;
+    let rest = path.strip_prefix(prefix)?.strip_suffix(suffix)?;
     if rest.is_empty() || rest.contains('/') {
         return None;
     }
@@ -90,7 +116,28 @@ mod tests {
             route("DELETE", "/api/getConversation"),
             Err(ApiError::MethodNotAllowed("GET"))
         );
-        assert_eq!(route("GET", "/"), Err(ApiError::NotFound));
+        assert_eq!(route("GET", "/"), Ok(Route::DemoPage));
+        assert_eq!(route("GET", "/index.html"), Err(ApiError::NotFound));
+        assert_eq!(route("POST", "/api/chat"), Ok(Route::Chat));
+        assert_eq!(route("POST", "/api/chat/"), Ok(Route::Chat));
+        assert_eq!(
+            route("GET", "/api/chat"),
+            Err(ApiError::MethodNotAllowed("POST"))
+        );
+        assert_eq!(route("GET", "/api/chat/c-1/stream"), Ok(Route::ChatStream));
+        assert_eq!(route("POST", "/api/chat/c-1/stop"), Ok(Route::ChatStop));
+        assert_eq!(
+            route("POST", "/api/chat/c-1/stream"),
+            Err(ApiError::MethodNotAllowed("GET"))
+        );
+        assert_eq!(
+            route("GET", "/api/chat/a/b/stream"),
+            Err(ApiError::NotFound)
+        );
+        assert_eq!(
+            chat_of("/api/chat/chat%2F1%20x/stream", "/stream").as_deref(),
+            Some("chat/1 x")
+        );
         assert_eq!(
             route("GET", "/api/threads/abc/stream"),
             Ok(Route::ResumeStream)

@@ -9,12 +9,21 @@ use super::{query_param, Api, ApiError, Exchange, Identity, Reply};
 use crate::agentflow;
 use crate::event::NewEvent;
 use crate::metrics;
-use crate::store::{RunStatus, ThreadId};
+use crate::store::{RunStatus, ThreadInfo};
 
 /// Handle the stop route.
 pub async fn stop(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<(), ApiError> {
     let thread_id = super::route::thread_of(ex.path(), "/stop").ok_or(ApiError::NotFound)?;
-    let thread = api.store.thread(&who.org_id, &ThreadId(thread_id)).await?;
+    let thread = super::chat::thread_named(api, &who.org_id, &thread_id).await?;
+    stop_thread(api, ex, thread).await
+}
+
+/// Stop the run `?runId=` names, else the latest run, of a thread already read.
+pub async fn stop_thread(
+    api: &Api,
+    ex: &mut dyn Exchange,
+    thread: ThreadInfo,
+) -> Result<(), ApiError> {
     let wanted = query_param(ex.query(), "runId");
     let run = match &wanted {
         Some(id) => thread.runs.iter().find(|r| r.run_id.0 == *id),

@@ -24,7 +24,7 @@ use crate::render::agentflow::AgentFlowRenderer;
 use crate::render::ui::Cursor;
 use crate::render::DONE_FRAME;
 use crate::sse;
-use crate::store::{RunInfo, Store, StoreError, ThreadId};
+use crate::store::{RunInfo, Store, StoreError, ThreadInfo};
 
 /// AgentFlow events read per store read.
 const READ_BATCH: usize = 256;
@@ -99,6 +99,17 @@ pub fn cursor_of(ex: &dyn Exchange) -> Result<Option<Cursor>, ApiError> {
 /// runs. `?runId=` names the run explicitly (the cursor must then lie inside it).
 pub async fn resume(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<(), ApiError> {
     let thread_id = super::route::thread_of(ex.path(), "/stream").ok_or(ApiError::NotFound)?;
+    let thread = super::chat::thread_named(api, &who.org_id, &thread_id).await?;
+    resume_thread(api, who, ex, thread).await
+}
+
+/// [`resume`] of a thread already read.
+pub async fn resume_thread(
+    api: &Api,
+    who: &Identity,
+    ex: &mut dyn Exchange,
+    thread: ThreadInfo,
+) -> Result<(), ApiError> {
     let dialect = match query_param(ex.query(), "format").as_deref() {
         None | Some("ui-message") => Dialect::UiMessage,
         Some("agentflow") => Dialect::AgentFlow {
@@ -111,7 +122,6 @@ pub async fn resume(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<
         }
     };
     let cursor = cursor_of(ex)?;
-    let thread = api.store.thread(&who.org_id, &ThreadId(thread_id)).await?;
     let spans: Vec<Span> = thread
         .runs
         .iter()

@@ -165,6 +165,13 @@ impl Store for Recorder {
             .wait_thread(org_id, thread, seen, after, timeout)
             .await
     }
+    async fn conversation(
+        &self,
+        org_id: &str,
+        conversation: &str,
+    ) -> Result<Option<ThreadId>, StoreError> {
+        self.inner.conversation(org_id, conversation).await
+    }
     async fn backend_thread(&self, thread: &ThreadId) -> Option<BackendThread> {
         self.inner.backend_thread(thread).await
     }

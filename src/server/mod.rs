@@ -116,8 +116,13 @@ impl LocalApp for Api {
     }
 }
 
-/// Add the gateway's services (client API, admin, housekeeping) to `server`.
-pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Listening> {
+/// Add the gateway's services (client API, admin, housekeeping) to `server`; `page` is served
+/// at the API's root (the demo's chat page).
+pub fn add_gateway(
+    server: &mut Server,
+    config: Config,
+    page: Option<bytes::Bytes>,
+) -> std::io::Result<Listening> {
     metrics::init(&metrics::LabelSets {
         run_statuses: &crate::store::RunStatus::ALL
             .into_iter()
@@ -152,6 +157,7 @@ pub fn add_gateway(server: &mut Server, config: Config) -> std::io::Result<Liste
         views: views.clone(),
         gates: crate::api::quota::Gates::new(quotas),
         bodies: crate::api::quota::Bodies::new(config.limits.max_body_bytes_in_flight),
+        page,
     });
 
     let proxy = pingora::proxy::http_proxy(&server.configuration, Local(api));

@@ -694,6 +694,18 @@ impl Store for MemoryStore {
         }
     }
 
+    async fn conversation(
+        &self,
+        org_id: &str,
+        conversation: &str,
+    ) -> Result<Option<ThreadId>, StoreError> {
+        let known = self
+            .conversations
+            .get(&(org_id.to_string(), conversation.to_string()))
+            .map(|t| t.clone());
+        Ok(known.filter(|t| self.threads.contains_key(t)))
+    }
+
     async fn forget_key(&self, org_id: &str, user_id: &str, key: &str, run: &RunId) {
         let key = (org_id.to_string(), user_id.to_string(), key.to_string());
         self.keys.remove_if(&key, |_, r| r == run);

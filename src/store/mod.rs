@@ -422,6 +422,15 @@ pub trait Store: Send + Sync + 'static {
     /// A run's metadata.
     async fn run(&self, run: &RunId) -> Result<RunInfo, StoreError>;
 
+    /// The thread a client's conversation id of `org_id` names (an AgentFlow `conversation_id`,
+    /// an AI SDK chat id), if one was created and its record is still kept. Ids of one
+    /// organisation never name another's thread.
+    async fn conversation(
+        &self,
+        org_id: &str,
+        conversation: &str,
+    ) -> Result<Option<ThreadId>, StoreError>;
+
     /// A thread of `org_id` with its runs' metadata (it may have none left: all evicted);
     /// another organisation's thread is [`StoreError::ThreadNotFound`].
     async fn thread(&self, org_id: &str, thread: &ThreadId) -> Result<ThreadInfo, StoreError>;

@@ -318,6 +318,11 @@ impl RedisStore {
         format!("{}:n:{{{tid}}}", self.s.prefix)
     }
 
+    /// The key of a client conversation id of `org` (→ its thread id).
+    fn conversation_key(&self, org: &str, conversation: &str) -> String {
+        format!("{}:c:{}", self.s.prefix, hashed(&[org, conversation]))
+    }
+
     fn org_key(&self, org: &str) -> String {
         format!("{}:o:{}", self.s.prefix, hashed(&[org]))
     }
@@ -543,7 +548,7 @@ impl Store for RedisStore {
         };
         let conv = new.conversation.clone().unwrap_or_default();
         let conv_k = match (&new.thread_id, &new.conversation) {
-            (None, Some(c)) => format!("{}:c:{}", self.s.prefix, hashed(&[&new.org_id, c])),
+            (None, Some(c)) => self.conversation_key(&new.org_id, c),
             _ => String::new(),
         };
         let tid = new
@@ -637,6 +642,20 @@ impl Store for RedisStore {
                 "unexpected answer to create: {r:?}"
             ))),
         }
+    }
+
+    async fn conversation(
+        &self,
+        org_id: &str,
+        conversation: &str,
+    ) -> Result<Option<ThreadId>, StoreError> {
+        let k = self.conversation_key(org_id, conversation);
+        let known: Option<String> = redis::cmd("GET")
+            .arg(k)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(known.map(ThreadId))
     }
 
     async fn forget_key(&self, org_id: &str, user_id: &str, key: &str, run: &RunId) {

@@ -1,5 +1,6 @@
 //! `sluice demo`: its identity provider (a key pair whose JWKS the mock agent serves, and
-//! tokens minted with it), the ready-to-paste commands it prints, and the cluster demo
+//! tokens minted with it), the ready-to-paste commands it prints, its chat page (`page.html`,
+//! served at the gateway's root with the demo's token), and the cluster demo
 //! (`--instances N --redis URL`: gateway child processes sharing Redis).
 
 use std::io::{BufRead, BufReader, Write};
@@ -72,6 +73,22 @@ impl Identity {
         config.auth.issuer = ISSUER.into();
         config.auth.jwks_url = format!("http://{mock}/.well-known/jwks.json");
     }
+}
+
+/// The chat page: plain HTML and JavaScript of the project's own, nothing fetched.
+const PAGE: &str = include_str!("page.html");
+
+/// Where the page takes its token: this JavaScript string literal is replaced by the token's.
+const TOKEN_SLOT: &str = "\"__SLUICE_DEMO_TOKEN__\"";
+
+/// The chat page, carrying `token` to its own requests.
+pub fn page(token: &str) -> bytes::Bytes {
+    // A JSON string is a JavaScript string literal; `<` is escaped so that no text in it can
+    // end the script element.
+    let literal = serde_json::to_string(token)
+        .unwrap_or_default()
+        .replace('<', "\\u003c");
+    bytes::Bytes::from(PAGE.replace(TOKEN_SLOT, &literal))
 }
 
 /// The demo's instructions for a gateway at `api` (admin at `admin`) over a mock agent at `mock`.

@@ -1,0 +1,381 @@
+//! The AI SDK's chat routes (`DefaultChatTransport` with only `api`, `headers` and `body`): a
+//! second face of the same threads as `invokeAgent`.
+//!
+//! - `POST /api/chat` takes the transport's body `{id, messages, trigger, messageId, ...body}`.
+//!   The chat `id`, chosen by the client, names a thread of the caller's organisation, created on
+//!   first use (the same mapping as AgentFlow's `conversation_id`); the last message is the new
+//!   user turn and its id the idempotency key, as in `invokeAgent`; the earlier messages are the
+//!   client's copy of what the thread already holds and are not read. `regenerate-message`
+//!   starts a new run for that user message, whose answer replaces the one it regenerates (and
+//!   the turns after it) in snapshots, as the SDK replaces it on the client.
+//! - `GET /api/chat/{id}/stream` is the SDK's `reconnectToStream` URL: the thread's resume route,
+//!   answering `204` for a chat this organisation never started.
+//! - `POST /api/chat/{id}/stop` stops the chat's run.
+//!
+//! Every route that names a thread (these, `getConversation?threadId=`, `/api/threads/{id}/…`,
+//! `invokeAgent`'s `threadId`) takes a chat id too: [`thread_named`].
+
+use serde_json::Value;
+
+use super::invoke::{self, Turn};
+use super::{Api, ApiError, Exchange, Identity, Reply};
+use crate::store::{RunInfo, StoreError, ThreadId, ThreadInfo};
+
+/// How the SDK asks for an answer (`trigger`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// `submit-message`: answer the last user message.
+    Submit,
+    /// `regenerate-message`: answer the last user message again, replacing its answer.
+    Regenerate,
+}
+
+/// A validated chat request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatRequest {
+    /// The chat id (`id`).
+    pub chat_id: String,
+    /// `agentId` (from the transport's `body`).
+    pub agent_id: Value,
+    /// The new user turn: the last of `messages`.
+    pub message: Value,
+    /// Its id.
+    pub message_id: String,
+    /// Its text parts joined with newlines.
+    pub text: String,
+    /// `timezone` (from the transport's `body`), passed to the backend.
+    pub timezone: Option<String>,
+    /// `trigger`.
+    pub trigger: Trigger,
+    /// `messageId`: with `regenerate-message`, the message whose answer is regenerated (the
+    /// assistant message, or the user message it answers).
+    pub target: Option<String>,
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::InvalidRequest(msg.into())
+}
+
+/// Parse and validate a `DefaultChatTransport` body. Pure.
+pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let mut obj = super::json_object(body)?;
+    let chat_id = match obj.remove("id") {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s,
+        None | Some(Value::Null) => return Err(bad("`id` (the chat id) is required")),
+        Some(_) => {
+            return Err(bad(
+                "`id` (the chat id) must be a non-empty string of at most 256 bytes",
+            ))
+        }
+    };
+    let agent_id = invoke::agent_id(obj.remove("agentId"))?;
+    let timezone = invoke::timezone(obj.remove("timezone"))?;
+    let trigger = match obj.remove("trigger") {
+        None | Some(Value::Null) => Trigger::Submit,
+        Some(Value::String(t)) if t == "submit-message" => Trigger::Submit,
+        Some(Value::String(t)) if t == "regenerate-message" => Trigger::Regenerate,
+        Some(other) => {
+            return Err(bad(format!(
+                "`trigger` must be \"submit-message\" or \"regenerate-message\", not {other}"
+            )))
+        }
+    };
+    let target = match obj.remove("messageId") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => Some(s),
+        Some(_) => return Err(bad("`messageId` must be a non-empty string")),
+    };
+    let last = match obj.remove("messages") {
+        Some(Value::Array(mut messages)) if !messages.is_empty() => messages.pop(),
+        Some(Value::Array(_)) => return Err(bad("`messages` must not be empty")),
+        None | Some(Value::Null) => return Err(bad("`messages` is required")),
+        Some(_) => return Err(bad("`messages` must be an array of UIMessages")),
+    };
+    let role = last.as_ref().and_then(|m| m.get("role"));
+    if role.is_some_and(|r| r != "user") {
+        return Err(bad(format!(
+            "the last of `messages` must be the user's new message (role \"user\"), not role {}; \
+             answering client-side tool results is not supported",
+            role.map(Value::to_string).unwrap_or_default()
+        )));
+    }
+    let (message, message_id, text) = invoke::user_message(last, "messages[-1]")?;
+    Ok(ChatRequest {
+        chat_id,
+        agent_id,
+        message,
+        message_id,
+        text,
+        timezone,
+        trigger,
+        target,
+    })
+}
+
+/// The idempotency key of a run that regenerates the answer with id `assistant_message_id`.
+pub fn regeneration_key(assistant_message_id: &str) -> String {
+    format!("{REGENERATES}{assistant_message_id}")
+}
+
+/// The answer a run regenerates, from its idempotency key.
+pub fn regenerates(key: &str) -> Option<&str> {
+    key.strip_prefix(REGENERATES)
+}
+
+const REGENERATES: &str = "regenerate\u{1f}";
+
+/// Which of a thread's runs (oldest first) a snapshot shows: a run that regenerates an answer
+/// hides that answer's run and every run after it (the turns the SDK dropped on the client
+/// when it regenerated). Pure.
+pub fn shown(runs: &[RunInfo]) -> Vec<bool> {
+    let mut shown = vec![true; runs.len()];
+    for (i, run) in runs.iter().enumerate() {
+        let Some(answer) = run.idempotency_key.as_deref().and_then(regenerates) else {
+            continue;
+        };
+        if let Some(j) = runs[..i]
+            .iter()
+            .rposition(|r| r.assistant_message_id == answer)
+        {
+            shown[j..i].iter_mut().for_each(|s| *s = false);
+        }
+    }
+    shown
+}
+
+/// The thread an id names for `org`: the organisation's chat (or AgentFlow conversation) of
+/// that id if there is one, else its thread of that id.
+pub async fn thread_named(api: &Api, org: &str, id: &str) -> Result<ThreadInfo, ApiError> {
+    if let Some(thread) = api.store.conversation(org, id).await? {
+        match api.store.thread(org, &thread).await {
+            Err(StoreError::ThreadNotFound) => {}
+            found => return Ok(found?),
+        }
+    }
+    Ok(api.store.thread(org, &ThreadId(id.to_string())).await?)
+}
+
+/// The thread id an id names for `org` (see [`thread_named`]), without reading the thread.
+pub async fn thread_id_named(api: &Api, org: &str, id: &str) -> Result<ThreadId, ApiError> {
+    Ok(api
+        .store
+        .conversation(org, id)
+        .await?
+        .unwrap_or_else(|| ThreadId(id.to_string())))
+}
+
+/// The user message id a run answers.
+fn answers(run: &RunInfo) -> Option<&str> {
+    run.user_message.get("id").and_then(Value::as_str)
+}
+
+/// Handle `POST /api/chat`.
+pub async fn chat(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<(), ApiError> {
+    let body = ex.read_body(api.config.limits.max_body_bytes).await?;
+    let req = parse_chat(&body)?;
+    // Parsed: the raw body (the whole chat history) no longer counts against
+    // `limits.max_body_bytes_in_flight`.
+    drop(body);
+    let thread = match thread_named(api, &who.org_id, &req.chat_id).await {
+        Ok(thread) => Some(thread),
+        Err(ApiError::ThreadNotFound) => None,
+        Err(e) => return Err(e),
+    };
+    let mut key = req.message_id.clone();
+    let mut backend_message_id = req.message_id.clone();
+    if req.trigger == Trigger::Regenerate {
+        // The answer regenerated: the one the SDK names, else the latest to this message.
+        let runs = thread.as_ref().map_or(&[][..], |t| &t.runs[..]);
+        let answering: Vec<&RunInfo> = runs
+            .iter()
+            .filter(|r| answers(r) == Some(&req.message_id))
+            .collect();
+        let named = req.target.as_deref().and_then(|target| {
+            answering
+                .iter()
+                .rev()
+                .find(|r| r.assistant_message_id == target)
+        });
+        if let Some(old) = named.or(answering.last()) {
+            // Keyed by the answer it replaces, so a retried request re-attaches; the backend
+            // is asked under a message id of its own, so that a backend that deduplicates by
+            // message id answers again rather than repeat its answer.
+            key = regeneration_key(&old.assistant_message_id);
+            backend_message_id = format!(
+                "{}.regenerate.{}",
+                req.message_id, &old.assistant_message_id
+            );
+        }
+    }
+    let (thread_id, conversation) = match &thread {
+        Some(t) => (Some(t.thread_id.clone()), None),
+        None => (None, Some(req.chat_id.clone())),
+    };
+    let turn = Turn {
+        agent_id: req.agent_id,
+        message: req.message,
+        key,
+        backend_message_id,
+        text: req.text,
+        timezone: req.timezone,
+        thread_id,
+        conversation,
+    };
+    invoke::start_turn(api, who, ex, turn).await
+}
+
+/// Handle `GET /api/chat/{id}/stream`: the thread's resume route; `204` for a chat this
+/// organisation has not started (a fresh page with `resume: true` has nothing to resume).
+pub async fn chat_stream(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<(), ApiError> {
+    let id = super::route::chat_of(ex.path(), "/stream").ok_or(ApiError::NotFound)?;
+    match thread_named(api, &who.org_id, &id).await {
+        Ok(thread) => super::stream::resume_thread(api, who, ex, thread).await,
+        Err(ApiError::ThreadNotFound) => {
+            // Still a bad cursor is refused as such.
+            super::stream::cursor_of(ex)?;
+            let _ = ex.respond(Reply::empty(204)).await;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Handle `POST /api/chat/{id}/stop`.
+pub async fn chat_stop(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<(), ApiError> {
+    let id = super::route::chat_of(ex.path(), "/stop").ok_or(ApiError::NotFound)?;
+    let thread = thread_named(api, &who.org_id, &id).await?;
+    super::stop::stop_thread(api, ex, thread).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ok(body: Value) -> ChatRequest {
+        parse_chat(body.to_string().as_bytes()).unwrap()
+    }
+
+    fn err(body: Value) -> ApiError {
+        parse_chat(body.to_string().as_bytes()).unwrap_err()
+    }
+
+    fn user(id: &str, text: &str) -> Value {
+        json!({"id": id, "role": "user", "parts": [{"type": "text", "text": text}]})
+    }
+
+    #[test]
+    fn accepts_what_default_chat_transport_sends() {
+        let r = ok(json!({
+            "agentId": 1,
+            "id": "chat-1",
+            "messages": [
+                user("u1", "Hi"),
+                {"id": "a1", "role": "assistant", "parts": [{"type": "text", "text": "Hello"}]},
+                user("u2", "More"),
+            ],
+            "trigger": "submit-message",
+        }));
+        assert_eq!(r.chat_id, "chat-1");
+        assert_eq!(r.agent_id, json!(1));
+        assert_eq!(r.message_id, "u2");
+        assert_eq!(r.text, "More");
+        assert_eq!(r.message, user("u2", "More"));
+        assert_eq!((r.trigger, r.target), (Trigger::Submit, None));
+        let r = ok(json!({
+            "agentId": "bot", "id": "c", "timezone": "Europe/Paris",
+            "messages": [user("u1", "Hi")],
+            "trigger": "regenerate-message", "messageId": "a1",
+        }));
+        assert_eq!(r.trigger, Trigger::Regenerate);
+        assert_eq!(r.target.as_deref(), Some("a1"));
+        assert_eq!(r.timezone.as_deref(), Some("Europe/Paris"));
+        // No trigger (an older or hand-written client): a submit.
+        let r = ok(json!({"agentId": 1, "id": "c", "messages": [user("u1", "Hi")]}));
+        assert_eq!(r.trigger, Trigger::Submit);
+    }
+
+    #[test]
+    fn refuses_bad_bodies_with_the_right_code() {
+        assert_eq!(parse_chat(b"{nope").unwrap_err().code(), "invalid_json");
+        let m = json!([user("u1", "Hi")]);
+        for body in [
+            json!([]),
+            json!({"agentId": 1, "messages": m}),
+            json!({"agentId": 1, "id": "", "messages": m}),
+            json!({"agentId": 1, "id": 7, "messages": m}),
+            json!({"agentId": 1, "id": "x".repeat(257), "messages": m}),
+            json!({"id": "c", "messages": m}),
+            json!({"agentId": 1.5, "id": "c", "messages": m}),
+            json!({"agentId": 1, "id": "c"}),
+            json!({"agentId": 1, "id": "c", "messages": []}),
+            json!({"agentId": 1, "id": "c", "messages": "hi"}),
+            json!({"agentId": 1, "id": "c", "messages": [
+                {"id": "a1", "role": "assistant", "parts": [{"type": "text", "text": "x"}]}]}),
+            json!({"agentId": 1, "id": "c", "messages": [user("u1", " ")]}),
+            json!({"agentId": 1, "id": "c", "messages": ["hi"]}),
+            json!({"agentId": 1, "id": "c", "messages": m, "trigger": "resume-stream"}),
+            json!({"agentId": 1, "id": "c", "messages": m, "trigger": 1}),
+            json!({"agentId": 1, "id": "c", "messages": m, "messageId": 5}),
+            json!({"agentId": 1, "id": "c", "messages": m, "timezone": 5}),
+        ] {
+            let e = err(body.clone());
+            assert_eq!((e.code(), e.status()), ("invalid_request", 400), "{body}");
+        }
+    }
+
+    fn run(n: usize, answers: &str, key: &str) -> RunInfo {
+        let now = std::time::SystemTime::now();
+        RunInfo {
+            run_id: crate::store::RunId(format!("r{n}")),
+            thread_id: ThreadId("t".into()),
+            org_id: "o".into(),
+            user_id: "u".into(),
+            agent_id: json!(1),
+            status: crate::store::RunStatus::Completed,
+            error: None,
+            first_seq: 1,
+            last_seq: 0,
+            bytes: 0,
+            created_at: now,
+            updated_at: now,
+            user_message: std::sync::Arc::new(user(answers, "x")),
+            idempotency_key: Some(key.into()),
+            assistant_message_id: format!("a{n}"),
+        }
+    }
+
+    #[test]
+    fn a_regenerated_answer_replaces_the_old_one_and_the_turns_after_it() {
+        // u1 → a0, u2 → a1, then a1 regenerated (a2), then u3 → a3.
+        let runs = [
+            run(0, "u1", "u1"),
+            run(1, "u2", "u2"),
+            run(2, "u2", &regeneration_key("a1")),
+            run(3, "u3", "u3"),
+        ];
+        assert_eq!(shown(&runs), [true, false, true, true]);
+        // Regenerating the first answer drops the second turn too.
+        let runs = [
+            run(0, "u1", "u1"),
+            run(1, "u2", "u2"),
+            run(2, "u1", &regeneration_key("a0")),
+        ];
+        assert_eq!(shown(&runs), [false, false, true]);
+        // Regenerated twice: only the latest stays.
+        let runs = [
+            run(0, "u1", "u1"),
+            run(1, "u1", &regeneration_key("a0")),
+            run(2, "u1", &regeneration_key("a1")),
+        ];
+        assert_eq!(shown(&runs), [false, false, true]);
+        // An answer no longer retained (evicted): nothing else is hidden.
+        let runs = [run(5, "u1", &regeneration_key("a0")), run(6, "u2", "u2")];
+        assert_eq!(shown(&runs), [true, true]);
+        // Plain retries (a failed run's key reused) keep their history.
+        let runs = [run(0, "u1", "u1"), run(1, "u1", "u1")];
+        assert_eq!(shown(&runs), [true, true]);
+        assert_eq!(regenerates(&regeneration_key("a9")), Some("a9"));
+        assert_eq!(regenerates("u1"), None);
+    }
+}
