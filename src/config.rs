@@ -111,6 +111,9 @@ pub struct ServerSection {
     /// After an answer, how long Sluice spends reading the rest of a request body it did not
     /// need (to keep the connection); past it, the connection is closed.
     pub drain_timeout: Dur,
+    /// Browser apps on these origins (`https://app.example.com`, or `*` for any) may call the
+    /// API (CORS); none by default.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerSection {
@@ -124,6 +127,7 @@ impl Default for ServerSection {
             graceful_shutdown_timeout: Dur(Duration::from_secs(5)),
             max_connections: 16_384,
             drain_timeout: Dur(Duration::from_secs(5)),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -823,6 +827,17 @@ impl Config {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
         positive("server.drain_timeout", self.server.drain_timeout)?;
+        if let Some(bad) = self
+            .server
+            .cors_origins
+            .iter()
+            .find(|o| !crate::api::cors::valid_origin(o))
+        {
+            return Err(invalid(
+                "server.cors_origins",
+                format!("{bad:?} is not an origin: use scheme://host[:port] (e.g. https://app.example.com), or \"*\""),
+            ));
+        }
         positive("store.retention", self.store.retention)?;
         positive("store.thread_retention", self.store.thread_retention)?;
         if self.store.full_retry_after.0 < Duration::from_secs(1) {

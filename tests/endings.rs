@@ -494,6 +494,7 @@ impl sluice::api::Exchange for Fake {
     fn status_sent(&self) -> Option<u16> {
         self.reply.as_ref().map(|r| r.status)
     }
+    fn add_headers(&mut self, _headers: Vec<(&'static str, String)>) {}
     fn abort(&mut self) {}
     fn aborted(&self) -> bool {
         false
@@ -538,6 +539,7 @@ async fn a_draining_api_answers_new_requests_503_shutting_down() {
         gates: sluice::api::quota::Gates::new(config.limits.quotas()),
         bodies: sluice::api::quota::Bodies::new(config.limits.max_body_bytes_in_flight),
         page: None,
+        cors: Default::default(),
     };
     let ask = || Fake {
         method: "GET",

@@ -60,6 +60,11 @@ pub enum ApiError {
     /// Unknown path.
     #[error("no such route")]
     NotFound,
+    /// A browser preflight from an origin not in `server.cors_origins` (the text names it).
+    #[error(
+        "origin `{0}` may not call this API from a browser (it is not in server.cors_origins)"
+    )]
+    OriginNotAllowed(String),
     /// The request's credentials were refused.
     #[error("{}", .0.description())]
     Auth(AuthError),
@@ -88,6 +93,7 @@ impl ApiError {
             ApiError::Internal(_) => 500,
             ApiError::Auth(e) => e.status(),
             ApiError::AgentNotFound => 404,
+            ApiError::OriginNotAllowed(_) => 403,
             ApiError::AgentRefused(status, _) => *status,
             ApiError::StoreFull(_)
             | ApiError::ShuttingDown(_)
@@ -119,6 +125,7 @@ impl ApiError {
             ApiError::Auth(AuthError::KeysUnavailable) => "auth_unavailable",
             ApiError::Auth(_) => "unauthorized",
             ApiError::AgentNotFound => "agent_not_found",
+            ApiError::OriginNotAllowed(_) => "origin_not_allowed",
             ApiError::AgentRefused(401, _) => "agent_unauthorized",
             ApiError::AgentRefused(_, _) => "agent_forbidden",
         }

@@ -5,6 +5,7 @@
 pub mod agentflow;
 pub mod chat;
 pub mod conversation;
+pub mod cors;
 pub mod error;
 pub mod invoke;
 pub mod locate;
@@ -95,6 +96,8 @@ pub trait Exchange: Send {
     async fn closed(&mut self);
     /// Status of the answer sent, if any.
     fn status_sent(&self) -> Option<u16>;
+    /// Add `headers` to the answer, whichever it is (set before answering).
+    fn add_headers(&mut self, headers: Vec<(&'static str, String)>);
     /// Bound every later write of this answer's body to `timeout` (a backstop against a
     /// client that stops reading). No-op where there is nothing to bound.
     fn set_write_timeout(&mut self, _timeout: std::time::Duration) {}
@@ -140,6 +143,8 @@ pub struct Api {
     pub bodies: quota::Bodies,
     /// The chat page served at `/` (`sluice demo` only; elsewhere `/` is not found).
     pub page: Option<Bytes>,
+    /// The browser origins that may call the API (`server.cors_origins`).
+    pub cors: cors::Cors,
 }
 
 impl Api {
@@ -149,6 +154,13 @@ impl Api {
         // `stream.stuck_reader_timeout`, whatever the route (streams set the same bound).
         ex.set_write_timeout(self.config.stream.stuck_reader_timeout.0);
         ex.set_drain_timeout(self.config.server.drain_timeout.0);
+        // A browser app on a listed origin may read every answer, errors included.
+        let cors = self.cors.headers(ex.header("origin"));
+        ex.add_headers(cors);
+        if ex.method() == "OPTIONS" && ex.header("access-control-request-method").is_some() {
+            let _ = ex.respond(self.cors.preflight(ex.header("origin"))).await;
+            return route::PREFLIGHT;
+        }
         let routed = route::route(ex.method(), ex.path());
         let label = routed.as_ref().map_or(route::UNMATCHED, |r| r.name());
         // A draining process takes no new work; answers already under way go on. Retry once

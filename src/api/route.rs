@@ -45,6 +45,9 @@ impl Route {
 /// Label for requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
 
+/// Label for CORS preflights (`OPTIONS` with `Access-Control-Request-Method`), whatever the path.
+pub const PREFLIGHT: &str = "cors_preflight";
+
 /// Match a request. Known path with another method → 405 naming the allowed one; unknown → 404.
 pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
     let path = path

@@ -98,6 +98,7 @@ pub fn instructions(api: SocketAddr, admin: SocketAddr, mock: SocketAddr, id: &I
     format!(
         r#"
 Sluice demo: gateway {base}, admin http://{admin}, mock agent http://{mock}
+Chat page: open {base}/ in a browser (stream, drop the connection, reload, poll).
 Requests need a Clerk-style token. The demo signed two (valid 24 h) with a key whose JWKS the
 mock agent serves at http://{mock}/.well-known/jwks.json. Paste these first:
 
@@ -542,4 +543,34 @@ Metrics: curl -s http://{admin2}/metrics | grep -E '^sluice_(store|redis)_'
         admin_token = id.admin_token,
         member_token = id.member_token,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_carries_the_token_as_a_script_string() {
+        assert_eq!(PAGE.matches(TOKEN_SLOT).count(), 1, "one token slot");
+        let page = page("eyJ.a-b_c");
+        let page = std::str::from_utf8(&page).unwrap();
+        assert!(!page.contains(TOKEN_SLOT));
+        assert_eq!(page.matches("\"eyJ.a-b_c\"").count(), 1);
+        // No token text can end the script element.
+        let page = page_of("x</script><script>alert(1)//");
+        assert!(!page.contains("</script><script>alert"));
+        assert!(page.contains("\\u003c/script>"));
+    }
+
+    fn page_of(token: &str) -> String {
+        String::from_utf8(page(token).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn the_page_is_self_contained() {
+        // Nothing fetched from elsewhere: no external scripts, styles, images or fonts.
+        for banned in ["src=\"http", "href=\"http", "url(http", "@import", "//cdn"] {
+            assert!(!PAGE.contains(banned), "the page refers to {banned}");
+        }
+    }
 }

@@ -71,6 +71,7 @@ impl Exchange for Fake {
     fn status_sent(&self) -> Option<u16> {
         self.status
     }
+    fn add_headers(&mut self, _headers: Vec<(&'static str, String)>) {}
     fn abort(&mut self) {
         self.aborted = true;
     }

@@ -35,6 +35,8 @@ pub struct PingoraExchange<'a> {
     body_read: bool,
     /// The request bodies held at once, if the app bounds them.
     bodies: Option<Bodies>,
+    /// Headers every answer carries (CORS).
+    extra: Vec<(&'static str, String)>,
 }
 
 impl<'a> PingoraExchange<'a> {
@@ -47,6 +49,7 @@ impl<'a> PingoraExchange<'a> {
             write_timed_out: false,
             body_read: false,
             bodies,
+            extra: Vec::new(),
         }
     }
 
@@ -67,8 +70,9 @@ impl<'a> PingoraExchange<'a> {
         status: u16,
         headers: Vec<(&'static str, String)>,
     ) -> Result<ResponseHeader, Gone> {
-        let mut resp = ResponseHeader::build(status, Some(headers.len() + 2)).map_err(|_| Gone)?;
-        for (name, value) in headers {
+        let size = headers.len() + self.extra.len() + 2;
+        let mut resp = ResponseHeader::build(status, Some(size)).map_err(|_| Gone)?;
+        for (name, value) in headers.into_iter().chain(self.extra.iter().cloned()) {
             resp.insert_header(name, value).map_err(|_| Gone)?;
         }
         Ok(resp)
@@ -235,6 +239,10 @@ impl Exchange for PingoraExchange<'_> {
             // Not a hang-up (e.g. pipelined bytes): never resolve for this request.
             Ok(_) => std::future::pending().await,
         }
+    }
+
+    fn add_headers(&mut self, headers: Vec<(&'static str, String)>) {
+        self.extra.extend(headers);
     }
 
     fn status_sent(&self) -> Option<u16> {

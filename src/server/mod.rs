@@ -158,6 +158,7 @@ pub fn add_gateway(
         gates: crate::api::quota::Gates::new(quotas),
         bodies: crate::api::quota::Bodies::new(config.limits.max_body_bytes_in_flight),
         page,
+        cors: crate::api::cors::Cors::new(&config.server.cors_origins),
     });
 
     let proxy = pingora::proxy::http_proxy(&server.configuration, Local(api));
