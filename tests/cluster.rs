@@ -1033,3 +1033,103 @@ async fn many_live_readers_share_a_few_redis_connections() {
         "every reader got the same run"
     );
 }
+
+/// POST `/api/chat` for `chat` on instance `i` (202 mode), with the user message `id`.
+async fn chat_202(c: &Cluster, i: usize, chat: &str, id: &str, text: &str, regen: bool) -> Value {
+    let gw = c.gw(i);
+    let mut body = json!({
+        "id": chat, "agentId": 1,
+        "trigger": if regen { "regenerate-message" } else { "submit-message" },
+        "messages": [{"id": id, "role": "user", "parts": [{"type": "text", "text": text}]}],
+    });
+    if regen {
+        body["messageId"] = Value::Null;
+    }
+    let resp = gw
+        .http
+        .post(gw.url("/api/chat"))
+        .header("x-stream-response", "false")
+        .timeout(20 * SEC)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202, "chat on gateway {i}");
+    resp.json().await.unwrap()
+}
+
+/// A chat id names one thread across instances: started on one, resumed (by chat id) on
+/// another, regenerated on a third, and polled by chat id anywhere.
+#[tokio::test]
+async fn a_chat_goes_on_across_instances() {
+    let redis = RedisServer::start();
+    let c = Cluster::start(3, "agentflow", &redis, "");
+    let chat = "chat-across-instances";
+    let first = chat_202(
+        &c,
+        0,
+        chat,
+        "cm-1",
+        "scenario:slow tokens=20 delay_ms=60",
+        false,
+    )
+    .await;
+    // The resume route on another instance replays the run in progress from its start.
+    let gw = c.gw(1);
+    let resp = gw
+        .http
+        .get(gw.url(&format!("/api/chat/{chat}/stream")))
+        .timeout(30 * SEC)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.unwrap();
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    let (events, _) = parse_sse(&body);
+    let replayed = reduce_ui(&ui_chunks(&events)).unwrap();
+    let snap = c.wait_terminal(2, chat, 20 * SEC).await;
+    assert_eq!(snap["threadId"], first["threadId"], "{snap}");
+    assert_eq!(snap["messages"][1]["id"], replayed["id"], "{snap}");
+    assert_eq!(text_of(&snap["messages"][1]), text_of(&replayed));
+    // Nothing in progress: 204 everywhere.
+    for i in 0..3 {
+        let gw = c.gw(i);
+        let resp = gw
+            .http
+            .get(gw.url(&format!("/api/chat/{chat}/stream")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 204, "gateway {i}");
+    }
+    // Regenerated on a third instance: a new answer replaces the first in the snapshot.
+    let again = chat_202(
+        &c,
+        2,
+        chat,
+        "cm-1",
+        "scenario:slow tokens=20 delay_ms=60",
+        true,
+    )
+    .await;
+    assert_eq!(again["threadId"], first["threadId"]);
+    assert_ne!(again["runId"], first["runId"]);
+    let snap = c.wait_terminal(1, chat, 20 * SEC).await;
+    let messages = snap["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{snap}");
+    assert_eq!(messages[0]["id"], "cm-1");
+    assert_ne!(messages[1]["id"], replayed["id"], "{snap}");
+    assert_eq!(text_of(&messages[1]), text_of(&replayed));
+    assert_eq!(snap["streamStatus"], "completed");
+    // The backend was asked twice: the turn, then the regeneration under its own message id.
+    let asked: Vec<String> = c
+        .mock_requests()
+        .await
+        .iter()
+        .filter_map(|r| r["body"]["message_id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    assert_eq!(asked[0], "cm-1");
+    assert!(asked[1].starts_with("cm-1.regenerate."), "{asked:?}");
+}
