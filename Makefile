@@ -5,7 +5,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo demo-cluster test prereqs redis-prereq js-deps bench bench-load lint fuzz
+.PHONY: demo demo-cluster test prereqs redis-prereq js-deps browser-prereq bench bench-load lint fuzz
 
 demo: prereqs
 	$(CARGO) run --release -- demo
@@ -104,3 +104,8 @@ js-deps:
 	else \
 	  echo "Node.js not found: the AI SDK client tests will be skipped (install nodejs and npm to run them)"; \
 	fi
+
+# Debian's Chromium, for the demo page's browser test (tests/browser.rs: skipped with a message
+# without it, except under .ci/run, which installs it and sets SLUICE_REQUIRE_BROWSER=1).
+browser-prereq:
+	@[ -x /usr/bin/chromium ] || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }

@@ -19,20 +19,38 @@ async fn run_node(script: &str, args: &[&str]) -> Option<String> {
 
 /// [`run_node`] with the mock agent and the gateway speaking backend `dialect`.
 async fn run_node_over(dialect: &str, script: &str, args: &[&str]) -> Option<String> {
+    if !node_ready() {
+        return None;
+    }
+    let (_mock, gw) = over(dialect, "");
+    run_node_at(&gw.base, script, args).await
+}
+
+/// Whether Node.js and the npm packages are there (says why not when they are not).
+fn node_ready() -> bool {
     let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
     if Command::new("node").arg("--version").output().is_err() {
         eprintln!("SKIPPED: Node.js is not installed (make test installs it)");
-        return None;
+        return false;
     }
     if ["ai", "ai-strict", "ai6"]
         .iter()
         .any(|m| !js.join("node_modules").join(m).exists())
     {
         eprintln!("SKIPPED: run `npm ci --prefix tests/js` first (make test does)");
+        return false;
+    }
+    true
+}
+
+/// Run `node tests/js/SCRIPT BASE ARGS…` against the gateway at `base`; its stdout once it
+/// exited successfully, `None` without Node.js or the npm packages.
+async fn run_node_at(base: &str, script: &str, args: &[&str]) -> Option<String> {
+    if !node_ready() {
         return None;
     }
-    let (_mock, gw) = over(dialect, "");
-    let mut argv = vec![script.to_string(), gw.base.clone()];
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    let mut argv = vec![script.to_string(), base.to_string()];
     argv.extend(args.iter().map(|a| a.to_string()));
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
@@ -99,4 +117,56 @@ async fn the_ai_sdk_resumes_a_running_stream_and_sees_204_when_idle() {
     };
     // Two clients resume one run; three reload a page on a thread with several runs.
     assert_eq!(passed(&stdout), 5, "{stdout}");
+}
+
+/// `useChat` natively: the SDK's `DefaultChatTransport` with only `api: {base}/api/chat`,
+/// `headers` and `body: {agentId}`, and its `AbstractChat`, in ai@5 and ai@6 (chat.mjs).
+#[tokio::test]
+async fn use_chat_talks_to_the_chat_routes_with_nothing_but_api_headers_and_body() {
+    let Some(stdout) = run_node("chat.mjs", &[]).await else {
+        return;
+    };
+    // Per client: new chat, continued chat, regenerate, aborted-then-resumed turn, null after
+    // the end (5 transport checks), and the AbstractChat session.
+    assert_eq!(passed(&stdout), 12, "{stdout}");
+}
+
+/// The same, against a gateway that verifies Clerk-style tokens: the transport's `headers`
+/// carry the token on every request (send, reconnect), and the snapshots are the caller's.
+#[tokio::test]
+async fn use_chat_sends_its_token_to_an_authenticating_gateway() {
+    use jsonwebtoken::Algorithm;
+    use sluice::auth::testkeys;
+    if !node_ready() {
+        return;
+    }
+    const ISS: &str = "https://clerk.test.local";
+    let (key, jwk, kid) = testkeys::generate_rsa().unwrap();
+    let jwks = JwksServer::start(testkeys::jwks(&[jwk]));
+    let mock = mock_agent();
+    let auth = format!(
+        "mode = \"jwt\"\nissuer = \"{ISS}\"\njwks_url = \"{}\"\n",
+        jwks.url
+    );
+    let gw = gateway_auth(&mock.addrs[0], &auth, "", "");
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({"iss": ISS, "sub": "user_chat", "iat": t, "nbf": t - 5,
+        "exp": t + 900, "sid": "sess_1", "azp": "http://localhost:3000", "v": 2, "sts": "active",
+        "o": {"id": "org_chat", "rol": "admin", "slg": "chat"}});
+    let token = testkeys::mint(&claims, &key, Algorithm::RS256, Some(&kid)).unwrap();
+    let Some(stdout) = run_node_at(&gw.base, "chat.mjs", &[&token]).await else {
+        return;
+    };
+    assert_eq!(passed(&stdout), 12, "{stdout}");
+    // Every backend run was made for the token's organisation.
+    let seen = mock_requests(&gw.http, &mock.addrs[0]).await;
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter()
+            .all(|r| r["headers"]["x-sluice-org-id"] == "org_chat"),
+        "{seen:?}"
+    );
 }

@@ -1131,5 +1131,5 @@ async fn a_chat_goes_on_across_instances() {
         .collect();
     assert_eq!(asked.len(), 2, "{asked:?}");
     assert_eq!(asked[0], "cm-1");
-    assert!(asked[1].starts_with("cm-1.regenerate."), "{asked:?}");
+    assert!(asked[1].starts_with("cm-1.replaces."), "{asked:?}");
 }

@@ -4,10 +4,11 @@
 //! - `POST /api/chat` takes the transport's body `{id, messages, trigger, messageId, ...body}`.
 //!   The chat `id`, chosen by the client, names a thread of the caller's organisation, created on
 //!   first use (the same mapping as AgentFlow's `conversation_id`); the last message is the new
-//!   user turn and its id the idempotency key, as in `invokeAgent`; the earlier messages are the
-//!   client's copy of what the thread already holds and are not read. `regenerate-message`
-//!   starts a new run for that user message, whose answer replaces the one it regenerates (and
-//!   the turns after it) in snapshots, as the SDK replaces it on the client.
+//!   user turn and its id, within the chat, the idempotency key; the earlier messages are the
+//!   client's copy of what the thread already holds and are not read. `regenerate-message`, and
+//!   a message the thread already holds sent again with other content (the SDK's edit), start
+//!   a new run whose answer replaces the old one (and the turns after it) in snapshots, as the
+//!   SDK replaces them on the client: [`plan`].
 //! - `GET /api/chat/{id}/stream` is the SDK's `reconnectToStream` URL: the thread's resume route,
 //!   answering `204` for a chat this organisation never started.
 //! - `POST /api/chat/{id}/stop` stops the chat's run.
@@ -19,7 +20,7 @@ use serde_json::Value;
 
 use super::invoke::{self, Turn};
 use super::{Api, ApiError, Exchange, Identity, Reply};
-use crate::store::{RunInfo, StoreError, ThreadId, ThreadInfo};
+use crate::store::{RunInfo, RunStatus, StoreError, ThreadId, ThreadInfo};
 
 /// How the SDK asks for an answer (`trigger`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,25 +113,96 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
     })
 }
 
-/// The idempotency key of a run that regenerates the answer with id `assistant_message_id`.
-pub fn regeneration_key(assistant_message_id: &str) -> String {
-    format!("{REGENERATES}{assistant_message_id}")
+/// The idempotency key of a run whose answer replaces the run that produced the assistant
+/// message `answer` (and the turns after it).
+pub fn replacing_key(answer: &str) -> String {
+    format!("{REPLACES}{answer}")
 }
 
-/// The answer a run regenerates, from its idempotency key.
-pub fn regenerates(key: &str) -> Option<&str> {
-    key.strip_prefix(REGENERATES)
+/// The answer a run replaces, from its idempotency key.
+pub fn replaced(key: &str) -> Option<&str> {
+    key.strip_prefix(REPLACES)
 }
 
-const REGENERATES: &str = "regenerate\u{1f}";
+const REPLACES: &str = "replaces\u{1f}";
 
-/// Which of a thread's runs (oldest first) a snapshot shows: a run that regenerates an answer
+/// The idempotency key of a new message `message_id` of chat `chat_id`: a chat's clients number
+/// messages as they like, so the same id in another chat is another message.
+pub fn message_key(chat_id: &str, message_id: &str) -> String {
+    format!("chat\u{1f}{chat_id}\u{1f}{message_id}")
+}
+
+/// How a chat request is started: the idempotency key to start it under (an existing run's key
+/// re-attaches to it), and the run whose answer it replaces, if any.
+#[derive(Debug, PartialEq)]
+pub struct Plan<'a> {
+    /// The key.
+    pub key: String,
+    /// The run replaced.
+    pub replaces: Option<&'a RunInfo>,
+}
+
+/// Decide how to start `req` in a thread whose retained runs are `runs` (oldest first). Pure.
+///
+/// - `submit-message` of a message no run answers: a new message, keyed within the chat.
+/// - The same message again (same parts) while its latest answer did not fail: a retry, under
+///   that answer's own key (re-attaches). After `error` or `timeout`: a new answer replacing the
+///   failed one.
+/// - The same message id with other parts (the SDK's `sendMessage({messageId})`, an edit): a new
+///   answer replacing the latest one.
+/// - `regenerate-message`: a new answer replacing the one `messageId` names (the assistant
+///   message, or the user message it answers), else the latest answer to the message; keyed by
+///   the answer replaced, so the same request again re-attaches.
+pub fn plan<'a>(req: &ChatRequest, runs: &'a [RunInfo]) -> Plan<'a> {
+    let mut answering = runs
+        .iter()
+        .rev()
+        .filter(|r| answers(r) == Some(&req.message_id));
+    let latest = answering.clone().next();
+    let replace = |old: &'a RunInfo| Plan {
+        key: replacing_key(&old.assistant_message_id),
+        replaces: Some(old),
+    };
+    let fresh = || Plan {
+        key: message_key(&req.chat_id, &req.message_id),
+        replaces: None,
+    };
+    match req.trigger {
+        Trigger::Regenerate => {
+            let named = req
+                .target
+                .as_deref()
+                .and_then(|t| answering.find(|r| r.assistant_message_id == t));
+            named.or(latest).map_or_else(fresh, replace)
+        }
+        Trigger::Submit => match latest {
+            None => fresh(),
+            Some(old) if failed(old.status) => replace(old),
+            Some(old) if same_parts(&old.user_message, &req.message) => Plan {
+                key: old.idempotency_key.clone().unwrap_or_else(|| fresh().key),
+                replaces: None,
+            },
+            Some(old) => replace(old),
+        },
+    }
+}
+
+fn failed(status: RunStatus) -> bool {
+    matches!(status, RunStatus::Error | RunStatus::Timeout)
+}
+
+/// Whether two user messages say the same (their parts; ids and metadata aside).
+fn same_parts(a: &Value, b: &Value) -> bool {
+    a.get("parts") == b.get("parts")
+}
+
+/// Which of a thread's runs (oldest first) a snapshot shows: a run that replaces an answer
 /// hides that answer's run and every run after it (the turns the SDK dropped on the client
-/// when it regenerated). Pure.
+/// when it regenerated or edited). Pure.
 pub fn shown(runs: &[RunInfo]) -> Vec<bool> {
     let mut shown = vec![true; runs.len()];
     for (i, run) in runs.iter().enumerate() {
-        let Some(answer) = run.idempotency_key.as_deref().and_then(regenerates) else {
+        let Some(answer) = run.idempotency_key.as_deref().and_then(replaced) else {
             continue;
         };
         if let Some(j) = runs[..i]
@@ -181,32 +253,15 @@ pub async fn chat(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<()
         Err(ApiError::ThreadNotFound) => None,
         Err(e) => return Err(e),
     };
-    let mut key = req.message_id.clone();
-    let mut backend_message_id = req.message_id.clone();
-    if req.trigger == Trigger::Regenerate {
-        // The answer regenerated: the one the SDK names, else the latest to this message.
-        let runs = thread.as_ref().map_or(&[][..], |t| &t.runs[..]);
-        let answering: Vec<&RunInfo> = runs
-            .iter()
-            .filter(|r| answers(r) == Some(&req.message_id))
-            .collect();
-        let named = req.target.as_deref().and_then(|target| {
-            answering
-                .iter()
-                .rev()
-                .find(|r| r.assistant_message_id == target)
-        });
-        if let Some(old) = named.or(answering.last()) {
-            // Keyed by the answer it replaces, so a retried request re-attaches; the backend
-            // is asked under a message id of its own, so that a backend that deduplicates by
-            // message id answers again rather than repeat its answer.
-            key = regeneration_key(&old.assistant_message_id);
-            backend_message_id = format!(
-                "{}.regenerate.{}",
-                req.message_id, &old.assistant_message_id
-            );
-        }
-    }
+    let runs = thread.as_ref().map_or(&[][..], |t| &t.runs[..]);
+    let plan = plan(&req, runs);
+    // A replacing run asks the backend under a message id of its own, so that a backend that
+    // deduplicates by message id answers again rather than repeat its answer.
+    let backend_message_id = match plan.replaces {
+        Some(old) => format!("{}.replaces.{}", req.message_id, old.assistant_message_id),
+        None => req.message_id.clone(),
+    };
+    let key = plan.key;
     let (thread_id, conversation) = match &thread {
         Some(t) => (Some(t.thread_id.clone()), None),
         None => (None, Some(req.chat_id.clone())),
@@ -351,7 +406,7 @@ mod tests {
         let runs = [
             run(0, "u1", "u1"),
             run(1, "u2", "u2"),
-            run(2, "u2", &regeneration_key("a1")),
+            run(2, "u2", &replacing_key("a1")),
             run(3, "u3", "u3"),
         ];
         assert_eq!(shown(&runs), [true, false, true, true]);
@@ -359,23 +414,90 @@ mod tests {
         let runs = [
             run(0, "u1", "u1"),
             run(1, "u2", "u2"),
-            run(2, "u1", &regeneration_key("a0")),
+            run(2, "u1", &replacing_key("a0")),
         ];
         assert_eq!(shown(&runs), [false, false, true]);
         // Regenerated twice: only the latest stays.
         let runs = [
             run(0, "u1", "u1"),
-            run(1, "u1", &regeneration_key("a0")),
-            run(2, "u1", &regeneration_key("a1")),
+            run(1, "u1", &replacing_key("a0")),
+            run(2, "u1", &replacing_key("a1")),
         ];
         assert_eq!(shown(&runs), [false, false, true]);
         // An answer no longer retained (evicted): nothing else is hidden.
-        let runs = [run(5, "u1", &regeneration_key("a0")), run(6, "u2", "u2")];
+        let runs = [run(5, "u1", &replacing_key("a0")), run(6, "u2", "u2")];
         assert_eq!(shown(&runs), [true, true]);
         // Plain retries (a failed run's key reused) keep their history.
         let runs = [run(0, "u1", "u1"), run(1, "u1", "u1")];
         assert_eq!(shown(&runs), [true, true]);
-        assert_eq!(regenerates(&regeneration_key("a9")), Some("a9"));
-        assert_eq!(regenerates("u1"), None);
+        assert_eq!(replaced(&replacing_key("a9")), Some("a9"));
+        assert_eq!(replaced("u1"), None);
+    }
+
+    fn request(trigger: Trigger, id: &str, text: &str, target: Option<&str>) -> ChatRequest {
+        ChatRequest {
+            chat_id: "c".into(),
+            agent_id: json!(1),
+            message: user(id, text),
+            message_id: id.into(),
+            text: text.into(),
+            timezone: None,
+            trigger,
+            target: target.map(str::to_string),
+        }
+    }
+
+    fn keyed<'a, 'p>(plan: &'p Plan<'a>) -> (&'p str, Option<&'a str>) {
+        (
+            plan.key.as_str(),
+            plan.replaces.map(|r| r.assistant_message_id.as_str()),
+        )
+    }
+
+    #[test]
+    fn a_chat_request_is_a_new_message_a_retry_an_edit_or_a_regeneration() {
+        use Trigger::{Regenerate, Submit};
+        let u1 = message_key("c", "u1");
+        // u1 → a0, u2 → a1, u2 regenerated → a2.
+        let runs = [
+            run(0, "u1", &u1),
+            run(1, "u2", &message_key("c", "u2")),
+            run(2, "u2", &replacing_key("a1")),
+        ];
+        let plan_of = |r: ChatRequest| keyed(&plan(&r, &runs)).0.to_string();
+        // A new message, keyed within the chat.
+        let p = plan(&request(Submit, "u3", "x", None), &runs);
+        assert_eq!(keyed(&p), (message_key("c", "u3").as_str(), None));
+        let mut other_chat = request(Submit, "u3", "x", None);
+        other_chat.chat_id = "d".into();
+        assert_ne!(plan_of(other_chat), message_key("c", "u3"));
+        // The same message again: a retry, under its latest answer's own key.
+        assert_eq!(plan_of(request(Submit, "u1", "x", None)), u1);
+        assert_eq!(
+            plan_of(request(Submit, "u2", "x", None)),
+            replacing_key("a1")
+        );
+        // The same id with other parts: an edit, replacing the latest answer.
+        let p = plan(&request(Submit, "u2", "edited", None), &runs);
+        assert_eq!(keyed(&p), (replacing_key("a2").as_str(), Some("a2")));
+        // Regenerating the answer the SDK names, again and again: the same key (re-attaches).
+        let p = plan(&request(Regenerate, "u2", "x", Some("a1")), &runs);
+        assert_eq!(keyed(&p), (replacing_key("a1").as_str(), Some("a1")));
+        let p = plan(&request(Regenerate, "u2", "x", Some("a2")), &runs);
+        assert_eq!(keyed(&p), (replacing_key("a2").as_str(), Some("a2")));
+        // No `messageId`, or the user message's: the latest answer.
+        for target in [None, Some("u2"), Some("a-unknown")] {
+            let p = plan(&request(Regenerate, "u2", "x", target), &runs);
+            assert_eq!(keyed(&p).1, Some("a2"), "{target:?}");
+        }
+        // Nothing answers it yet: a new message.
+        let p = plan(&request(Regenerate, "u9", "x", None), &runs);
+        assert_eq!(keyed(&p), (message_key("c", "u9").as_str(), None));
+        // A failed answer is replaced by a retry, not re-attached to.
+        let mut failed = run(3, "u4", &message_key("c", "u4"));
+        failed.status = RunStatus::Error;
+        let runs = [failed];
+        let p = plan(&request(Submit, "u4", "x", None), &runs);
+        assert_eq!(keyed(&p), (replacing_key("a3").as_str(), Some("a3")));
     }
 }
