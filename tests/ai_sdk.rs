@@ -135,28 +135,12 @@ async fn use_chat_talks_to_the_chat_routes_with_nothing_but_api_headers_and_body
 /// carry the token on every request (send, reconnect), and the snapshots are the caller's.
 #[tokio::test]
 async fn use_chat_sends_its_token_to_an_authenticating_gateway() {
-    use jsonwebtoken::Algorithm;
-    use sluice::auth::testkeys;
     if !node_ready() {
         return;
     }
-    const ISS: &str = "https://clerk.test.local";
-    let (key, jwk, kid) = testkeys::generate_rsa().unwrap();
-    let jwks = JwksServer::start(testkeys::jwks(&[jwk]));
-    let mock = mock_agent();
-    let auth = format!(
-        "mode = \"jwt\"\nissuer = \"{ISS}\"\njwks_url = \"{}\"\n",
-        jwks.url
-    );
-    let gw = gateway_auth(&mock.addrs[0], &auth, "", "");
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let claims = serde_json::json!({"iss": ISS, "sub": "user_chat", "iat": t, "nbf": t - 5,
-        "exp": t + 900, "sid": "sess_1", "azp": "http://localhost:3000", "v": 2, "sts": "active",
-        "o": {"id": "org_chat", "rol": "admin", "slg": "chat"}});
-    let token = testkeys::mint(&claims, &key, Algorithm::RS256, Some(&kid)).unwrap();
+    let s = JwtGateway::new();
+    let (gw, mock) = (&s.gw, &s.mock);
+    let token = s.admin("user_chat", "org_chat");
     let Some(stdout) = run_node_at(&gw.base, "chat.mjs", &[&token]).await else {
         return;
     };

@@ -9,9 +9,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use common::*;
-use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{json, Value};
-use sluice::auth::testkeys;
 
 /// A user `UIMessage`.
 fn user(id: &str, text: &str) -> Value {
@@ -858,52 +856,9 @@ async fn bad_chat_bodies_get_400_with_their_code() {
     assert_eq!(text_of(&t.message()), expected_answer("hi", 1));
 }
 
-const ISS: &str = "https://clerk.test.local";
-
-/// A gateway verifying Clerk-style tokens, and a way to mint them.
-struct Authed {
-    _jwks: JwksServer,
-    key: EncodingKey,
-    kid: String,
-    mock: Proc,
-    gw: Gateway,
-}
-
-impl Authed {
-    fn new() -> Authed {
-        let (key, jwk, kid) = testkeys::generate_rsa().unwrap();
-        let jwks = JwksServer::start(testkeys::jwks(&[jwk]));
-        let mock = mock_agent();
-        let auth = format!(
-            "mode = \"jwt\"\nissuer = \"{ISS}\"\njwks_url = \"{}\"\n",
-            jwks.url
-        );
-        let gw = gateway_auth(&mock.addrs[0], &auth, "", "");
-        Authed {
-            _jwks: jwks,
-            key,
-            kid,
-            mock,
-            gw,
-        }
-    }
-
-    /// An `org:admin` token (Clerk v2 claims) of `user` in `org`.
-    fn admin(&self, user: &str, org: &str) -> String {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let claims = json!({"iss": ISS, "sub": user, "iat": t, "nbf": t - 5, "exp": t + 600,
-                            "sid": "sess_1", "azp": "http://localhost:3000", "v": 2, "sts": "active",
-                            "o": {"id": org, "rol": "admin", "slg": org}});
-        testkeys::mint(&claims, &self.key, Algorithm::RS256, Some(&self.kid)).unwrap()
-    }
-}
-
 #[tokio::test]
 async fn organisations_using_one_chat_id_get_separate_threads() {
-    let s = Authed::new();
+    let s = JwtGateway::new();
     let gw = &s.gw;
     let a = s.admin("user_a", "org_a");
     let b = s.admin("user_b", "org_b");

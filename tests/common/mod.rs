@@ -841,3 +841,54 @@ pub fn curl_commands(text: &str, fenced: bool) -> Vec<String> {
     }
     out
 }
+
+/// The issuer of [`JwtGateway`]'s tokens.
+pub const TEST_ISSUER: &str = "https://clerk.test.local";
+
+/// A gateway (over a mock agent) verifying Clerk-style tokens from a JWKS server of its own,
+/// and a way to mint them.
+pub struct JwtGateway {
+    _jwks: JwksServer,
+    key: jsonwebtoken::EncodingKey,
+    kid: String,
+    pub mock: Proc,
+    pub gw: Gateway,
+}
+
+impl JwtGateway {
+    pub fn new() -> JwtGateway {
+        let (key, jwk, kid) = sluice::auth::testkeys::generate_rsa().unwrap();
+        let jwks = JwksServer::start(sluice::auth::testkeys::jwks(&[jwk]));
+        let mock = mock_agent();
+        let auth = format!(
+            "mode = \"jwt\"\nissuer = \"{TEST_ISSUER}\"\njwks_url = \"{}\"\n",
+            jwks.url
+        );
+        let gw = gateway_auth(&mock.addrs[0], &auth, "", "");
+        JwtGateway {
+            _jwks: jwks,
+            key,
+            kid,
+            mock,
+            gw,
+        }
+    }
+
+    /// An `org:admin` token (Clerk v2 claims) of `user` in `org`, valid for 15 minutes.
+    pub fn admin(&self, user: &str, org: &str) -> String {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = json!({"iss": TEST_ISSUER, "sub": user, "iat": t, "nbf": t - 5, "exp": t + 900,
+                            "sid": "sess_1", "azp": "http://localhost:3000", "v": 2, "sts": "active",
+                            "o": {"id": org, "rol": "admin", "slg": org}});
+        sluice::auth::testkeys::mint(
+            &claims,
+            &self.key,
+            jsonwebtoken::Algorithm::RS256,
+            Some(&self.kid),
+        )
+        .unwrap()
+    }
+}
