@@ -145,11 +145,12 @@ pub struct Plan<'a> {
 /// Decide how to start `req` in a thread whose retained runs are `runs` (oldest first). Pure.
 ///
 /// - `submit-message` of a message no run answers: a new message, keyed within the chat.
-/// - The same message again (same parts) while its latest answer did not fail: a retry, under
-///   that answer's own key (re-attaches). After `error` or `timeout`: a new answer replacing the
-///   failed one.
-/// - The same message id with other parts (the SDK's `sendMessage({messageId})`, an edit): a new
-///   answer replacing the latest one.
+/// - The same message again (same parts) while its latest answer is the thread's latest run
+///   and did not fail: a retry, under that answer's own key (re-attaches). After `error` or
+///   `timeout`: a new answer replacing the failed one.
+/// - The same message id with other parts, or with later turns (the SDK's
+///   `sendMessage({messageId})`, an edit, which drops the turns after it): a new answer
+///   replacing the latest one.
 /// - `regenerate-message`: a new answer replacing the one `messageId` names (the assistant
 ///   message, or the user message it answers), else the latest answer to the message; keyed by
 ///   the answer replaced, so the same request again re-attaches.
@@ -178,10 +179,17 @@ pub fn plan<'a>(req: &ChatRequest, runs: &'a [RunInfo]) -> Plan<'a> {
         Trigger::Submit => match latest {
             None => fresh(),
             Some(old) if failed(old.status) => replace(old),
-            Some(old) if same_parts(&old.user_message, &req.message) => Plan {
-                key: old.idempotency_key.clone().unwrap_or_else(|| fresh().key),
-                replaces: None,
-            },
+            // Sent again as it was, with nothing after its answer: a retry. (With later turns,
+            // the SDK has dropped them: the message is answered anew, as an edit is.)
+            Some(old)
+                if same_parts(&old.user_message, &req.message)
+                    && runs.last().is_some_and(|r| std::ptr::eq(r, old)) =>
+            {
+                Plan {
+                    key: old.idempotency_key.clone().unwrap_or_else(|| fresh().key),
+                    replaces: None,
+                }
+            }
             Some(old) => replace(old),
         },
     }
@@ -458,6 +466,11 @@ mod tests {
     fn a_chat_request_is_a_new_message_a_retry_an_edit_or_a_regeneration() {
         use Trigger::{Regenerate, Submit};
         let u1 = message_key("c", "u1");
+        assert_eq!(
+            plan(&request(Submit, "u1", "x", None), &[run(0, "u1", &u1)]).key,
+            u1,
+            "a retry"
+        );
         // u1 → a0, u2 → a1, u2 regenerated → a2.
         let runs = [
             run(0, "u1", &u1),
@@ -471,8 +484,12 @@ mod tests {
         let mut other_chat = request(Submit, "u3", "x", None);
         other_chat.chat_id = "d".into();
         assert_ne!(plan_of(other_chat), message_key("c", "u3"));
-        // The same message again: a retry, under its latest answer's own key.
-        assert_eq!(plan_of(request(Submit, "u1", "x", None)), u1);
+        // The same message again, its answer the latest: a retry, under that answer's key.
+        assert_eq!(
+            plan_of(request(Submit, "u1", "x", Some("u1"))).as_str(),
+            replacing_key("a0"),
+            "with later turns: answered anew"
+        );
         assert_eq!(
             plan_of(request(Submit, "u2", "x", None)),
             replacing_key("a1")
@@ -499,5 +516,104 @@ mod tests {
         let runs = [failed];
         let p = plan(&request(Submit, "u4", "x", None), &runs);
         assert_eq!(keyed(&p), (replacing_key("a3").as_str(), Some("a3")));
+    }
+
+    /// What a client does to its chat, as the AI SDK's `Chat` does it.
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// `sendMessage({text})`: a new user message.
+        Send(u8),
+        /// The same request again (a network retry of the latest send).
+        Retry,
+        /// `regenerate({messageId})` of the assistant message at this index (mod their count),
+        /// or `regenerate()` (the last one).
+        Regenerate(Option<usize>),
+        /// `sendMessage({text, messageId})` of the user message at this index (mod their count).
+        Edit(usize, u8),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u8..3).prop_map(Op::Send),
+            Just(Op::Retry),
+            proptest::option::of(0usize..8).prop_map(Op::Regenerate),
+            (0usize..8, 0u8..3).prop_map(|(i, t)| Op::Edit(i, t)),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever a client does (new messages, retries, regenerations, edits, in any order),
+        /// the snapshot shows exactly the messages the SDK shows on the client: [`plan`]
+        /// (with the store's idempotency) and [`shown`] agree with the SDK's own bookkeeping.
+        #[test]
+        fn the_snapshot_shows_what_the_sdk_shows(ops in proptest::collection::vec(op(), 1..24)) {
+            // The client's messages: (role, id, text); the server's runs, oldest first.
+            let mut client: Vec<(&str, String, String)> = Vec::new();
+            let mut runs: Vec<RunInfo> = Vec::new();
+            let mut last: Option<ChatRequest> = None;
+            let mut fresh = 0;
+            for op in ops {
+                let users: Vec<usize> = (0..client.len()).filter(|&i| client[i].0 == "user").collect();
+                let answers: Vec<usize> = (0..client.len()).filter(|&i| client[i].0 == "assistant").collect();
+                let (trigger, target) = match op {
+                    Op::Send(t) => {
+                        fresh += 1;
+                        client.push(("user", format!("u{fresh}"), format!("text {t}")));
+                        (Trigger::Submit, None)
+                    }
+                    Op::Retry => match &last {
+                        Some(req) if client.last().is_some_and(|m| m.0 == "assistant") => {
+                            // The SDK would show the same answer again: drop it, then re-add.
+                            client.pop();
+                            (req.trigger, req.target.clone())
+                        }
+                        _ => continue,
+                    },
+                    Op::Regenerate(at) => {
+                        let Some(&i) = (match at {
+                            Some(k) if !answers.is_empty() => answers.get(k % answers.len()),
+                            _ => answers.last(),
+                        }) else { continue };
+                        let target = at.map(|_| client[i].1.clone());
+                        client.truncate(i);
+                        (Trigger::Regenerate, target)
+                    }
+                    Op::Edit(k, t) => {
+                        let Some(&i) = (!users.is_empty()).then(|| &users[k % users.len()]) else {
+                            continue;
+                        };
+                        client.truncate(i + 1);
+                        client[i].2 = format!("text {t}");
+                        (Trigger::Submit, Some(client[i].1.clone()))
+                    }
+                };
+                let (_, id, text) = client.last().cloned().expect("a user message last");
+                let req = ChatRequest { trigger, target, ..request(trigger, &id, &text, None) };
+                let plan = plan(&req, &runs);
+                // The store: a key naming a run re-attaches to it; otherwise a new run.
+                let answer = match runs.iter().rev().find(|r| r.idempotency_key.as_deref() == Some(&plan.key)) {
+                    Some(existing) => existing.assistant_message_id.clone(),
+                    None => {
+                        let n = runs.len();
+                        let mut r = run(n, &id, &plan.key);
+                        r.user_message = std::sync::Arc::new(user(&id, &text));
+                        runs.push(r);
+                        format!("a{n}")
+                    }
+                };
+                client.push(("assistant", answer, String::new()));
+                last = Some(req);
+            }
+            let mut snapshot: Vec<(&str, String, String)> = Vec::new();
+            for (r, shown) in runs.iter().zip(shown(&runs)) {
+                if shown {
+                    let text = r.user_message["parts"][0]["text"].as_str().unwrap_or("").to_string();
+                    snapshot.push(("user", answers(r).unwrap_or("").to_string(), text));
+                    snapshot.push(("assistant", r.assistant_message_id.clone(), String::new()));
+                }
+            }
+            proptest::prop_assert_eq!(snapshot, client);
+        }
     }
 }
