@@ -1052,3 +1052,34 @@ async fn a_chat_turn_in_202_mode_is_polled_and_reached_by_its_chat_id() {
     let (status, _) = get_body(&gw, None, &format!("/api/chat/{enc}/stream"), None).await;
     assert_eq!(status, 204);
 }
+
+/// A chat id shaped like Sluice's own thread ids (a UUID, as `crypto.randomUUID()` makes) is
+/// still the client's: it names a thread of its own, reached by it on every route.
+#[tokio::test]
+async fn a_uuid_chat_id_is_a_chat_id() {
+    let mock = mock_agent();
+    let gw = gateway(&mock.addrs[0]);
+    let chat = "0b5c3a8e-2f4d-4c1b-9a7e-6d2f8e1c3b5a";
+    let t = chat_turn(&gw, None, &submit(chat, &[user("m1", "uuid chat")])).await;
+    assert_ne!(
+        t.thread, chat,
+        "Sluice made a thread of its own for the chat"
+    );
+    let (status, snap) = gw.conversation(chat).await;
+    assert_eq!(status, 200, "{snap}");
+    assert_eq!(snap["threadId"], json!(t.thread));
+    assert_eq!(snap["messages"][1], t.message());
+    let (status, _) = get_body(&gw, None, &format!("/api/threads/{chat}/stream"), None).await;
+    assert_eq!(status, 204);
+    // A second turn by the chat id continues the same thread.
+    let t2 = chat_turn(
+        &gw,
+        None,
+        &submit(
+            chat,
+            &[user("m1", "uuid chat"), t.message(), user("m2", "again")],
+        ),
+    )
+    .await;
+    assert_eq!(t2.thread, t.thread);
+}

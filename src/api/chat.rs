@@ -224,15 +224,30 @@ pub fn shown(runs: &[RunInfo]) -> Vec<bool> {
 }
 
 /// The thread an id names for `org`: the organisation's chat (or AgentFlow conversation) of
-/// that id if there is one, else its thread of that id.
+/// that id if there is one, else its thread of that id. (No organisation has both: a chat id
+/// that is one of its thread ids continues that thread and is never mapped.) An id shaped like
+/// Sluice's own thread ids (a UUID) is tried as a thread first, so that polling a thread costs
+/// one store read, as before chats.
 pub async fn thread_named(api: &Api, org: &str, id: &str) -> Result<ThreadInfo, ApiError> {
+    let named = ThreadId(id.to_string());
+    let as_thread = || api.store.thread(org, &named);
+    let uuid_shaped = uuid::Uuid::try_parse(id).is_ok();
+    if uuid_shaped {
+        match as_thread().await {
+            Err(StoreError::ThreadNotFound) => {}
+            found => return Ok(found?),
+        }
+    }
     if let Some(thread) = api.store.conversation(org, id).await? {
         match api.store.thread(org, &thread).await {
             Err(StoreError::ThreadNotFound) => {}
             found => return Ok(found?),
         }
     }
-    Ok(api.store.thread(org, &ThreadId(id.to_string())).await?)
+    if uuid_shaped {
+        return Err(ApiError::ThreadNotFound);
+    }
+    Ok(as_thread().await?)
 }
 
 /// The thread id an id names for `org` (see [`thread_named`]), without reading the thread.
