@@ -400,6 +400,11 @@ pub fn agent_matches(pattern: &str, agent: &str) -> bool {
 pub struct LimitsSection {
     /// Largest request body accepted (413 above it).
     pub max_body_bytes: usize,
+    /// Largest `POST /api/chat` body accepted: the AI SDK sends the whole chat history with
+    /// every turn, of which only the last message is kept (the rest is parsed one message at a
+    /// time and dropped). Never less than `max_body_bytes`, never more than
+    /// `max_body_bytes_in_flight` ([`LimitsSection::chat_body_limit`]).
+    pub max_chat_body_bytes: usize,
     /// Most events one run may hold; the run ends with `error` when it would exceed this.
     pub max_events_per_run: u64,
     /// Most payload bytes one run may hold; the run ends with `error` when it would exceed this.
@@ -415,10 +420,22 @@ pub struct LimitsSection {
     pub per_org: PerOrgSection,
 }
 
+impl LimitsSection {
+    /// The largest `POST /api/chat` body: `max_chat_body_bytes`, at least `max_body_bytes`
+    /// and at most `max_body_bytes_in_flight`.
+    pub fn chat_body_limit(&self) -> usize {
+        let in_flight = usize::try_from(self.max_body_bytes_in_flight).unwrap_or(usize::MAX);
+        self.max_chat_body_bytes
+            .max(self.max_body_bytes)
+            .min(in_flight)
+    }
+}
+
 impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
             max_body_bytes: 1024 * 1024,
+            max_chat_body_bytes: 8 * 1024 * 1024,
             max_events_per_run: 100_000,
             max_bytes_per_run: 32 * 1024 * 1024,
             max_total_bytes: 512 * 1024 * 1024,
@@ -1177,6 +1194,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("auth"), "{err}");
+    }
+
+    #[test]
+    fn the_chat_body_limit_lies_between_the_body_limit_and_the_bodies_in_flight() {
+        let mut l = LimitsSection::default();
+        assert_eq!(l.chat_body_limit(), 8 * 1024 * 1024);
+        l.max_body_bytes_in_flight = 2 * 1024 * 1024;
+        assert_eq!(l.chat_body_limit(), 2 * 1024 * 1024);
+        l.max_body_bytes_in_flight = 64 * 1024 * 1024;
+        l.max_body_bytes = 16 * 1024 * 1024;
+        assert_eq!(l.chat_body_limit(), 16 * 1024 * 1024);
     }
 
     #[test]

@@ -1083,3 +1083,56 @@ async fn a_uuid_chat_id_is_a_chat_id() {
     .await;
     assert_eq!(t2.thread, t.thread);
 }
+
+/// The AI SDK sends the whole history with every turn: a chat body may be larger than
+/// `limits.max_body_bytes`, up to `limits.max_chat_body_bytes` (413 beyond, with nothing
+/// started), and only its last message counts.
+#[tokio::test]
+async fn a_long_chat_history_is_taken_up_to_its_own_limit() {
+    let mock = mock_agent();
+    let gw = gateway_with(
+        &mock.addrs[0],
+        "",
+        "[limits]\nmax_body_bytes = 16384\nmax_chat_body_bytes = 65536\n",
+    );
+    let history = |bytes: usize, last: &str| {
+        let mut messages: Vec<Value> = (0..bytes / 1_000)
+            .map(|i| {
+                let role = if i % 2 == 0 { "user" } else { "assistant" };
+                json!({"id": format!("h{i}"), "role": role,
+                       "parts": [{"type": "text", "text": "y".repeat(1_000)}]})
+            })
+            .collect();
+        messages.push(user(last, "after a long history"));
+        messages
+    };
+    // 40 KB: over max_body_bytes, under the chat limit.
+    let t = chat_turn(&gw, None, &submit("long-chat", &history(40_000, "n1"))).await;
+    assert_eq!(
+        text_of(&t.message()),
+        expected_answer("after a long history", 1)
+    );
+    let snap = gw.wait_terminal("long-chat").await;
+    assert_eq!(ids(&snap), ["n1".to_string(), id_of(&t.message())]);
+    // 80 KB: refused, and nothing started.
+    let resp = post_chat(
+        &gw,
+        None,
+        &submit("long-chat", &history(80_000, "n2")),
+        false,
+    )
+    .await;
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "payload_too_large");
+    assert_eq!(mock_requests(&gw.http, &mock.addrs[0]).await.len(), 1);
+    // Other routes keep `max_body_bytes`.
+    let resp = gw
+        .http
+        .post(gw.url("/api/invokeAgent"))
+        .json(&json!({"agentId": 1, "message": user("n3", &"z".repeat(40_000))}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+}

@@ -57,9 +57,18 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest(msg.into())
 }
 
-/// Parse and validate a `DefaultChatTransport` body. Pure.
+/// Parse and validate a `DefaultChatTransport` body. Pure. The history before the last
+/// message is parsed one message at a time and dropped: a long chat's body costs its bytes,
+/// not a parsed copy.
 pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    let mut obj = super::json_object(body)?;
+    let ChatBody(mut obj, messages) = match serde_json::from_slice(body) {
+        Ok(body) => body,
+        // The JSON is well formed but not an object.
+        Err(e) if e.classify() == serde_json::error::Category::Data => {
+            return Err(bad("request body must be a JSON object"))
+        }
+        Err(e) => return Err(ApiError::InvalidJson(e.to_string())),
+    };
     let chat_id = match obj.remove("id") {
         Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s,
         None | Some(Value::Null) => return Err(bad("`id` (the chat id) is required")),
@@ -86,11 +95,11 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
         Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => Some(s),
         Some(_) => return Err(bad("`messageId` must be a non-empty string")),
     };
-    let last = match obj.remove("messages") {
-        Some(Value::Array(mut messages)) if !messages.is_empty() => messages.pop(),
-        Some(Value::Array(_)) => return Err(bad("`messages` must not be empty")),
-        None | Some(Value::Null) => return Err(bad("`messages` is required")),
-        Some(_) => return Err(bad("`messages` must be an array of UIMessages")),
+    let last = match messages {
+        Messages::Last(Some(last)) => Some(last),
+        Messages::Last(None) => return Err(bad("`messages` must not be empty")),
+        Messages::Missing => return Err(bad("`messages` is required")),
+        Messages::NotArray => return Err(bad("`messages` must be an array of UIMessages")),
     };
     let role = last.as_ref().and_then(|m| m.get("role"));
     if role.is_some_and(|r| r != "user") {
@@ -111,6 +120,98 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
         trigger,
         target,
     })
+}
+
+/// A chat body: its fields, with `messages` reduced to its last element as it is parsed.
+struct ChatBody(serde_json::Map<String, Value>, Messages);
+
+/// What `messages` held.
+enum Messages {
+    /// An array, and its last element (`None`: empty).
+    Last(Option<Value>),
+    /// Absent or `null`.
+    Missing,
+    /// Something else.
+    NotArray,
+}
+
+impl<'de> serde::Deserialize<'de> for ChatBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = ChatBody;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ChatBody, A::Error> {
+                let (mut fields, mut messages) = (serde_json::Map::new(), Messages::Missing);
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "messages" {
+                        messages = map.next_value::<Messages>()?;
+                    } else {
+                        fields.insert(key, map.next_value()?);
+                    }
+                }
+                Ok(ChatBody(fields, messages))
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Messages {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Last;
+        impl<'de> serde::de::Visitor<'de> for Last {
+            type Value = Messages;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of messages")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Messages, A::Error> {
+                // One message held at a time: each replaces the one before it.
+                let mut last = None;
+                while let Some(message) = seq.next_element::<Value>()? {
+                    last = Some(message);
+                }
+                Ok(Messages::Last(last))
+            }
+            fn visit_unit<E>(self) -> Result<Messages, E> {
+                Ok(Messages::Missing)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Messages, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Messages::NotArray)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Messages, E> {
+                Ok(Messages::NotArray)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Messages, E> {
+                Ok(Messages::NotArray)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Messages, E> {
+                Ok(Messages::NotArray)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Messages, E> {
+                Ok(Messages::NotArray)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Messages, E> {
+                Ok(Messages::NotArray)
+            }
+        }
+        d.deserialize_any(Last)
+    }
 }
 
 /// The idempotency key of a run whose answer replaces the run that produced the assistant
@@ -266,7 +367,7 @@ fn answers(run: &RunInfo) -> Option<&str> {
 
 /// Handle `POST /api/chat`.
 pub async fn chat(api: &Api, who: &Identity, ex: &mut dyn Exchange) -> Result<(), ApiError> {
-    let body = ex.read_body(api.config.limits.max_body_bytes).await?;
+    let body = ex.read_body(api.config.limits.chat_body_limit()).await?;
     let req = parse_chat(&body)?;
     // Parsed: the raw body (the whole chat history) no longer counts against
     // `limits.max_body_bytes_in_flight`.
@@ -371,6 +472,50 @@ mod tests {
         // No trigger (an older or hand-written client): a submit.
         let r = ok(json!({"agentId": 1, "id": "c", "messages": [user("u1", "Hi")]}));
         assert_eq!(r.trigger, Trigger::Submit);
+        // A long history: only its last message is kept, whatever came before it.
+        let mut history: Vec<Value> = (0..2000)
+            .map(|i| json!({"id": format!("m{i}"), "role": if i % 2 == 0 { "user" } else { "assistant" },
+                            "parts": [{"type": "text", "text": "x".repeat(100)}, {"nested": [[{}], null, 1.5]}]}))
+            .collect();
+        history.push(user("last", "The new turn"));
+        let r = ok(json!({"messages": history, "agentId": 1, "id": "c"}));
+        assert_eq!(
+            (r.message_id.as_str(), r.text.as_str()),
+            ("last", "The new turn")
+        );
+    }
+
+    #[test]
+    fn the_chat_body_parser_agrees_with_a_whole_parse() {
+        // `messages` anywhere among the fields, repeated (the last wins, as in a whole parse).
+        let body = r#"{"id":"c","messages":[{"id":"a","parts":[{"type":"text","text":"first"}]}],
+                       "agentId":1,"messages":[{"id":"b","parts":[{"type":"text","text":"second"}]}]}"#;
+        let r = parse_chat(body.as_bytes()).unwrap();
+        assert_eq!(r.message_id, "b");
+        for (body, code) in [
+            (
+                r#"{"id":"c","agentId":1,"messages":{"0":{}}}"#,
+                "invalid_request",
+            ),
+            (
+                r#"{"id":"c","agentId":1,"messages":null}"#,
+                "invalid_request",
+            ),
+            (
+                r#"{"id":"c","agentId":1,"messages":[1,2]}"#,
+                "invalid_request",
+            ),
+            (r#"{"id":"c","agentId":1,"messages":[}"#, "invalid_json"),
+            (r#"{"id":"c","agentId":1,"messages":[]"#, "invalid_json"),
+            (r#""text""#, "invalid_request"),
+            ("", "invalid_json"),
+        ] {
+            assert_eq!(
+                parse_chat(body.as_bytes()).unwrap_err().code(),
+                code,
+                "{body}"
+            );
+        }
     }
 
     #[test]
