@@ -2,8 +2,8 @@
 //! its user message and the fold of its log (the assistant message); `streamStatus` is the
 //! latest run's, `lastSeq` the thread's, and the snapshot at `lastSeq = n` is the fold of events
 //! `1..n`, with the evicted runs counted (`evictedRuns`, `evictedThroughSeq`) rather than
-//! silently missing. A regenerated answer (`/api/chat`'s `regenerate-message`) replaces the one
-//! it regenerates and the turns after it, as on the client.
+//! silently missing. An answer `/api/chat` replaced (regenerated or edited) is left out with
+//! the turns after it, as the AI SDK leaves them out on the client.
 //!
 //! Long-poll: with `wait=S&afterSeq=k` the answer is held until the thread has anything after
 //! `k` (an event, a new run, the latest run's end) or `S` seconds pass (capped by
@@ -112,7 +112,7 @@ pub async fn snapshot(api: &Api, thread: &ThreadInfo) -> Result<Option<Vec<Bytes
     let mut latest: Option<(&RunInfo, LogState)> = None;
     let shown = super::chat::shown(&thread.runs);
     for (run, shown) in thread.runs.iter().zip(shown) {
-        // A regenerated answer (never the latest run) is left out, and never folded.
+        // A replaced answer (never the latest run) is left out, and never folded.
         if !shown {
             continue;
         }
