@@ -435,17 +435,9 @@ async fn retries_of_one_message_across_instances_make_one_backend_run() {
         let conv = format!("conv-retry-{round}");
         let answers = futures_util::future::join_all((0..3).map(|i| {
             let body = json!({"message": text, "message_id": mid, "conversation_id": conv});
-            let gw = c.gw(i);
+            let c = &c;
             async move {
-                let resp = gw
-                    .http
-                    .post(gw.url("/agents/1/run"))
-                    .header("x-stream-response", "false")
-                    .timeout(20 * SEC)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
+                let resp = c.post_202(i, "/agents/1/run", &body).await;
                 let status = resp.status().as_u16();
                 let body: Value = resp.json().await.unwrap_or(Value::Null);
                 (i, status, body)
@@ -1036,7 +1028,6 @@ async fn many_live_readers_share_a_few_redis_connections() {
 
 /// POST `/api/chat` for `chat` on instance `i` (202 mode), with the user message `id`.
 async fn chat_202(c: &Cluster, i: usize, chat: &str, id: &str, text: &str, regen: bool) -> Value {
-    let gw = c.gw(i);
     let mut body = json!({
         "id": chat, "agentId": 1,
         "trigger": if regen { "regenerate-message" } else { "submit-message" },
@@ -1045,15 +1036,7 @@ async fn chat_202(c: &Cluster, i: usize, chat: &str, id: &str, text: &str, regen
     if regen {
         body["messageId"] = Value::Null;
     }
-    let resp = gw
-        .http
-        .post(gw.url("/api/chat"))
-        .header("x-stream-response", "false")
-        .timeout(20 * SEC)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = c.post_202(i, "/api/chat", &body).await;
     assert_eq!(resp.status(), 202, "chat on gateway {i}");
     resp.json().await.unwrap()
 }

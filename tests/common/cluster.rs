@@ -541,7 +541,6 @@ impl Cluster {
         text: &str,
         thread: Option<&str>,
     ) -> reqwest::Response {
-        let gw = &self.gateways[i];
         let mut body = json!({
             "agentId": 1,
             "message": {"id": message_id, "role": "user", "parts": [{"type": "text", "text": text}]},
@@ -549,14 +548,20 @@ impl Cluster {
         if let Some(t) = thread {
             body["threadId"] = json!(t);
         }
+        self.post_202(i, "/api/invokeAgent", &body).await
+    }
+
+    /// POST `body` to `path` on instance `i` with `X-Stream-Response: false` (202 mode).
+    pub async fn post_202(&self, i: usize, path: &str, body: &Value) -> reqwest::Response {
+        let gw = &self.gateways[i];
         gw.http
-            .post(gw.url("/api/invokeAgent"))
+            .post(gw.url(path))
             .header("x-stream-response", "false")
             .timeout(Duration::from_secs(20))
-            .json(&body)
+            .json(body)
             .send()
             .await
-            .unwrap_or_else(|e| panic!("invoke on gateway {i}: {e}"))
+            .unwrap_or_else(|e| panic!("POST {path} on gateway {i}: {e}"))
     }
 
     /// [`Cluster::invoke_202`], asserting `202`; returns (threadId, runId).
