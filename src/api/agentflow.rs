@@ -107,13 +107,7 @@ pub fn parse_run(body: &[u8]) -> Result<RunRequest, ApiError> {
 
 /// The `{id}` of `/agents/{id}/run`, percent-decoded.
 pub fn agent_of(path: &str) -> Option<String> {
-    let id = path.strip_prefix("/agents/")?.strip_suffix("/run")?;
-    if id.is_empty() || id.contains('/') {
-        return None;
-    }
-    form_urlencoded::parse(format!("a={id}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
+    super::route::id_between(path, "/agents/", "/run")
 }
 
 /// Handle `POST /agents/{id}/run`.

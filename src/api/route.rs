@@ -84,7 +84,7 @@ pub fn chat_of(path: &str, suffix: &str) -> Option<String> {
 }
 
 /// The one percent-decoded path segment between `prefix` and `suffix`.
-fn id_between(path: &str, prefix: &str, suffix: &str) -> Option<String> {
+pub(crate) fn id_between(path: &str, prefix: &str, suffix: &str) -> Option<String> {
     let path = path.strip_suffix('/').unwrap_or(path);
     let rest = path.strip_prefix(prefix)?.strip_suffix(suffix)?;
     if rest.is_empty() || rest.contains('/') {
